@@ -1,0 +1,123 @@
+"""Per-pixel detector geometry, scattering vectors and fractional Miller indices.
+
+Everything here is in DIALS s-space: |s0| = 1/lambda (1/Angstrom), s1 has the
+same length, q = s1 - s0 and |q| = 1/d. No 2*pi.
+
+The per-pixel lab geometry of a detector depends only on the detector model, so
+it is computed once (``PanelGeometry``) and reused for every image. Pixel lab
+coordinates go through dxtbx's ``pixel_to_millimeter`` so that a panel's
+parallax-corrected px->mm strategy is honoured.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from typing import List, Optional
+
+import numpy as np
+from dxtbx import flumpy
+from scitbx import matrix
+
+
+@dataclasses.dataclass
+class PanelGeometry:
+    """Lab-frame geometry of the (optionally sub-sampled) pixel centres of one panel.
+
+    Arrays are flattened in C order over the selected (slow, fast) pixel grid.
+    """
+
+    panel_id: int
+    image_shape: tuple  # full panel (n_slow, n_fast)
+    slow: np.ndarray  # int32 slow index of each selected pixel
+    fast: np.ndarray  # int32 fast index of each selected pixel
+    lab_mm: np.ndarray  # (n, 3) lab coordinate of each pixel centre, mm
+    distance_mm: np.ndarray  # (n,) sample-to-pixel path length, mm
+    unit_s1: np.ndarray  # (n, 3) unit vector from sample to pixel centre
+    cos_incidence: np.ndarray  # (n,) |n_panel . unit_s1|
+    pixel_area_mm2: float
+
+    @property
+    def n_pixels(self):
+        return self.slow.size
+
+
+def panel_geometry(panel, panel_id: int = 0, pixel_step: int = 1) -> PanelGeometry:
+    """Geometry of the pixel centres (i + 0.5, j + 0.5) of one panel.
+
+    ``pixel_step`` keeps every n-th pixel along fast and slow.
+    """
+    n_fast, n_slow = panel.get_image_size()
+    slow_1d = np.arange(0, n_slow, pixel_step, dtype=np.int32)
+    fast_1d = np.arange(0, n_fast, pixel_step, dtype=np.int32)
+    slow, fast = np.meshgrid(slow_1d, fast_1d, indexing="ij")
+    slow = slow.ravel()
+    fast = fast.ravel()
+    xy_px = np.empty((slow.size, 2), dtype=np.float64)
+    xy_px[:, 0] = fast + 0.5
+    xy_px[:, 1] = slow + 0.5
+    mm = panel.pixel_to_millimeter(flumpy.vec_from_numpy(xy_px))
+    lab = flumpy.to_numpy(panel.get_lab_coord(mm)).copy()
+    distance = np.sqrt(np.einsum("ij,ij->i", lab, lab))
+    unit_s1 = lab / distance[:, None]
+    normal = np.array(panel.get_normal(), dtype=np.float64)
+    cos_incidence = np.abs(unit_s1 @ normal)
+    px, py = panel.get_pixel_size()
+    return PanelGeometry(
+        panel_id=panel_id,
+        image_shape=(n_slow, n_fast),
+        slow=slow,
+        fast=fast,
+        lab_mm=lab,
+        distance_mm=distance,
+        unit_s1=unit_s1,
+        cos_incidence=cos_incidence,
+        pixel_area_mm2=px * py,
+    )
+
+
+def detector_geometry(detector, pixel_step: int = 1) -> List[PanelGeometry]:
+    """``PanelGeometry`` for every panel of a detector (panel ids kept)."""
+    return [panel_geometry(p, i, pixel_step) for i, p in enumerate(detector)]
+
+
+def scattering_vectors(unit_s1: np.ndarray, s0) -> np.ndarray:
+    """q = s1 - s0 for unit ray directions, with |s1| = |s0| = 1/lambda."""
+    s0 = np.asarray(s0, dtype=np.float64)
+    return unit_s1 * np.linalg.norm(s0) - s0
+
+
+def setting_matrix(experiment, image_index: Optional[int] = None) -> np.ndarray:
+    """The matrix M that takes fractional hkl to q (q = M hkl) for one image.
+
+    Still (``experiment.is_still()``): M = A = U B of that experiment's crystal.
+    Rotation image with 0-based array index ``image_index`` of the scan: M =
+    S R(phi) F A, with phi at the centre of the image, R about the goniometer
+    axis and A the crystal at that scan point when the crystal is scan-varying.
+    """
+    crystal = experiment.crystal
+    if experiment.is_still() or experiment.goniometer is None or experiment.scan is None:
+        return np.array(crystal.get_A(), dtype=np.float64).reshape(3, 3)
+    if image_index is None:
+        raise ValueError("a rotation experiment needs the image index")
+    scan = experiment.scan
+    gonio = experiment.goniometer
+    if crystal.num_scan_points > 0:
+        # scan points sit at image boundaries; the centre of image i lies
+        # between points i and i+1
+        pts = crystal.num_scan_points
+        a0 = matrix.sqr(crystal.get_A_at_scan_point(min(image_index, pts - 1)))
+        a1 = matrix.sqr(crystal.get_A_at_scan_point(min(image_index + 1, pts - 1)))
+        A = (a0 + a1) * 0.5
+    else:
+        A = matrix.sqr(crystal.get_A())
+    phi = scan.get_angle_from_array_index(image_index + 0.5, deg=False)
+    axis = matrix.col(gonio.get_rotation_axis_datum())
+    R = axis.axis_and_angle_as_r3_rotation_matrix(phi, deg=False)
+    S = matrix.sqr(gonio.get_setting_rotation())
+    F = matrix.sqr(gonio.get_fixed_rotation())
+    return np.array(S * R * F * A, dtype=np.float64).reshape(3, 3)
+
+
+def miller_indices(q: np.ndarray, setting: np.ndarray) -> np.ndarray:
+    """Fractional hkl = M^-1 q for an (n, 3) array of q vectors."""
+    return q @ np.linalg.inv(setting).T

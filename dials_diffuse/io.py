@@ -1,0 +1,69 @@
+"""Atomic file writing shared by every command.
+
+Each output is written to a unique temporary name in its destination directory
+and renamed into place only when complete, so an interrupted run never leaves a
+file that could be mistaken for a result, and concurrent runs never share a
+temporary path.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import os
+import pickle
+import tempfile
+from typing import Any
+
+import numpy as np
+
+
+@contextlib.contextmanager
+def atomic_path(path: str):
+    """Yield a temporary path beside ``path``; rename it to ``path`` on success."""
+    path = os.fspath(path)
+    directory = os.path.dirname(os.path.abspath(path))
+    base = os.path.basename(path)
+    # keep the extension: some writers (ExperimentList.as_file) choose by it
+    suffix = ".part" + os.path.splitext(base)[1]
+    fd, tmp = tempfile.mkstemp(prefix=f".{base}.", suffix=suffix, dir=directory)
+    os.close(fd)
+    try:
+        yield tmp
+        os.replace(tmp, path)
+    except BaseException:
+        with contextlib.suppress(OSError):
+            os.unlink(tmp)
+        raise
+
+
+def write_json(path: str, data: Any) -> None:
+    with atomic_path(path) as tmp:
+        with open(tmp, "w") as fh:
+            json.dump(data, fh, indent=2, sort_keys=False, default=_json_default)
+            fh.write("\n")
+
+
+def write_npz(path: str, compressed: bool = True, **arrays) -> None:
+    with atomic_path(path) as tmp:
+        with open(tmp, "wb") as fh:
+            (np.savez_compressed if compressed else np.savez)(fh, **arrays)
+
+
+def write_pickle(path: str, obj: Any) -> None:
+    with atomic_path(path) as tmp:
+        with open(tmp, "wb") as fh:
+            pickle.dump(obj, fh, protocol=pickle.HIGHEST_PROTOCOL)
+
+
+def write_experiments(path: str, experiments) -> None:
+    with atomic_path(path) as tmp:
+        experiments.as_file(tmp)
+
+
+def _json_default(obj):
+    if isinstance(obj, np.generic):
+        return obj.item()
+    if isinstance(obj, np.ndarray):
+        return obj.tolist()
+    raise TypeError(f"cannot write {type(obj).__name__} to JSON")
