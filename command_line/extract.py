@@ -1,3 +1,242 @@
-"""Placeholder replaced by the simulator work."""
-def run(args=None):
-    raise SystemExit("not yet")
+"""
+Extract diffuse scattering from the images of indexed experiments.
+
+For every image matched to a crystal model: static, dynamic (hot/dead) and
+Bragg masks; per-pixel background subtraction, gain, exposure, polarization,
+solid-angle, sensor-efficiency and air-attenuation corrections with Poisson
+sigmas; q = s1 - s0 (1/Angstrom, no 2 pi) and fractional hkl; and the sums
+per voxel of the fractional-hkl grid (grid.ndiv_h/k/l) that
+dials.diffuse_merge scales and merges. One NPZ file per image and an
+extraction_manifest.json are written to output.directory.
+
+With a second experiment list (e.g. imported.expt) its images are extracted:
+each is matched to its crystal model, and images without one (not indexed) are
+reported and skipped.
+
+Examples::
+
+  dials.diffuse_extract refined.expt
+
+  dials.diffuse_extract refined.expt imported.expt grid.ndiv_h=5 grid.ndiv_k=5 grid.ndiv_l=5
+
+  dials.diffuse_extract refined.expt strong.refl masking.bragg.method=spots
+
+  dials.diffuse_extract refined.expt masking.beamstop.type=circle \\
+    masking.beamstop.center=1231,1263 masking.beamstop.radius=40 \\
+    masking.untrusted.rectangle=0,100,0,2527 filter.pixel_step=2
+
+  dials.diffuse_extract refined.expt phil/quick_test.phil
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+from typing import List
+
+import libtbx.phil
+
+import dials.util
+import dials.util.log
+from dials.util import Sorry
+from dials.util.options import ArgumentParser, flatten_experiments, flatten_reflections
+from dials.util.version import dials_version
+
+from dials_diffuse.extraction import extract
+from dials_diffuse.phil_scopes import grid_phil_str
+
+logger = logging.getLogger("dials.diffuse_extract")
+
+extract_phil_str = (
+    """
+corrections
+{
+  polarization = True
+    .type = bool
+    .help = "Divide by the polarization factor (DIALS convention, beam model)."
+  polarization_fraction = None
+    .type = float(value_min=0, value_max=1)
+    .help = "Override the beam's polarization fraction (0.5 = unpolarised)."
+  solid_angle = True
+    .type = bool
+  efficiency = True
+    .type = bool
+    .help = "Divide by the sensor efficiency 1 - exp(-mu t / cos alpha)."
+  air = True
+    .type = bool
+    .help = "Divide by the air transmission along the sample-pixel path."
+  air_temperature = 293.15
+    .type = float
+    .help = "Air temperature (K)."
+  air_pressure = 1.0
+    .type = float
+    .help = "Air pressure (atm)."
+  gain = 1.0
+    .type = float
+    .help = "Photons per detector count: counts are multiplied by the gain."
+  exposure_time = None
+    .type = float
+    .help = "Exposure time (s); default: the scan's, else 1."
+  background
+  {
+    constant = 0
+      .type = float
+      .help = "Background (photons per pixel) subtracted from every pixel."
+    map = None
+      .type = path
+      .help = "Background map per panel (.npy (slow, fast) or a pickle of "
+              "per-panel arrays), subtracted instead of the constant."
+  }
+}
+filter
+{
+  pixel_step = 1
+    .type = int
+    .help = "Use every n-th pixel along fast and slow."
+  d_min = None
+    .type = float
+  d_max = None
+    .type = float
+  min_intensity = None
+    .type = float
+  max_intensity = None
+    .type = float
+}
+masking
+{
+  include scope dials.util.masking.phil_scope
+  beamstop
+  {
+    type = *none circle rectangle
+      .type = choice
+    panel = 0
+      .type = int(value_min=0)
+    center = None
+      .type = floats(2)
+      .help = "Circle centre (fast, slow) in pixels."
+    radius = None
+      .type = float(value_min=0)
+    rectangle = None
+      .type = ints(4)
+      .help = "x0, x1, y0, y1 in pixels."
+  }
+  dynamic
+  {
+    enable = True
+      .type = bool
+      .help = "Find hot and dead pixels across all images of the run."
+    hot_threshold = None
+      .type = float
+      .help = "Counts at or above which a pixel counts as hot in an image "
+              "(default: the panel's upper trusted range)."
+    hot_fraction = 0.5
+      .type = float(value_min=0, value_max=1)
+      .help = "Hot if at or above hot_threshold in this fraction of images."
+    hot_ratio = 20
+      .type = float(value_min=1)
+      .help = "Hot if its mean exceeds hot_ratio x the local median + 10."
+    dead_min_expected_counts = 20
+      .type = float(value_min=0)
+      .help = "Dead if it never counts where its neighbours imply this many "
+              "counts over the run."
+  }
+  bragg
+  {
+    method = *predicted spots none
+      .type = choice
+      .help = "predicted: discs around every reflection predicted from the "
+              "crystal model (weak unfound peaks too); spots: shoebox pixels of "
+              "a strong/indexed reflection table (the guide's option B)."
+    d_min = None
+      .type = float(value_min=0)
+      .help = "Predict reflections to this resolution (default: detector corner)."
+    spot_radius = 3.0
+      .type = float
+      .help = "Radius (px) of the masked disc around a predicted spot, or "
+              "around a centroid with use_centroids."
+    border = 2
+      .type = int
+      .help = "Extra pixels masked around each spot."
+    max_delpsi = 0.3
+      .type = float(value_min=0)
+      .help = "Stills: mask reflections within this angle (deg) of the Ewald sphere."
+    use_centroids = False
+      .type = bool
+      .help = "With method=spots: discs around spot centroids instead of shoeboxes."
+  }
+}
+"""
+    + grid_phil_str
+    + """
+output
+{
+  directory = diffuse_extracted
+    .type = path
+  save_pixels = True
+    .type = bool
+    .help = "Also store per-pixel arrays (q, I, sigma, hkl, pixel coordinates) "
+            "for the diagnostics; large for big detectors."
+  masks = False
+    .type = bool
+    .help = "Write pixel, Bragg and total masks per image as DIALS mask pickles."
+  log = dials.diffuse_extract.log
+    .type = path
+}
+"""
+)
+
+phil_scope = libtbx.phil.parse(extract_phil_str, process_includes=True)
+
+
+def check_unhandled(unhandled: List[str]) -> None:
+    """Positional arguments DIALS could not use: say why, in one line."""
+    for arg in unhandled:
+        if "=" in arg:
+            raise Sorry(f"unknown parameter: {arg}")
+        if not os.path.exists(arg):
+            raise Sorry(f"file not found: {arg}")
+        raise Sorry(f"cannot read {arg} as experiments, reflections or PHIL")
+
+
+@dials.util.show_mail_handle_errors()
+def run(args: List[str] = None, phil: libtbx.phil.scope = phil_scope) -> None:
+    usage = "dials.diffuse_extract [options] refined.expt [imported.expt] [strong.refl]"
+    parser = ArgumentParser(
+        usage=usage,
+        phil=phil,
+        read_experiments=True,
+        read_reflections=True,
+        check_format=True,
+        epilog=__doc__,
+    )
+    params, options, unhandled = parser.parse_args(
+        args=args, show_diff_phil=False, return_unhandled=True
+    )
+    dials.util.log.config(verbosity=options.verbose, logfile=params.output.log)
+    logger.info(dials_version())
+    diff = parser.diff_phil.as_str()
+    if diff:
+        logger.info("The following parameters have been modified:\n%s", diff)
+    check_unhandled(unhandled)
+    if not params.input.experiments:
+        parser.print_help()
+        return
+    models = params.input.experiments[0].data
+    images = None
+    if len(params.input.experiments) > 1:
+        images = flatten_experiments(params.input.experiments[1:])
+    reflections = flatten_reflections(params.input.reflections)
+    reflections = reflections[0] if reflections else None
+    if len(models) == 0:
+        raise Sorry(f"{params.input.experiments[0].filename} contains no experiments")
+    manifest = extract(models, params, images=images, reflections=reflections)
+    logger.info(
+        "Extracted %d of %d images to %s",
+        manifest["n_extracted"],
+        manifest["n_images"],
+        params.output.directory,
+    )
+
+
+if __name__ == "__main__":
+    run()

@@ -1,0 +1,109 @@
+"""The per-image extraction file (NPZ) and its manifest: the one module that
+writes, reads and validates them.
+
+Each ``image_<still_id>.npz`` holds
+* voxel observations on the fractional-hkl grid (always):
+  ``voxel_indices`` (m, 3) int32 grid indices (P1, not symmetry-mapped),
+  ``voxel_sum_signal`` sum of (counts * gain - background),
+  ``voxel_sum_factor`` sum of P * Omega * eta * T_air * exposure,
+  ``voxel_sum_variance`` sum of gain^2 * counts,
+  ``voxel_n_pixels``, ``voxel_mean_qmag`` (1/Angstrom), ``voxel_mean_hkl`` (m, 3);
+  the voxel's corrected intensity is sum_signal / sum_factor;
+* per-pixel arrays (unless output.save_pixels=False), float32:
+  ``q_vectors`` (n, 3), ``intensities``, ``sigmas``, ``hkl`` (n, 3),
+  ``original_panel_ids``, ``original_fast_coords``, ``original_slow_coords``;
+* ``sample_*``: a few hundred pixels with raw counts and every correction factor;
+* ``metadata_json``: still_id, experiment_id, image path and index, wavelength,
+  ndiv, corrections applied, pixel counts at each masking stage.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import zipfile
+
+import numpy as np
+
+from dials.util import Sorry
+
+from dials_diffuse import io
+
+MANIFEST_NAME = "extraction_manifest.json"
+VOXEL_KEYS = (
+    "voxel_indices",
+    "voxel_sum_signal",
+    "voxel_sum_factor",
+    "voxel_sum_variance",
+    "voxel_n_pixels",
+    "voxel_mean_qmag",
+    "voxel_mean_hkl",
+)
+PIXEL_KEYS = (
+    "q_vectors",
+    "intensities",
+    "sigmas",
+    "hkl",
+    "original_panel_ids",
+    "original_fast_coords",
+    "original_slow_coords",
+)
+
+
+def image_file_name(still_id: int) -> str:
+    return f"image_{still_id:06d}.npz"
+
+
+def mask_file_name(kind: str, still_id: int) -> str:
+    """kind: pixel, bragg or total."""
+    return f"{kind}_mask_{still_id:06d}.pickle"
+
+
+def write_image_file(path, arrays: dict, metadata: dict) -> None:
+    io.write_npz(path, compressed=False, metadata_json=np.array(json.dumps(metadata)), **arrays)
+
+
+def read_image_file(path, keys=VOXEL_KEYS, require=VOXEL_KEYS):
+    """(arrays dict, metadata dict) of one extraction file, validated.
+
+    Raises Sorry naming the file when it is not an extraction file, misses a
+    required key, or has arrays of unequal length.
+    """
+    if not os.path.isfile(path):
+        raise Sorry(f"{path} does not exist")
+    try:
+        with np.load(path, allow_pickle=False) as npz:
+            names = set(npz.files)
+            missing = [k for k in tuple(require) + ("metadata_json",) if k not in names]
+            if missing:
+                raise Sorry(f"{path} is missing {', '.join(missing)}: not a dials.diffuse_extract file")
+            metadata = json.loads(str(npz["metadata_json"]))
+            arrays = {k: npz[k] for k in keys if k in names}
+    except Sorry:
+        raise
+    except (OSError, ValueError, zipfile.BadZipFile, EOFError) as e:
+        raise Sorry(f"{path} cannot be read as an extraction file: {e}")
+    _check_lengths(path, arrays, VOXEL_KEYS)
+    _check_lengths(path, arrays, PIXEL_KEYS)
+    return arrays, metadata
+
+
+def _check_lengths(path, arrays, group):
+    lengths = {k: len(arrays[k]) for k in group if k in arrays}
+    if len(set(lengths.values())) > 1:
+        detail = ", ".join(f"{k}={n}" for k, n in lengths.items())
+        raise Sorry(f"{path} has arrays of unequal length ({detail})")
+    for k in ("voxel_indices", "voxel_mean_hkl", "q_vectors", "hkl"):
+        if k in arrays and (arrays[k].ndim != 2 or arrays[k].shape[1] != 3):
+            raise Sorry(f"{path}: {k} has shape {arrays[k].shape}, expected (n, 3)")
+
+
+def read_manifest(directory):
+    path = os.path.join(directory, MANIFEST_NAME)
+    if not os.path.isfile(path):
+        raise Sorry(f"{directory} has no {MANIFEST_NAME}: not a dials.diffuse_extract output directory (or the run did not finish)")
+    try:
+        with open(path) as fh:
+            return json.load(fh)
+    except (OSError, ValueError) as e:
+        raise Sorry(f"{path} cannot be read: {e}")

@@ -1,0 +1,648 @@
+"""Per-image extraction of corrected diffuse intensities, binned on the voxel grid.
+
+For every kept pixel p of an image:
+    signal s_p = counts * gain - background
+    factor F_p = P * Omega * eta * T_air * exposure_time
+    I_p = s_p / F_p,  var(s_p) = gain^2 * counts   (Poisson on the raw counts)
+and per voxel v of the image the sums S = sum s_p, W = sum F_p, V = sum var(s_p)
+are stored, so that I_v = S / W and var(I_v) = V / W^2. Merging works with the
+sums (a Poisson ratio estimator), so zero-count pixels never make a weight
+explode.
+
+``extract`` is the library entry point (``dials.python`` scripts and tests call
+it); ``dials.diffuse_extract`` only parses parameters and calls it.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import logging
+import os
+import time
+from typing import Dict, List, Optional
+
+import numpy as np
+from dxtbx import flumpy
+
+from dials.util import Sorry
+
+from dials_diffuse import corrections, geometry, grid, io, masks
+from dials_diffuse.diffuse_files import (
+    MANIFEST_NAME,
+    image_file_name,
+    mask_file_name,
+    write_image_file,
+)
+
+logger = logging.getLogger("dials.diffuse_extract")
+
+# Per-pixel values shown in the correction summary (kept small on purpose)
+CORRECTION_SAMPLE_SIZE = 200
+
+
+@dataclasses.dataclass
+class ImageTask:
+    """One image to extract and the experiment that models it."""
+
+    still_id: int  # scale-group id: experiment index for stills, image number for sequences
+    experiment_id: int
+    experiment: object
+    imageset: object
+    index_in_imageset: int  # index for imageset.get_raw_data
+    scan_image_index: Optional[int]  # 0-based index in the scan (rotation), else None
+    image_path: str
+
+
+@dataclasses.dataclass
+class DetectorContext:
+    """What does not change between images that share a detector and beam."""
+
+    geometries: List[geometry.PanelGeometry]
+    factors: List[np.ndarray]  # P * Omega * eta * T per selected pixel
+    factor_parts: List[corrections.CorrectionFactors]
+    q: List[np.ndarray]
+    q_magnitude: List[np.ndarray]
+    resolution_ok: List[np.ndarray]
+    static: List[np.ndarray]  # static mask at the selected pixels
+    static_full: List[np.ndarray]  # static mask of every pixel
+    pixel_step: int
+
+
+def plan_tasks(models, images=None) -> (List[ImageTask], List[dict]):
+    """Match each image to its crystal model.
+
+    ``models``: experiments with crystals (refined.expt). ``images``: optional
+    experiments whose images are to be extracted (imported.expt); images that
+    no model covers are reported as skipped. Returns (tasks, skipped entries).
+    """
+    for i, expt in enumerate(models):
+        if expt.crystal is None:
+            raise Sorry(f"experiment {i} of the models has no crystal: index it first")
+        if expt.imageset is None:
+            raise Sorry(f"experiment {i} of the models has no images")
+    tasks: List[ImageTask] = []
+    by_path: Dict[tuple, tuple] = {}
+    running = 0
+    for expt_id, expt in enumerate(models):
+        imageset = expt.imageset
+        if expt.is_still() or expt.scan is None:
+            # a still experiment names one image of its imageset
+            indices = list(range(len(imageset))) if len(imageset) == 1 else [0]
+            if expt.scan is not None and len(imageset) > 1:
+                indices = [expt.scan.get_array_range()[0]]
+            for k in indices:
+                path = imageset.get_path(k)
+                task = ImageTask(expt_id, expt_id, expt, imageset, k, None, path)
+                by_path[(os.path.realpath(path), _frame(imageset, k))] = task
+                tasks.append(task)
+        else:
+            first, last = expt.scan.get_array_range()
+            for k in range(last - first):
+                path = imageset.get_path(k)
+                task = ImageTask(running, expt_id, expt, imageset, k, k, path)
+                by_path[(os.path.realpath(path), _frame(imageset, k))] = task
+                tasks.append(task)
+                running += 1
+    if any(not t.experiment.is_still() for t in tasks) and any(
+        t.experiment.is_still() for t in tasks
+    ):
+        raise Sorry("the models mix stills and rotation sequences: extract them separately")
+    if tasks and all(t.experiment.is_still() for t in tasks):
+        for t in tasks:
+            t.still_id = t.experiment_id
+    skipped = []
+    if images is not None:
+        wanted = []
+        for imageset in images.imagesets():
+            for k in range(len(imageset)):
+                key = (os.path.realpath(imageset.get_path(k)), _frame(imageset, k))
+                if key in by_path:
+                    wanted.append(by_path[key])
+                else:
+                    skipped.append(
+                        {
+                            "image_path": imageset.get_path(k),
+                            "image_index": k,
+                            "status": "skipped",
+                            "reason": "no crystal model for this image (not indexed)",
+                        }
+                    )
+        seen = set()
+        tasks = [t for t in wanted if not (id(t) in seen or seen.add(id(t)))]
+    return tasks, skipped
+
+
+def _frame(imageset, k):
+    """Frame of a multi-image file (0 for one image per file)."""
+    try:
+        return imageset.indices()[k]
+    except Exception:
+        return k
+
+
+def detector_context(experiment, imageset, params, static_mask) -> DetectorContext:
+    beam, detector = experiment.beam, experiment.detector
+    geoms = geometry.detector_geometry(detector, params.filter.pixel_step)
+    c = params.corrections
+    parts = [
+        corrections.correction_factors(
+            g,
+            beam,
+            detector[g.panel_id],
+            polarization=c.polarization,
+            solid_angle_on=c.solid_angle,
+            efficiency=c.efficiency,
+            air=c.air,
+            air_temperature_k=c.air_temperature,
+            air_pressure_atm=c.air_pressure,
+            polarization_fraction=c.polarization_fraction,
+        )
+        for g in geoms
+    ]
+    qs = [geometry.scattering_vectors(g.unit_s1, beam.get_s0()) for g in geoms]
+    qmag = [np.sqrt(np.einsum("ij,ij->i", q, q)) for q in qs]
+    f = params.filter
+    res_ok = []
+    for m in qmag:
+        ok = np.ones(m.size, bool)
+        if f.d_min is not None:
+            ok &= m <= 1.0 / f.d_min
+        if f.d_max is not None:
+            ok &= m >= 1.0 / f.d_max
+        res_ok.append(ok)
+    return DetectorContext(
+        geometries=geoms,
+        factors=[p.total for p in parts],
+        factor_parts=parts,
+        q=qs,
+        q_magnitude=qmag,
+        resolution_ok=res_ok,
+        static=[static_mask[g.panel_id][g.slow, g.fast] for g in geoms],
+        static_full=static_mask,
+        pixel_step=params.filter.pixel_step,
+    )
+
+
+def load_background(params, detector):
+    """The background to subtract, per panel (numpy (slow, fast)) or a constant."""
+    bg = params.corrections.background
+    if bg.map is None:
+        if bg.constant is not None and not np.isfinite(bg.constant):
+            raise Sorry(f"corrections.background.constant={bg.constant} is not finite")
+        return None
+    path = bg.map
+    if not os.path.isfile(path):
+        raise Sorry(f"background map {path} does not exist")
+    try:
+        if path.endswith(".npy"):
+            data = np.load(path, allow_pickle=False)
+            panels = [data] if data.ndim == 2 else list(data)
+        else:
+            import pickle
+
+            with open(path, "rb") as fh:
+                obj = pickle.load(fh)
+            objs = obj if isinstance(obj, (tuple, list)) else [obj]
+            panels = [
+                flumpy.to_numpy(p) if not isinstance(p, np.ndarray) else p for p in objs
+            ]
+    except Exception as e:
+        raise Sorry(f"background map {path} cannot be read: {e}")
+    if len(panels) != len(detector):
+        raise Sorry(
+            f"background map {path} has {len(panels)} panels, the detector {len(detector)}"
+        )
+    result = []
+    for i, (data, panel) in enumerate(zip(panels, detector)):
+        data = np.asarray(data, dtype=np.float64)
+        expected = tuple(reversed(panel.get_image_size()))
+        if data.shape != expected:
+            raise Sorry(
+                f"background map {path} panel {i} has shape {data.shape}, "
+                f"the detector panel {expected} (slow, fast)"
+            )
+        if not np.all(np.isfinite(data)):
+            raise Sorry(f"background map {path} panel {i} contains NaN or infinite values")
+        result.append(data)
+    return result
+
+
+def check_params(params):
+    f = params.filter
+    if f.pixel_step is None or f.pixel_step < 1:
+        raise Sorry(f"filter.pixel_step={f.pixel_step}: must be 1 or more")
+    if f.d_min is not None and f.d_max is not None and f.d_min >= f.d_max:
+        raise Sorry(f"filter.d_min={f.d_min} must be smaller than filter.d_max={f.d_max}")
+    if (
+        f.min_intensity is not None
+        and f.max_intensity is not None
+        and f.min_intensity >= f.max_intensity
+    ):
+        raise Sorry("filter.min_intensity must be smaller than filter.max_intensity")
+    c = params.corrections
+    if c.gain is None or not c.gain > 0:
+        raise Sorry(f"corrections.gain={c.gain}: must be positive")
+    if c.exposure_time is not None and not c.exposure_time > 0:
+        raise Sorry(f"corrections.exposure_time={c.exposure_time}: must be positive")
+    if c.air_temperature is None or c.air_temperature <= 0:
+        raise Sorry(f"corrections.air_temperature={c.air_temperature}: must be > 0 K")
+    if c.air_pressure is None or c.air_pressure < 0:
+        raise Sorry(f"corrections.air_pressure={c.air_pressure}: must be >= 0 atm")
+    b = params.masking.bragg
+    if b.spot_radius is None or b.spot_radius < 0 or b.border is None or b.border < 0:
+        raise Sorry("masking.bragg.spot_radius and masking.bragg.border must be >= 0")
+    from dials_diffuse.phil_scopes import check_grid_params
+
+    return check_grid_params(params.grid)
+
+
+def exposure_time(task: ImageTask, params) -> float:
+    if params.corrections.exposure_time is not None:
+        return params.corrections.exposure_time
+    scan = task.experiment.scan
+    if scan is not None:
+        times = scan.get_exposure_times()
+        k = task.scan_image_index or 0
+        if len(times) > k and times[k] > 0:
+            return float(times[k])
+    return 1.0
+
+
+def read_image(task: ImageTask):
+    """Raw counts per panel as float64 numpy arrays (slow, fast)."""
+    try:
+        raw = task.imageset.get_raw_data(task.index_in_imageset)
+    except Exception as e:
+        raise ImageError(f"cannot read {task.image_path}: {e}")
+    if not isinstance(raw, tuple):
+        raw = (raw,)
+    detector = task.experiment.detector
+    if len(raw) != len(detector):
+        raise ImageError(
+            f"{task.image_path} has {len(raw)} panels, the detector {len(detector)}"
+        )
+    arrays = []
+    for i, (data, panel) in enumerate(zip(raw, detector)):
+        a = flumpy.to_numpy(data).astype(np.float64)
+        if a.shape != tuple(reversed(panel.get_image_size())):
+            raise ImageError(
+                f"{task.image_path} panel {i} has shape {a.shape}, the detector "
+                f"{tuple(reversed(panel.get_image_size()))}"
+            )
+        arrays.append(a)
+    return arrays
+
+
+class ImageError(Exception):
+    """A single image cannot be used (reported and skipped)."""
+
+
+@dataclasses.dataclass
+class ImageResult:
+    arrays: dict
+    stages: dict
+    masks: Optional[dict] = None  # full-resolution pixel/bragg/total masks
+
+
+def extract_image(task, context: DetectorContext, params, ndiv, background=None,
+                  dynamic_mask=None, reflections=None) -> ImageResult:
+    """Corrected intensities of one image and their voxel sums."""
+    raw = read_image(task)
+    detector = task.experiment.detector
+    trusted = masks.trusted_range_mask(detector, raw)
+    shapes = [a.shape for a in raw]
+    bragg_params = params.masking.bragg
+    if bragg_params.method == "predicted":
+        d_min = bragg_params.d_min or _detector_d_min(task.experiment)
+        bragg = masks.bragg_mask_predicted(
+            task.experiment, shapes, d_min, bragg_params.spot_radius,
+            bragg_params.border, bragg_params.max_delpsi,
+            image_index=task.scan_image_index,
+        )
+    elif bragg_params.method == "spots":
+        bragg = masks.bragg_mask_from_shoeboxes(
+            _reflections_for(reflections, task), shapes,
+            task.scan_image_index or 0, bragg_params.border,
+            use_centroids=bragg_params.use_centroids,
+            centroid_radius=bragg_params.spot_radius,
+        )
+    else:
+        bragg = [np.ones(s, bool) for s in shapes]
+
+    gain = params.corrections.gain
+    t_exp = exposure_time(task, params)
+    setting = geometry.setting_matrix(task.experiment, task.scan_image_index)
+    setting_inv_t = np.linalg.inv(setting).T
+    f = params.filter
+
+    stages = dict.fromkeys(
+        ["total", "static", "dynamic", "trusted", "bragg", "resolution", "intensity"], 0
+    )
+    pieces = {k: [] for k in ("signal", "factor", "variance", "q", "hkl", "panel",
+                              "fast", "slow", "counts", "background")}
+    for g, q, qmag, res_ok, static, factor in zip(
+        context.geometries, context.q, context.q_magnitude, context.resolution_ok,
+        context.static, context.factors,
+    ):
+        pid = g.panel_id
+        counts = raw[pid][g.slow, g.fast]
+        keep = static.copy()
+        stages["total"] += g.n_pixels
+        stages["static"] += int(keep.sum())
+        if dynamic_mask is not None:
+            keep &= dynamic_mask[pid][g.slow, g.fast]
+        stages["dynamic"] += int(keep.sum())
+        keep &= trusted[pid][g.slow, g.fast]
+        stages["trusted"] += int(keep.sum())
+        keep &= bragg[pid][g.slow, g.fast]
+        stages["bragg"] += int(keep.sum())
+        keep &= res_ok
+        stages["resolution"] += int(keep.sum())
+        sel = np.flatnonzero(keep)
+        c = counts[sel]
+        if background is None:
+            bg = np.full(sel.size, params.corrections.background.constant or 0.0)
+        else:
+            bg = background[pid][g.slow[sel], g.fast[sel]]
+        signal = c * gain - bg
+        fac = factor[sel] * t_exp
+        intensity = signal / fac
+        ok = np.ones(sel.size, bool)
+        if f.min_intensity is not None:
+            ok &= intensity >= f.min_intensity
+        if f.max_intensity is not None:
+            ok &= intensity <= f.max_intensity
+        stages["intensity"] += int(ok.sum())
+        sel, c, bg, signal, fac = sel[ok], c[ok], bg[ok], signal[ok], fac[ok]
+        qs = q[sel]
+        pieces["signal"].append(signal)
+        pieces["factor"].append(fac)
+        pieces["variance"].append(gain * gain * c)
+        pieces["q"].append(qs)
+        pieces["hkl"].append(qs @ setting_inv_t)
+        pieces["panel"].append(np.full(sel.size, pid, np.int16))
+        pieces["fast"].append(g.fast[sel])
+        pieces["slow"].append(g.slow[sel])
+        pieces["counts"].append(c)
+        pieces["background"].append(bg)
+    cat = {k: np.concatenate(v) if v else np.zeros(0) for k, v in pieces.items()}
+    stages["kept"] = int(cat["signal"].size)
+    if stages["kept"] == 0:
+        raise ImageError(f"{task.image_path}: no pixels left after masking and filters")
+
+    voxel_idx = grid.voxel_indices(cat["hkl"], ndiv)
+    qmag = np.sqrt(np.einsum("ij,ij->i", cat["q"], cat["q"]))
+    vox, n_pix, sums = grid.bin_by_voxel(
+        voxel_idx,
+        {
+            "signal": cat["signal"],
+            "factor": cat["factor"],
+            "variance": cat["variance"],
+            "qmag": qmag,
+            "hkl": cat["hkl"],
+        },
+    )
+    arrays = {
+        "voxel_indices": vox,
+        "voxel_sum_signal": sums["signal"],
+        "voxel_sum_factor": sums["factor"],
+        "voxel_sum_variance": sums["variance"],
+        "voxel_n_pixels": n_pix.astype(np.int32),
+        "voxel_mean_qmag": (sums["qmag"] / n_pix).astype(np.float32),
+        "voxel_mean_hkl": (sums["hkl"] / n_pix[:, None]).astype(np.float32),
+    }
+    if params.output.save_pixels:
+        intensity = cat["signal"] / cat["factor"]
+        arrays.update(
+            {
+                "q_vectors": cat["q"].astype(np.float32),
+                "intensities": intensity.astype(np.float32),
+                "sigmas": (np.sqrt(cat["variance"]) / cat["factor"]).astype(np.float32),
+                "original_panel_ids": cat["panel"],
+                "original_fast_coords": cat["fast"].astype(np.int32),
+                "original_slow_coords": cat["slow"].astype(np.int32),
+                "hkl": cat["hkl"].astype(np.float32),
+            }
+        )
+    arrays.update(_correction_sample(cat, context, t_exp, gain))
+    image_masks = None
+    if params.output.masks:
+        pixel = [
+            st & tr & (dynamic_mask[i] if dynamic_mask is not None else True)
+            for i, (st, tr) in enumerate(zip(context.static_full, trusted))
+        ]
+        image_masks = {
+            "pixel": pixel,
+            "bragg": bragg,
+            "total": [p & b for p, b in zip(pixel, bragg)],
+        }
+    return ImageResult(arrays=arrays, stages=stages, masks=image_masks)
+
+
+def _correction_sample(cat, context, t_exp, gain):
+    """A deterministic sample of pixels with every correction factor, for the
+    diagnostics' correction summary."""
+    n = cat["signal"].size
+    pick = np.unique(np.linspace(0, n - 1, min(CORRECTION_SAMPLE_SIZE, n)).astype(int))
+    panel = cat["panel"][pick]
+    fast, slow = cat["fast"][pick], cat["slow"][pick]
+    parts = {k: np.zeros(pick.size) for k in ("polarization", "solid_angle", "efficiency", "air")}
+    step = context.pixel_step
+    for g, cf in zip(context.geometries, context.factor_parts):
+        sel = panel == g.panel_id
+        if not sel.any():
+            continue
+        n_fast_sel = -(-g.image_shape[1] // step)
+        flat = (slow[sel] // step) * n_fast_sel + fast[sel] // step
+        for k in parts:
+            parts[k][sel] = getattr(cf, k)[flat]
+    out = {
+        "sample_panel": panel,
+        "sample_fast": fast,
+        "sample_slow": slow,
+        "sample_raw_counts": cat["counts"][pick],
+        "sample_background": cat["background"][pick],
+        "sample_gain": np.full(pick.size, gain),
+        "sample_exposure_time": np.full(pick.size, t_exp),
+        "sample_intensity": cat["signal"][pick] / cat["factor"][pick],
+        "sample_sigma": np.sqrt(cat["variance"][pick]) / cat["factor"][pick],
+        "sample_q": cat["q"][pick],
+    }
+    out.update({f"sample_{k}": v for k, v in parts.items()})
+    return out
+
+
+def _detector_d_min(experiment):
+    return experiment.detector.get_max_resolution(experiment.beam.get_s0())
+
+
+def _reflections_for(reflections, task):
+    if reflections is None:
+        return None
+    ids = flumpy.to_numpy(reflections["id"]) if "id" in reflections else None
+    if ids is None:
+        return reflections
+    return reflections.select(flumpy.from_numpy(ids == task.experiment_id))
+
+
+def extract(models, params, images=None, reflections=None, progress=True):
+    """Extract every image; write per-image files and the manifest.
+
+    Returns the manifest (a dict, also written as ``extraction_manifest.json``).
+    """
+    ndiv = check_params(params)
+    tasks, skipped = plan_tasks(models, images)
+    if not tasks:
+        raise Sorry("no images to extract: no experiment with a crystal covers any image")
+    if params.masking.bragg.method == "spots" and reflections is None:
+        raise Sorry("masking.bragg.method=spots needs a reflection table (strong.refl or indexed.refl)")
+    out_dir = params.output.directory
+    try:
+        os.makedirs(out_dir, exist_ok=True)
+    except OSError as e:
+        raise Sorry(f"cannot create output.directory {out_dir}: {e.strerror}")
+    if not os.access(out_dir, os.W_OK):
+        raise Sorry(f"output.directory {out_dir} is not writable")
+
+    background = load_background(params, tasks[0].experiment.detector)
+    t0 = time.time()
+    dynamic = None
+    if params.masking.dynamic.enable:
+        dynamic = dynamic_mask(tasks, params)
+        logger.info("Dynamic mask from %d images in %.1f s", len(tasks), time.time() - t0)
+
+    # geometry, corrections and the static mask depend only on the detector
+    # and beam models: compute them once for all images that share them
+    contexts = []  # (detector, beam, context)
+    entries = list(skipped)
+    for n, task in enumerate(tasks):
+        context = _find_context(contexts, task)
+        if context is None:
+            static = masks.static_mask(task.imageset, params.masking, params.masking.beamstop)
+            context = detector_context(task.experiment, task.imageset, params, static)
+            contexts.append((task.experiment.detector, task.experiment.beam, context))
+        entry = {
+            "still_id": task.still_id,
+            "experiment_id": task.experiment_id,
+            "image_path": task.image_path,
+            "image_index": task.index_in_imageset
+            if task.scan_image_index is None
+            else task.scan_image_index,
+        }
+        t_image = time.time()
+        try:
+            result = extract_image(
+                task, context, params, ndiv, background, dynamic, reflections
+            )
+        except ImageError as e:
+            logger.warning("Skipping image %s: %s", task.image_path, e)
+            entry.update(status="skipped", reason=str(e))
+            entries.append(entry)
+            continue
+        name = image_file_name(task.still_id)
+        metadata = {
+            "still_id": task.still_id,
+            "experiment_id": task.experiment_id,
+            "image_path": task.image_path,
+            "image_index": entry["image_index"],
+            "wavelength": task.experiment.beam.get_wavelength(),
+            "ndiv": list(ndiv),
+            "is_still": bool(task.experiment.is_still()),
+            "exposure_time": exposure_time(task, params),
+            "gain": params.corrections.gain,
+            "corrections": {
+                "polarization": params.corrections.polarization,
+                "solid_angle": params.corrections.solid_angle,
+                "efficiency": params.corrections.efficiency,
+                "air": params.corrections.air,
+                "air_temperature": params.corrections.air_temperature,
+                "air_pressure": params.corrections.air_pressure,
+            },
+            "pixel_step": params.filter.pixel_step,
+            "bragg_mask": params.masking.bragg.method,
+            "pixel_counts": result.stages,
+        }
+        write_image_file(os.path.join(out_dir, name), result.arrays, metadata)
+        entry.update(
+            status="extracted",
+            file=name,
+            pixel_counts=result.stages,
+            n_voxels=int(len(result.arrays["voxel_indices"])),
+            seconds=round(time.time() - t_image, 3),
+        )
+        entries.append(entry)
+        if progress:
+            logger.info(
+                "Image %d/%d %s: kept %d of %d pixels in %d voxels (%.2f s)",
+                n + 1, len(tasks), os.path.basename(task.image_path),
+                result.stages["kept"], result.stages["total"],
+                entry["n_voxels"], entry["seconds"],
+            )
+        if result.masks is not None:
+            for kind, panel_masks in result.masks.items():
+                io.write_pickle(
+                    os.path.join(out_dir, mask_file_name(kind, task.still_id)),
+                    masks.to_flex(panel_masks),
+                )
+
+    manifest = {
+        "format": "dials_diffuse.extraction/1",
+        "ndiv": list(ndiv),
+        "is_still": bool(tasks[0].experiment.is_still()),
+        "n_images": len(entries),
+        "n_extracted": sum(e["status"] == "extracted" for e in entries),
+        "images": entries,
+    }
+    if manifest["n_extracted"] == 0:
+        raise Sorry("no image could be extracted: " + "; ".join(
+            e.get("reason", "") for e in entries[:3]))
+    io.write_json(os.path.join(out_dir, MANIFEST_NAME), manifest)
+    log_summary(manifest)
+    return manifest
+
+
+def _find_context(contexts, task):
+    for detector, beam, context in contexts:
+        if task.experiment.detector == detector and task.experiment.beam == beam:
+            return context
+    return None
+
+
+def dynamic_mask(tasks, params):
+    d = params.masking.dynamic
+    detector = tasks[0].experiment.detector
+    acc = masks.DynamicMaskAccumulator(
+        detector, d.hot_threshold, d.hot_fraction, d.hot_ratio, d.dead_min_expected_counts
+    )
+    for task in tasks:
+        try:
+            raw = read_image(task)
+        except ImageError:
+            continue
+        acc.add(raw, masks.trusted_range_mask(detector, raw))
+    result = acc.masks()
+    n_bad = sum(int((~m).sum()) for m in result)
+    logger.info("Dynamic mask: %d hot or dead pixels", n_bad)
+    return result
+
+
+def log_summary(manifest):
+    rows = [("image", "status", "total", "static", "dynamic", "trusted", "bragg",
+             "resolution", "kept", "voxels")]
+    for e in manifest["images"]:
+        pc = e.get("pixel_counts", {})
+        rows.append(
+            (
+                os.path.basename(e["image_path"]),
+                e["status"],
+                *(str(pc.get(k, "")) for k in ("total", "static", "dynamic", "trusted",
+                                               "bragg", "resolution", "kept")),
+                str(e.get("n_voxels", "")),
+            )
+        )
+    from dials.util import tabulate
+
+    logger.info("\nExtraction summary\n%s", tabulate(rows, headers="firstrow"))
+    for e in manifest["images"]:
+        if e["status"] != "extracted":
+            logger.info("Skipped %s: %s", e["image_path"], e["reason"])
