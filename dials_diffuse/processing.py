@@ -201,8 +201,10 @@ def find_spots(experiments, params_overrides=None):
 
     Defaults are DIALS' plus ``spotfinder.filter.min_spot_size=2`` when all
     experiments are stills.  The table has ``id`` = experiment index and the
-    experiment identifiers set (generated if missing); shoeboxes are dropped
-    unless ``output.shoeboxes=True``.  Nothing is written to disk.
+    experiment identifiers set (generated if missing) and an ``n_signal``
+    column; shoeboxes are kept as in ``dials.find_spots`` (whose default is
+    ``output.shoeboxes=True``; pass ``output.shoeboxes=False`` to drop them).
+    Nothing is written to disk.
     """
     from dials.array_family import flex
     from dials.command_line.find_spots import working_phil
@@ -460,6 +462,17 @@ def _failure_reason(exc: Exception) -> str:
     return f"{name}: {msg}" if msg else name
 
 
+def _final_rmsds(refiner, history) -> dict:
+    """Last-step RMSDs as {"RMSD_X_mm": ..., "RMSD_Y_mm": ..., ...}."""
+    try:
+        values = [float(v) for v in history["rmsd"][-1]]
+        target = refiner._target  # no public accessor for names/units in 3.12
+        names = [f"{n}_{u}" for n, u in zip(target.rmsd_names, target.rmsd_units)]
+        return dict(zip(names, values))
+    except Exception:  # pragma: no cover - best effort only
+        return {}
+
+
 # --------------------------------------------------------------------------
 # Joint refinement of a shared detector over indexed stills
 # --------------------------------------------------------------------------
@@ -476,7 +489,9 @@ def refine_shared_detector(experiments, reflections, params_overrides=None):
 
     Returns ``(experiments, reflections, info)``, ``info`` a dict with the
     detector distance before/after (mm, panel 0 along its normal), the number
-    of reflections used and the final RMSDs (as reported by the refiner).
+    of reflections used, the final RMSDs (``{"RMSD_X_mm": .., "RMSD_Y_mm": ..,
+    "RMSD_DeltaPsi_rad": ..}``) and the time taken.  About 9 s for the 15
+    thaumatin stills (8548 reflections) on 2 cores.
     """
     from dials.command_line.refine import run_dials_refine, working_phil
 
@@ -500,17 +515,12 @@ def refine_shared_detector(experiments, reflections, params_overrides=None):
         experiments, reflections, params
     )
     d1 = experiments[0].detector[0].get_directed_distance()
-    rmsds = None
-    try:
-        rmsds = [float(v) for v in history["rmsd"][-1]]
-    except Exception:  # pragma: no cover
-        pass
     info = {
         "distance_before_mm": abs(d0),
         "distance_after_mm": abs(d1),
         "n_experiments": len(experiments),
         "n_reflections_used": len(refiner.get_matches()),
-        "final_rmsds": rmsds,
+        "final_rmsds": _final_rmsds(refiner, history),
         "time_s": time.perf_counter() - t0,
     }
     logger.info(
@@ -567,11 +577,6 @@ def index_and_refine_sequence(
     refined_expts, refined_refl, refiner, history = run_dials_refine(
         indexed_expts, indexed_only, rparams
     )
-    rmsds = None
-    try:
-        rmsds = [float(v) for v in history["rmsd"][-1]]
-    except Exception:  # pragma: no cover
-        pass
     info = {
         "n_indexed": int(indexed_only.size()),
         "n_strong": int(reflections.size()),
@@ -579,7 +584,7 @@ def index_and_refine_sequence(
         "space_groups": [
             c.get_space_group().info().symbol_and_number() for c in refined_expts.crystals()
         ],
-        "final_rmsds": rmsds,
+        "final_rmsds": _final_rmsds(refiner, history),
         "time_index_s": t_index,
         "time_total_s": time.perf_counter() - t0,
     }
