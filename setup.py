@@ -5,6 +5,7 @@ from setuptools import setup
 COMMANDS = {
     "dials.diffuse_simulate": "dials_diffuse.command_line.simulate:run",
     "dials.diffuse_extract": "dials_diffuse.command_line.extract:run",
+    "dials.diffuse_merge": "dials_diffuse.command_line.merge:run",
 }
 
 setup(

@@ -67,3 +67,83 @@ def bin_by_voxel(indices: np.ndarray, columns: Dict[str, np.ndarray]):
         for name, values in columns.items()
     }
     return decode(sorted_keys[starts], lower, extent), counts, sums
+
+
+class GlobalVoxelGrid:
+    """The merge grid: average cell, space group, subdivisions and hkl bounds.
+
+    Built from all crystal models of a run. Per PHYSICS.md the orientation of
+    randomly oriented stills is never averaged: the grid only needs the
+    average metric (B) and the symmetry; each image keeps its own A for hkl.
+    """
+
+    def __init__(self, unit_cell, space_group, ndiv, d_min=None, d_max=None,
+                 cell_spread=None, orientation=None, n_crystals=0):
+        from cctbx import uctbx
+
+        self.unit_cell = uctbx.unit_cell(tuple(unit_cell))
+        self.space_group = space_group
+        self.ndiv = tuple(int(n) for n in ndiv)
+        self.d_min = d_min
+        self.d_max = d_max
+        self.cell_spread = cell_spread or {}
+        self.orientation = orientation or {}
+        self.n_crystals = n_crystals
+
+    @property
+    def B(self) -> np.ndarray:
+        """Reciprocal orthogonalisation (DIALS convention): q = B hkl, 1/Angstrom."""
+        return np.array(self.unit_cell.fractionalization_matrix()).reshape(3, 3).T
+
+    def hkl_bounds(self):
+        """|h| <= |a| / d_min (and likewise k, l): integer bounds per axis."""
+        if self.d_min is None:
+            return None
+        params = self.unit_cell.parameters()
+        return [
+            (-int(np.floor(params[i] / self.d_min)), int(np.floor(params[i] / self.d_min)))
+            for i in range(3)
+        ]
+
+    def q_of(self, hkl: np.ndarray) -> np.ndarray:
+        return hkl @ self.B.T
+
+    def total_voxels(self):
+        bounds = self.hkl_bounds()
+        if bounds is None:
+            return None
+        total = 1
+        for (lo, hi), n in zip(bounds, self.ndiv):
+            total *= (hi - lo) * n + 1
+        return total
+
+    def as_dict(self):
+        bounds = self.hkl_bounds()
+        return {
+            "crystal_avg_ref": {
+                "unit_cell": list(self.unit_cell.parameters()),
+                "space_group": self.space_group.info().symbol_and_number(),
+                "space_group_hall": self.space_group.type().hall_symbol(),
+                "setting_matrix_B": self.B.tolist(),
+                "setting_matrix_convention": "q = B hkl (1/Angstrom, crystal "
+                "Cartesian frame, no 2 pi); orientations are not averaged",
+            },
+            "hkl_bounds": {
+                axis: list(b) for axis, b in zip("hkl", bounds)
+            } if bounds else None,
+            "ndiv_h": self.ndiv[0],
+            "ndiv_k": self.ndiv[1],
+            "ndiv_l": self.ndiv[2],
+            "d_min": self.d_min,
+            "d_max": self.d_max,
+            "total_voxels": self.total_voxels(),
+            "n_crystals": self.n_crystals,
+            "cell_spread": self.cell_spread,
+            "orientation_spread": self.orientation,
+        }
+
+
+def unit_cell_statistics(crystals):
+    """Mean and standard deviation of the cell parameters of crystal models."""
+    cells = np.array([c.get_unit_cell().parameters() for c in crystals])
+    return cells.mean(axis=0), cells.std(axis=0), cells

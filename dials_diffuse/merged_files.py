@@ -1,0 +1,226 @@
+"""Files written by dials.diffuse_merge (and read back by dials.diffuse_check).
+
+* ``global_voxel_grid_definition.json``: average crystal, hkl bounds, ndiv.
+* ``refined_scaling_model_params.json``: per still id (0-based experiment
+  index for stills, image number for sequences, as a string) the
+  ``multiplicative_scale`` b_i and ``additive_offset`` c_i, with the convention
+  I_obs ~ b_i * a_i(|q|) * I_merged + c_i; refinement statistics; smoother.
+* ``voxel_data_relative.npz`` (optionally ``.h5``): the merged ASU voxels,
+  keys of the DiffusePipe guide plus isotropic/anisotropic parts.
+* ``merging_statistics.json``: CC1/2 tables and the radial profile.
+* ``diffuse_total.ccp4`` / ``diffuse_anisotropic.ccp4``: the map expanded by
+  symmetry to an hkl box. Axes X, Y, Z = h, k, l; the map's cell is one
+  reciprocal cell (a*, b*, c*, alpha*, beta*, gamma*) times
+  ``output.ccp4_cell_scale`` with ndiv grid points per cell, so grid point
+  (i, j, k) is hkl = (i / ndiv_h, j / ndiv_k, k / ndiv_l).
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+
+import numpy as np
+
+from dials.util import Sorry
+
+from dials_diffuse import io, symmetry
+
+logger = logging.getLogger("dials.diffuse_merge")
+
+GRID_NAME = "global_voxel_grid_definition.json"
+SCALING_NAME = "refined_scaling_model_params.json"
+VOXEL_NAME = "voxel_data_relative.npz"
+VOXEL_H5_NAME = "voxel_data_relative.h5"
+STATS_NAME = "merging_statistics.json"
+MAP_NAMES = {"total": "diffuse_total.ccp4", "anisotropic": "diffuse_anisotropic.ccp4"}
+
+VOXEL_KEYS = (
+    "voxel_indices", "H_center", "K_center", "L_center", "q_center_x", "q_center_y",
+    "q_center_z", "q_magnitude_center", "I_merged_relative", "Sigma_merged_relative",
+    "num_observations",
+)
+
+
+def voxel_arrays(merged):
+    return {
+        "voxel_indices": merged.voxel_grid.astype(np.int32),
+        "H_center": merged.hkl[:, 0],
+        "K_center": merged.hkl[:, 1],
+        "L_center": merged.hkl[:, 2],
+        "q_center_x": merged.q[:, 0],
+        "q_center_y": merged.q[:, 1],
+        "q_center_z": merged.q[:, 2],
+        "q_magnitude_center": merged.qmag,
+        "I_merged_relative": merged.intensity,
+        "Sigma_merged_relative": merged.sigma,
+        "num_observations": merged.n_observations,
+        "num_rejected": merged.n_rejected,
+        "I_isotropic": merged.isotropic,
+        "I_anisotropic": merged.intensity - merged.isotropic,
+        "on_bragg_position": merged.on_bragg,
+    }
+
+
+def scaling_dict(obs, result, params):
+    model = result.model
+    refined = {
+        str(int(sid)): {
+            "multiplicative_scale": float(model.scale[i]),
+            "additive_offset": float(model.offset[i]),
+        }
+        for i, sid in enumerate(obs.image_ids)
+    }
+    last = result.history[-1] if result.history else {}
+    smoother = {"enabled": model.smoother_q is not None}
+    if model.smoother_q is not None:
+        smoother["control_points_q"] = model.smoother_q.tolist()
+        smoother["values_per_still"] = {
+            str(int(sid)): model.smoother_values[i].tolist() for i, sid in enumerate(obs.image_ids)
+        }
+    return {
+        "convention": "I_obs ~ multiplicative_scale * a_i(|q|) * I_merged + additive_offset; "
+        "still ids are 0-based experiment indices (stills) or image numbers (sequences)",
+        "refined_parameters": refined,
+        "refinement_statistics": {
+            "converged": result.converged,
+            "n_iterations": len(result.history),
+            "final_R": last.get("R"),
+            "final_chi2_per_dof": last.get("chi2_per_dof"),
+            "n_observations": int(obs.n_obs),
+            "n_rejected": int(result.rejected.sum()),
+            "history": result.history,
+            "offsets_refined": bool(params.scaling.offsets),
+        },
+        "resolution_smoother": smoother,
+    }
+
+
+def write_all(out_dir, grid, obs, result, merged, stats, params, operators):
+    try:
+        os.makedirs(out_dir, exist_ok=True)
+    except OSError as e:
+        raise Sorry(f"cannot create output.directory {out_dir}: {e.strerror}")
+    if not os.access(out_dir, os.W_OK):
+        raise Sorry(f"output.directory {out_dir} is not writable")
+    from dials_diffuse.merging import radial_profile
+
+    centres, means, counts = radial_profile(merged.qmag, merged.intensity)
+    stats = dict(stats)
+    stats["radial_profile"] = {
+        "q_center": centres.tolist(),
+        "mean_intensity": [None if not np.isfinite(m) else float(m) for m in means],
+        "n_voxels": counts.astype(int).tolist(),
+    }
+    stats["symmetry_merge"] = params.symmetry.merge
+    stats["n_voxels"] = int(len(merged.intensity))
+    stats["n_images"] = int(obs.n_images)
+    arrays = voxel_arrays(merged)
+    # maps first, metadata-style JSON last: a directory whose grid file exists
+    # is complete
+    if params.output.ccp4_maps:
+        for kind, name in MAP_NAMES.items():
+            values = arrays["I_merged_relative"] if kind == "total" else arrays["I_anisotropic"]
+            write_ccp4(os.path.join(out_dir, name), grid, merged.voxel_grid, values,
+                       operators, params.output, label=f"dials.diffuse_merge {kind} map")
+    io.write_npz(os.path.join(out_dir, VOXEL_NAME), **arrays)
+    if params.output.hdf5:
+        write_hdf5(os.path.join(out_dir, VOXEL_H5_NAME), arrays)
+    io.write_json(os.path.join(out_dir, STATS_NAME), stats)
+    io.write_json(os.path.join(out_dir, SCALING_NAME), scaling_dict(obs, result, params))
+    io.write_json(os.path.join(out_dir, GRID_NAME), grid.as_dict())
+    logger.info("Wrote merged map of %d voxels to %s", len(merged.intensity), out_dir)
+
+
+def write_hdf5(path, arrays):
+    import h5py
+
+    with io.atomic_path(path) as tmp:
+        with h5py.File(tmp, "w") as fh:
+            for k, v in arrays.items():
+                fh.create_dataset(k, data=v, compression="gzip")
+
+
+def write_ccp4(path, grid, voxel_grid, values, operators, output, label):
+    """Expand the ASU map by symmetry into an hkl box and write it as CCP4/MRC."""
+    from cctbx import sgtbx, uctbx
+    from iotbx import mrcfile
+    from scitbx.array_family import flex
+
+    ndiv = np.array(grid.ndiv)
+    full, vals = symmetry.expand_to_p1(voxel_grid, values, operators, ndiv)
+    if output.map_hkl_box is not None:
+        box = np.array(output.map_hkl_box, dtype=float).reshape(3, 2)
+        lo = np.ceil(box[:, 0] * ndiv).astype(int)
+        hi = np.floor(box[:, 1] * ndiv).astype(int)
+    else:
+        lo, hi = full.min(axis=0), full.max(axis=0)
+    inside = np.all((full >= lo) & (full <= hi), axis=1)
+    shape = hi - lo + 1
+    n_points = int(np.prod(shape))
+    if n_points > output.map_max_points:
+        raise Sorry(
+            f"the CCP4 map box has {n_points} points (more than output.map_max_points="
+            f"{output.map_max_points}); set output.map_hkl_box or output.ccp4_maps=False"
+        )
+    dense = np.full(tuple(shape), output.map_fill_value, dtype=np.float64)
+    idx = full[inside] - lo
+    v = np.asarray(vals[inside], dtype=np.float64)
+    ok = np.isfinite(v)
+    dense[idx[ok, 0], idx[ok, 1], idx[ok, 2]] = v[ok]
+    map_data = flex.double(dense.ravel())
+    map_data.resize(flex.grid(tuple(int(x) for x in lo), tuple(int(x) for x in hi + 1)))
+    rec = grid.unit_cell.reciprocal_parameters()
+    s = output.ccp4_cell_scale
+    cell = uctbx.unit_cell((rec[0] * s, rec[1] * s, rec[2] * s, rec[3], rec[4], rec[5]))
+    labels = flex.std_string([
+        label[:80],
+        f"axes X,Y,Z = h,k,l; {int(ndiv[0])},{int(ndiv[1])},{int(ndiv[2])} points per reciprocal unit"[:80],
+        f"cell = reciprocal cell (1/A) x {s:g}"[:80],
+    ])
+    with io.atomic_path(path) as tmp:
+        mrcfile.write_ccp4_map(
+            file_name=tmp,
+            unit_cell=cell,
+            space_group=sgtbx.space_group_info("P 1").group(),
+            map_data=map_data,
+            labels=labels,
+            unit_cell_grid=tuple(int(x) for x in ndiv),
+            out=_NullOut(),
+        )
+
+
+class _NullOut:
+    def write(self, *_):
+        pass
+
+    def flush(self):
+        pass
+
+
+def read_merged(directory):
+    """(grid dict, scaling dict, voxel arrays, statistics dict or None) of a merge directory."""
+    paths = {n: os.path.join(directory, n) for n in (GRID_NAME, SCALING_NAME, VOXEL_NAME, STATS_NAME)}
+    for name in (GRID_NAME, VOXEL_NAME):
+        if not os.path.isfile(paths[name]):
+            raise Sorry(f"{directory} has no {name}: not a dials.diffuse_merge output directory")
+    try:
+        with open(paths[GRID_NAME]) as fh:
+            grid = json.load(fh)
+        scaling = None
+        if os.path.isfile(paths[SCALING_NAME]):
+            with open(paths[SCALING_NAME]) as fh:
+                scaling = json.load(fh)
+        stats = None
+        if os.path.isfile(paths[STATS_NAME]):
+            with open(paths[STATS_NAME]) as fh:
+                stats = json.load(fh)
+        with np.load(paths[VOXEL_NAME], allow_pickle=False) as npz:
+            voxels = {k: npz[k] for k in npz.files}
+    except (OSError, ValueError) as e:
+        raise Sorry(f"cannot read the merged outputs in {directory}: {e}")
+    missing = [k for k in VOXEL_KEYS if k not in voxels]
+    if missing:
+        raise Sorry(f"{paths[VOXEL_NAME]} is missing {', '.join(missing)}")
+    return grid, scaling, voxels, stats

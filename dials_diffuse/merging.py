@@ -1,0 +1,305 @@
+"""Merging scaled observations into the voxel map, and its statistics.
+
+``merge_run`` is the library entry point behind ``dials.diffuse_merge``: grid
+from the crystal models, observations from the extraction files, relative
+scaling, weighted merge, isotropic/anisotropic split, CC1/2 per resolution
+shell, and every output file (written by ``merged_files``).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import logging
+import os
+import time
+
+import numpy as np
+
+from dials.util import Sorry
+
+from dials_diffuse import grid as grid_module
+from dials_diffuse import merged_files, scaling, symmetry
+from dials_diffuse.observations import find_extraction_files, load_observations
+from dials_diffuse.phil_scopes import check_grid_params
+
+logger = logging.getLogger("dials.diffuse_merge")
+
+
+@dataclasses.dataclass
+class MergedMap:
+    voxel_grid: np.ndarray  # (n, 3) ASU grid indices
+    hkl: np.ndarray  # (n, 3) voxel centres
+    q: np.ndarray  # (n, 3) crystal Cartesian q of the centres
+    qmag: np.ndarray
+    intensity: np.ndarray
+    sigma: np.ndarray
+    n_observations: np.ndarray
+    n_rejected: np.ndarray
+    isotropic: np.ndarray  # radial average at each voxel's |q|
+    on_bragg: np.ndarray  # voxel centre on an integer hkl
+
+
+def radial_profile(qmag, intensity, n_bins=50, weights=None):
+    """Mean intensity in equal-width |q| bins; returns (centres, means, counts)."""
+    ok = np.isfinite(intensity)
+    q, v = qmag[ok], intensity[ok]
+    w = np.ones_like(v) if weights is None else weights[ok]
+    edges = np.linspace(q.min(), q.max() * (1 + 1e-9), n_bins + 1) if q.size else np.array([0, 1])
+    idx = np.clip(np.digitize(q, edges) - 1, 0, n_bins - 1)
+    sums = np.bincount(idx, weights=w * v, minlength=n_bins)
+    counts = np.bincount(idx, weights=w, minlength=n_bins)
+    with np.errstate(invalid="ignore", divide="ignore"):
+        means = sums / counts
+    centres = 0.5 * (edges[1:] + edges[:-1])
+    return centres, means, counts
+
+
+def isotropic_at(qmag, centres, means):
+    ok = np.isfinite(means)
+    if not ok.any():
+        return np.zeros_like(qmag)
+    return np.interp(qmag, centres[ok], means[ok])
+
+
+def resolution_shells(qmag, n_shells):
+    """Shell index for each |q|: equal numbers of voxels per shell."""
+    order = np.argsort(qmag, kind="stable")
+    shell = np.empty(qmag.size, np.int64)
+    shell[order] = np.arange(qmag.size) * n_shells // max(qmag.size, 1)
+    edges = [float(qmag[order[np.searchsorted(shell[order], s)]]) for s in range(n_shells)] if qmag.size else []
+    return shell, edges
+
+
+def _pearson(x, y):
+    if x.size < 3:
+        return float("nan")
+    xm, ym = x - x.mean(), y - y.mean()
+    denom = np.sqrt((xm * xm).sum() * (ym * ym).sum())
+    return float((xm * ym).sum() / denom) if denom > 0 else float("nan")
+
+
+def cc_half(obs, model, use, on_bragg, n_shells=10, seed=0, n_bins=50):
+    """Half-dataset correlations per resolution shell (random halves by image)."""
+    rng = np.random.default_rng(seed)
+    half_of_image = np.zeros(obs.n_images, np.int64)
+    half_of_image[rng.permutation(obs.n_images)[: obs.n_images // 2]] = 1
+    halves = []
+    for h in (0, 1):
+        sel = use & (half_of_image[obs.image] == h)
+        intensity, _, n = scaling.merge_intensities(obs, model, sel)
+        halves.append((intensity, n))
+    both = (halves[0][1] > 0) & (halves[1][1] > 0)
+    maps = {}
+    for name in ("total", "anisotropic"):
+        values = []
+        for intensity, _ in halves:
+            if name == "anisotropic":
+                c, m, _ = radial_profile(obs.voxel_qmag, intensity, n_bins)
+                intensity = intensity - isotropic_at(obs.voxel_qmag, c, m)
+            values.append(intensity)
+        maps[name] = values
+    shell, _ = resolution_shells(obs.voxel_qmag[both], n_shells)
+    qboth = obs.voxel_qmag[both]
+    table = []
+    for s in range(n_shells):
+        in_shell = shell == s
+        if not in_shell.any():
+            continue
+        row = {
+            "shell": s,
+            "q_min": float(qboth[in_shell].min()),
+            "q_max": float(qboth[in_shell].max()),
+            "d_max": float(1 / qboth[in_shell].min()) if qboth[in_shell].min() > 0 else None,
+            "d_min": float(1 / qboth[in_shell].max()),
+            "n_voxels": int(in_shell.sum()),
+        }
+        bragg = on_bragg[both][in_shell]
+        for name, (a, b) in maps.items():
+            a, b = a[both][in_shell], b[both][in_shell]
+            row[f"cc_half_{name}"] = _pearson(a, b)
+            row[f"cc_half_{name}_no_bragg"] = _pearson(a[~bragg], b[~bragg])
+        table.append(row)
+    overall = {}
+    for name, (a, b) in maps.items():
+        overall[f"cc_half_{name}"] = _pearson(a[both], b[both])
+        overall[f"cc_half_{name}_no_bragg"] = _pearson(a[both & ~on_bragg], b[both & ~on_bragg])
+    return {"seed": seed, "n_shells": n_shells, "overall": overall, "shells": table,
+            "n_voxels_in_both_halves": int(both.sum())}
+
+
+def build_grid(experiments, params):
+    """The GlobalVoxelGrid of a run, with cell and orientation checks."""
+    ndiv = check_grid_params(params.grid)
+    crystals = [e.crystal for e in experiments if e.crystal is not None]
+    if not crystals:
+        raise Sorry("the experiments have no crystal models")
+    groups = {c.get_space_group().type().lookup_symbol() for c in crystals}
+    if len(groups) > 1:
+        raise Sorry(f"the crystal models have different space groups: {', '.join(sorted(groups))}")
+    mean, std, cells = grid_module.unit_cell_statistics(crystals)
+    rel = np.abs(cells[:, :3] - mean[:3]) / mean[:3]
+    bad = np.flatnonzero(rel.max(axis=1) > params.cell_tolerance)
+    if bad.size:
+        msg = (
+            f"{bad.size} crystal model(s) have a cell edge more than "
+            f"{100 * params.cell_tolerance:.1f} % from the mean "
+            f"(experiments {', '.join(map(str, bad[:10]))})"
+        )
+        if params.cell_outliers == "fail":
+            raise Sorry(msg + "; raise cell_tolerance or set cell_outliers=exclude")
+        logger.warning("%s: excluded", msg)
+    logger.info(
+        "Average cell of %d crystals: %s (spread %s)",
+        len(crystals),
+        ", ".join(f"{v:.3f}" for v in mean),
+        ", ".join(f"{v:.3f}" for v in std),
+    )
+    orientation = misorientation_summary(experiments, params)
+    sg = crystals[0].get_space_group()
+    grid = grid_module.GlobalVoxelGrid(
+        mean, sg, ndiv, d_min=params.d_min, d_max=params.d_max,
+        cell_spread={"mean": mean.tolist(), "std": std.tolist(),
+                     "max_relative_edge_deviation": float(rel.max()),
+                     "excluded_experiments": bad.tolist() if params.cell_outliers == "exclude" else []},
+        orientation=orientation,
+        n_crystals=len(crystals),
+    )
+    return grid, set(bad.tolist()) if params.cell_outliers == "exclude" else set()
+
+
+def misorientation_summary(experiments, params):
+    """RMS misorientation of the crystal models from the first (modulo symmetry)."""
+    from dials.algorithms.indexing.compare_orientation_matrices import (
+        difference_rotation_matrix_axis_angle,
+    )
+
+    crystals = [e.crystal for e in experiments if e.crystal is not None]
+    is_sequence = any(not e.is_still() for e in experiments if e.crystal is not None)
+    single = params.misorientation.single_crystal
+    if single == "auto":
+        single = "yes" if is_sequence else "no"
+    if len(crystals) < 2:
+        return {"n_crystals": len(crystals), "rms_misorientation_deg": 0.0, "checked": single == "yes"}
+    angles = []
+    for c in crystals[1:]:
+        try:
+            _, _, angle, _ = difference_rotation_matrix_axis_angle(crystals[0], c)
+        except Exception:
+            angle = float("nan")
+        angles.append(angle)
+    angles = np.array(angles, dtype=float)
+    rms = float(np.sqrt(np.nanmean(angles**2))) if np.isfinite(angles).any() else float("nan")
+    summary = {
+        "n_crystals": len(crystals),
+        "rms_misorientation_deg": rms,
+        "max_misorientation_deg": float(np.nanmax(angles)) if np.isfinite(angles).any() else float("nan"),
+        "checked": single == "yes",
+        "threshold_deg": params.misorientation.max_rms_deg,
+    }
+    logger.info("RMS misorientation from the first crystal (modulo symmetry): %.3f deg", rms)
+    if single == "yes" and rms > params.misorientation.max_rms_deg:
+        msg = (f"RMS misorientation {rms:.2f} deg exceeds misorientation.max_rms_deg="
+               f"{params.misorientation.max_rms_deg}")
+        if params.misorientation.action == "fail":
+            raise Sorry(msg + " for what should be one crystal")
+        logger.warning("Warning: %s", msg)
+    return summary
+
+
+def merge_map(obs, result, grid) -> MergedMap:
+    use = ~result.rejected
+    intensity, sigma, n_obs = scaling.merge_intensities(obs, result.model, use)
+    n_rej = np.bincount(obs.voxel, weights=result.rejected.astype(float), minlength=obs.n_voxels)
+    keep = n_obs > 0
+    ndiv = np.array(grid.ndiv)
+    hkl = obs.voxel_grid / ndiv
+    q = grid.q_of(hkl)
+    centres, means, _ = radial_profile(obs.voxel_qmag[keep], intensity[keep])
+    iso = isotropic_at(obs.voxel_qmag, centres, means)
+    on_bragg = np.all(obs.voxel_grid % ndiv == 0, axis=1)
+    return MergedMap(
+        voxel_grid=obs.voxel_grid[keep],
+        hkl=hkl[keep],
+        q=q[keep],
+        qmag=obs.voxel_qmag[keep],
+        intensity=intensity[keep],
+        sigma=sigma[keep],
+        n_observations=n_obs[keep],
+        n_rejected=n_rej[keep].astype(np.int64),
+        isotropic=iso[keep],
+        on_bragg=on_bragg[keep],
+    )
+
+
+def merge_run(experiments, inputs, params):
+    """Scale and merge extracted images; write every output. Returns a summary dict."""
+    t0 = time.time()
+    if params.scaling.max_iterations < 1:
+        raise Sorry(f"scaling.max_iterations={params.scaling.max_iterations}: must be >= 1")
+    if params.d_min is not None and params.d_max is not None and params.d_min >= params.d_max:
+        raise Sorry(f"d_min={params.d_min} must be smaller than d_max={params.d_max}")
+    files = find_extraction_files(inputs)
+    grid, excluded = build_grid(experiments, params)
+    operators = symmetry.laue_operators(grid.space_group, params.symmetry.merge)
+    try:
+        symmetry.check_ndiv(grid.ndiv, operators)
+    except ValueError as e:
+        raise Sorry(f"symmetry.merge={params.symmetry.merge}: {e}")
+    obs = load_observations(files, grid, operators, params.d_min, params.d_max)
+    n_expt = len(experiments)
+    for meta in obs.metadata:
+        if meta["experiment_id"] >= n_expt:
+            raise Sorry(
+                f"extraction file of image {meta['image_path']} refers to experiment "
+                f"{meta['experiment_id']}, but the experiments have only {n_expt}: "
+                "experiments and extracted files do not match"
+            )
+    if excluded:
+        keep_images = np.array([m["experiment_id"] not in excluded for m in obs.metadata])
+        obs = _select_images(obs, keep_images)
+    t_read = time.time()
+    result = scaling.refine_scales(obs, params.scaling)
+    if not result.converged and params.scaling.fail_if_not_converged:
+        raise Sorry("scaling did not converge: raise scaling.max_iterations or check the data")
+    merged = merge_map(obs, result, grid)
+    stats = cc_half(obs, result.model, ~result.rejected, np.all(obs.voxel_grid % np.array(grid.ndiv) == 0, axis=1),
+                    n_shells=params.statistics.n_shells, seed=params.statistics.seed)
+    _log_cc_half(stats)
+    t_merge = time.time()
+    out = params.output.directory
+    merged_files.write_all(out, grid, obs, result, merged, stats, params, operators)
+    logger.info(
+        "Read %.1f s, scale and merge %.1f s, write %.1f s",
+        t_read - t0, t_merge - t_read, time.time() - t_merge,
+    )
+    return {"grid": grid, "observations": obs, "scaling": result, "merged": merged, "statistics": stats}
+
+
+def _select_images(obs, keep_images):
+    keep_obs = keep_images[obs.image]
+    new_index = np.cumsum(keep_images) - 1
+    obs.voxel, obs.signal, obs.factor, obs.variance, obs.n_pixels = (
+        a[keep_obs] for a in (obs.voxel, obs.signal, obs.factor, obs.variance, obs.n_pixels)
+    )
+    obs.image = new_index[obs.image[keep_obs]].astype(np.int32)
+    obs.image_ids = obs.image_ids[keep_images]
+    obs.image_gain = obs.image_gain[keep_images]
+    obs.metadata = [m for m, k in zip(obs.metadata, keep_images) if k]
+    return obs
+
+
+def _log_cc_half(stats):
+    from dials.util import tabulate
+
+    rows = [["d_max", "d_min", "voxels", "CC1/2", "CC1/2 no Bragg", "CC1/2 aniso", "CC1/2 aniso no Bragg"]]
+    for r in stats["shells"]:
+        rows.append([
+            f"{r['d_max']:.2f}" if r["d_max"] else "inf", f"{r['d_min']:.2f}", r["n_voxels"],
+            f"{r['cc_half_total']:.3f}", f"{r['cc_half_total_no_bragg']:.3f}",
+            f"{r['cc_half_anisotropic']:.3f}", f"{r['cc_half_anisotropic_no_bragg']:.3f}",
+        ])
+    o = stats["overall"]
+    rows.append(["all", "", stats["n_voxels_in_both_halves"], f"{o['cc_half_total']:.3f}",
+                 f"{o['cc_half_total_no_bragg']:.3f}", f"{o['cc_half_anisotropic']:.3f}",
+                 f"{o['cc_half_anisotropic_no_bragg']:.3f}"])
+    logger.info("\nHalf-dataset correlations (random halves by image)\n%s", tabulate(rows, headers="firstrow"))

@@ -1,0 +1,243 @@
+"""Relative scaling of diffuse voxel observations between images.
+
+Model, per observation of voxel v on image i (in the extraction's sums):
+    S_iv ~ W_iv * (b_i * a_i(|q_v|) * I_v + c_i)
+with b_i a per-image scale, a_i(|q|) an optional smooth resolution term
+(piecewise linear through a few control points shared by all images) and c_i
+optional per-image offsets. I_obs = S / W, so I_obs ~ b_i a_i I_v + c_i.
+
+A resolution term common to all images is indistinguishable from a change of
+the merged map, so a_i describes how each image differs from the others: it is
+normalised to mean 1 over each image's control points and to mean 1 over the
+images at each control point.
+
+Refinement alternates closed-form updates, each the maximum-likelihood (or
+weighted least-squares) solution for one block given the others:
+* I_v = sum_i (S_iv - c_i W_iv) / sum_i b_i a W_iv   (Poisson ratio estimator:
+  no 1/sigma^2 weights, so zero-count observations cannot blow up);
+* b_i = sum_v (S_iv - c_i W_iv) / sum_v a W_iv I_v    (likewise);
+* c_i and the smoother by weighted least squares with model variances;
+then mean(b) = 1 and mean(a) = 1 fix the free overall factors. Observations
+more than ``outlier_sigma`` model standard deviations away are rejected.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import logging
+from typing import List, Optional
+
+import numpy as np
+
+logger = logging.getLogger("dials.diffuse_merge")
+
+
+@dataclasses.dataclass
+class ScalingModel:
+    scale: np.ndarray  # b_i
+    offset: np.ndarray  # c_i (zeros when offsets are off)
+    smoother_q: Optional[np.ndarray] = None  # control point |q| (1/Angstrom)
+    smoother_values: Optional[np.ndarray] = None  # (n_images, k): a_i at the control points
+
+    def interpolation(self, qmag):
+        """Control-point index j and weight t: a(q) = (1-t) v_j + t v_{j+1}."""
+        qs = self.smoother_q
+        j = np.clip(np.searchsorted(qs, qmag, side="right") - 1, 0, qs.size - 2)
+        t = np.clip((qmag - qs[j]) / (qs[j + 1] - qs[j]), 0.0, 1.0)
+        return j, t
+
+    def resolution_factor(self, qmag: np.ndarray, image: np.ndarray) -> np.ndarray:
+        """a_image(|q|) for each (|q|, image) pair."""
+        if self.smoother_q is None:
+            return np.ones_like(qmag)
+        j, t = self.interpolation(qmag)
+        v = self.smoother_values
+        return (1 - t) * v[image, j] + t * v[image, j + 1]
+
+    def observation_factor(self, obs) -> np.ndarray:
+        return self.resolution_factor(obs.voxel_qmag[obs.voxel], obs.image)
+
+
+@dataclasses.dataclass
+class ScalingResult:
+    model: ScalingModel
+    intensity: np.ndarray  # merged I_v (per compact voxel)
+    rejected: np.ndarray  # bool per observation
+    history: List[dict]
+    converged: bool
+
+
+def _bincount(index, weights, n):
+    return np.bincount(index, weights=weights, minlength=n)
+
+
+def merge_intensities(obs, model: ScalingModel, use: np.ndarray):
+    """I_v, sigma_v and the number of observations per voxel for a given model."""
+    a = model.observation_factor(obs)
+    b = model.scale[obs.image]
+    c = model.offset[obs.image]
+    numerator = _bincount(obs.voxel, np.where(use, obs.signal - c * obs.factor, 0.0), obs.n_voxels)
+    denominator = _bincount(obs.voxel, np.where(use, b * a * obs.factor, 0.0), obs.n_voxels)
+    gain = obs.image_gain[obs.image]
+    # variance of S with a one-count floor per observation, so that no merged
+    # sigma is zero even where every pixel counted nothing
+    var = np.maximum(obs.variance, gain * gain)
+    variance = _bincount(obs.voxel, np.where(use, var, 0.0), obs.n_voxels)
+    n_obs = np.bincount(obs.voxel, weights=use.astype(np.float64), minlength=obs.n_voxels)
+    with np.errstate(invalid="ignore", divide="ignore"):
+        intensity = np.where(denominator > 0, numerator / denominator, np.nan)
+        sigma = np.where(denominator > 0, np.sqrt(variance) / denominator, np.nan)
+    return intensity, sigma, n_obs.astype(np.int64)
+
+
+def model_prediction(obs, model: ScalingModel, intensity):
+    a = model.observation_factor(obs)
+    return obs.factor * (model.scale[obs.image] * a * intensity[obs.voxel] + model.offset[obs.image])
+
+
+def model_variance(obs, expected):
+    """var(S) for Poisson counts: gain * E[S], with a one-count floor."""
+    gain = obs.image_gain[obs.image]
+    return np.maximum(gain * np.maximum(expected, 0.0), gain * gain)
+
+
+def refine_scales(obs, params) -> ScalingResult:
+    """Alternating refinement of b_i (and optionally c_i, a(|q|)) and I_v."""
+    n_img = obs.n_images
+    model = ScalingModel(scale=np.ones(n_img), offset=np.zeros(n_img))
+    sm = params.resolution_smoother
+    if sm.enable:
+        q_lo, q_hi = float(obs.voxel_qmag.min()), float(obs.voxel_qmag.max())
+        model.smoother_q = np.linspace(q_lo, q_hi, max(sm.n_control_points, 2))
+        model.smoother_values = np.ones((n_img, model.smoother_q.size))
+    use = np.ones(obs.n_obs, bool)
+    history = []
+    converged = False
+    n_params = n_img + (n_img if params.offsets else 0) + (
+        model.smoother_q.size * n_img if sm.enable else 0
+    )
+    for iteration in range(1, params.max_iterations + 1):
+        old_scale = model.scale.copy()
+        intensity, _, _ = merge_intensities(obs, model, use)
+        intensity = np.nan_to_num(intensity)
+        a = model.observation_factor(obs)
+        x = a * intensity[obs.voxel]  # model intensity before the image scale
+        c = model.offset[obs.image]
+        num = _bincount(obs.image, np.where(use, obs.signal - c * obs.factor, 0.0), n_img)
+        den = _bincount(obs.image, np.where(use, obs.factor * x, 0.0), n_img)
+        model.scale = np.where(den > 0, num / np.where(den > 0, den, 1), model.scale)
+        if params.offsets:
+            _update_offsets(obs, model, x, use)
+        if sm.enable:
+            _update_smoother(obs, model, intensity, use)
+        # fix the free overall factor: mean scale 1
+        mean_scale = model.scale.mean()
+        if mean_scale > 0:
+            model.scale /= mean_scale
+        intensity, _, _ = merge_intensities(obs, model, use)
+        intensity = np.nan_to_num(intensity)
+        expected = model_prediction(obs, model, intensity)
+        var = model_variance(obs, expected)
+        resid = obs.signal - expected
+        z = resid / np.sqrt(var)
+        if params.outlier_sigma is not None and params.outlier_sigma > 0:
+            use = np.abs(z) <= params.outlier_sigma
+        n_use = int(use.sum())
+        r_factor = float(np.abs(resid[use]).sum() / max(np.abs(obs.signal[use]).sum(), 1e-300))
+        chi2 = float((z[use] ** 2).sum() / max(n_use - n_params - obs.n_voxels, 1))
+        shift = float(np.max(np.abs(model.scale - old_scale) / np.maximum(old_scale, 1e-12)))
+        history.append(
+            {
+                "iteration": iteration,
+                "R": r_factor,
+                "chi2_per_dof": chi2,
+                "max_relative_scale_shift": shift,
+                "n_observations_used": n_use,
+                "n_rejected": int(obs.n_obs - n_use),
+            }
+        )
+        if shift < params.convergence_tolerance:
+            converged = True
+            break
+    _log_history(history, converged)
+    intensity, _, _ = merge_intensities(obs, model, use)
+    return ScalingResult(model=model, intensity=intensity, rejected=~use,
+                         history=history, converged=converged)
+
+
+def _update_offsets(obs, model, x, use):
+    """Per-image weighted least squares for (b_i, c_i) given x_v."""
+    n = obs.n_images
+    expected = obs.factor * (model.scale[obs.image] * x + model.offset[obs.image])
+    w = np.where(use, 1.0 / model_variance(obs, expected), 0.0)
+    W, S = obs.factor, obs.signal
+    # minimise sum w (S - W (b x + c))^2 -> 2x2 normal equations per image
+    sxx = _bincount(obs.image, w * W * W * x * x, n)
+    sx1 = _bincount(obs.image, w * W * W * x, n)
+    s11 = _bincount(obs.image, w * W * W, n)
+    sxs = _bincount(obs.image, w * W * x * S, n)
+    s1s = _bincount(obs.image, w * W * S, n)
+    det = sxx * s11 - sx1 * sx1
+    ok = np.abs(det) > 1e-12 * np.maximum(sxx * s11, 1e-300)
+    b = np.where(ok, (sxs * s11 - s1s * sx1) / np.where(ok, det, 1), model.scale)
+    c = np.where(ok, (sxx * s1s - sx1 * sxs) / np.where(ok, det, 1), model.offset)
+    model.scale, model.offset = b, c
+
+
+def _update_smoother(obs, model, intensity, use):
+    """Per-image weighted least squares for the control-point values of a_i."""
+    k = model.smoother_q.size
+    n = obs.n_images
+    j, t = model.interpolation(obs.voxel_qmag[obs.voxel])
+    base = obs.factor * model.scale[obs.image] * intensity[obs.voxel]
+    offset = obs.factor * model.offset[obs.image]
+    target = obs.signal - offset
+    expected = base * model.observation_factor(obs) + offset
+    w = np.where(use, 1.0 / model_variance(obs, expected), 0.0)
+    cols = [(j, (1 - t) * base), (j + 1, t * base)]
+    normal = np.zeros(n * k * k)
+    rhs = np.zeros(n * k)
+    for ja, va in cols:
+        rhs += np.bincount(obs.image * k + ja, weights=w * va * target, minlength=n * k)
+        for jb, vb in cols:
+            normal += np.bincount(
+                (obs.image * k + ja) * k + jb, weights=w * va * vb, minlength=n * k * k
+            )
+    normal = normal.reshape(n, k, k)
+    rhs = rhs.reshape(n, k)
+    # a light ridge towards the current values keeps empty ranges defined
+    ridge = 1e-6 * np.trace(normal, axis1=1, axis2=2) / k + 1e-300
+    values = np.linalg.solve(
+        normal + ridge[:, None, None] * np.eye(k)[None],
+        (rhs + ridge[:, None] * model.smoother_values)[..., None],
+    )[..., 0]
+    values = np.where(values > 0, values, model.smoother_values)
+    for _ in range(3):
+        values /= values.mean(axis=1, keepdims=True)
+        values /= values.mean(axis=0, keepdims=True)
+    model.smoother_values = values
+
+
+def _log_history(history, converged):
+    from dials.util import tabulate
+
+    rows = [["iteration", "R", "chi2/dof", "max shift(b)", "used", "rejected"]]
+    for h in history:
+        rows.append(
+            [
+                h["iteration"],
+                f"{h['R']:.4f}",
+                f"{h['chi2_per_dof']:.3f}",
+                f"{h['max_relative_scale_shift']:.2e}",
+                h["n_observations_used"],
+                h["n_rejected"],
+            ]
+        )
+    logger.info("\nRelative scaling\n%s", tabulate(rows, headers="firstrow"))
+    if converged:
+        logger.info("Scaling converged after %d iterations", len(history))
+    else:
+        logger.warning(
+            "Scaling did not converge in %d iterations (last relative shift %.2e)",
+            len(history), history[-1]["max_relative_scale_shift"] if history else float("nan"),
+        )
