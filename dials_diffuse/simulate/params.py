@@ -1,0 +1,251 @@
+"""PHIL parameters of dials.diffuse_simulate (shared by the command and the library)."""
+
+from __future__ import annotations
+
+import libtbx.phil
+
+phil_str = """
+mode = *stills rotation
+  .type = choice
+  .help = "stills: every image a randomly oriented crystal (serial/grid experiment);"
+          "rotation: one crystal rotated by a fixed oscillation per image."
+n_images = 6
+  .type = int
+  .help = "Number of images (must be >= 1)."
+random_seed = 42
+  .type = int
+  .help = "Seed of every random choice (orientations, scales, hot/dead pixels, noise)."
+crystal {
+  unit_cell = 30 40 50 90 90 90
+    .type = floats(size=6)
+    .help = "a b c (Angstrom) alpha beta gamma (degrees)."
+  space_group = "P 21 21 21"
+    .type = str
+    .help = "Space group symbol (any setting cctbx understands, e.g. P41212, R3:H, Fm-3m)."
+}
+beam {
+  wavelength = 1.0
+    .type = float
+    .help = "Angstrom."
+  polarization_fraction = 0.999
+    .type = float
+    .help = "DIALS convention: 0.5 unpolarised, ~1 fully polarised in the plane normal to polarization_normal."
+  polarization_normal = 0 1 0
+    .type = floats(size=3)
+}
+detector {
+  type = *single multipanel
+    .type = choice
+    .help = "single: one panel written as miniCBF; multipanel: tiles with gaps written as full (multi-array) CBF (stills only)."
+  distance = 150
+    .type = float
+    .help = "Sample to detector distance (mm)."
+  pixel_size = 0.172
+    .type = float
+    .help = "Square pixel size (mm)."
+  n_fast = 487
+    .type = int
+    .help = "Single panel: pixels along fast (x)."
+  n_slow = 619
+    .type = int
+    .help = "Single panel: pixels along slow (y)."
+  beam_centre = None
+    .type = floats(size=2)
+    .help = "Single panel: beam centre (fast, slow) in mm; default the panel centre."
+  format = *auto pilatus generic
+    .type = choice
+    .help = "Single panel miniCBF header: pilatus (PILATUS_1.2 header; needs Pilatus"
+            "module tiling, e.g. 487x195, 487x619, 2463x2527; inter-module gaps are"
+            "written as -1 and masked by dxtbx), generic (GENERIC_MINI header, any"
+            "size), auto (pilatus when the size tiles into Pilatus modules)."
+  overload = 1048500
+    .type = int
+    .help = "Count cutoff written to the header (upper trusted value)."
+  sensor {
+    material = *Si CdTe none
+      .type = choice
+    thickness = 0.45
+      .type = float
+      .help = "mm; mu comes from cctbx attenuation tables as dxtbx computes it."
+  }
+  multipanel {
+    n_panels_fast = 2
+      .type = int
+    n_panels_slow = 2
+      .type = int
+    panel_n_fast = 100
+      .type = int
+    panel_n_slow = 110
+      .type = int
+    gap_fast = 7
+      .type = int
+      .help = "Gap between tiles along fast (pixels)."
+    gap_slow = 17
+      .type = int
+      .help = "Gap between tiles along slow (pixels)."
+  }
+}
+rotation {
+  start = 0.0
+    .type = float
+    .help = "Rotation angle at the start of the first image (degrees)."
+  oscillation = 0.2
+    .type = float
+    .help = "Oscillation per image (degrees), axis (1,0,0) as miniCBF's single-axis goniometer."
+  scan_varying = False
+    .type = bool
+    .help = "Make the crystal scan-varying: U drifts by drift_deg over the scan."
+  drift_deg = 0.3
+    .type = float
+  phi_subsamples = 1
+    .type = int
+    .help = "Diffuse signal of an image averaged over this many angles across its"
+            "oscillation (1: evaluated at the image centre, the extraction convention)."
+}
+exposure_time = 0.1
+  .type = float
+  .help = "Seconds per image (written to the header)."
+flux = 1e9
+  .type = float
+  .help = "Photons per unit D per steradian per second: expected diffuse photons in a"
+          "pixel = scale_i * D(hkl) * P * Omega * eta * T_air * exposure_time * flux."
+gain = 1.0
+  .type = float
+  .help = "Photons per count (counts * gain = photons); the written panels keep dxtbx gain 1."
+scale {
+  spread = 0.15
+    .type = float
+    .help = "Sigma of the log-normal per-image scale factors (normalised to mean 1)."
+}
+diffuse {
+  isotropic {
+    amplitude = 1.0
+      .type = float
+    q0 = 0.25
+      .type = float
+      .help = "Ring centre |q| (1/Angstrom)."
+    width = 0.06
+      .type = float
+      .help = "Gaussian sigma of the ring in |q| (1/Angstrom)."
+  }
+  halo {
+    amplitude = 2.0
+      .type = float
+    width = 0.006
+      .type = float
+      .help = "Gaussian sigma (1/Angstrom) of the halo around every integer lattice point."
+  }
+  streak {
+    amplitude = 1.0
+      .type = float
+    length = 0.01
+      .type = float
+      .help = "Gaussian sigma along a* (1/Angstrom)."
+    width = 0.002
+      .type = float
+      .help = "Gaussian sigma perpendicular to a* (1/Angstrom)."
+  }
+}
+bragg {
+  enabled = True
+    .type = bool
+  intensity = 3000
+    .type = float
+    .help = "Photons of a fully recorded spot (times the image scale factor and partiality)."
+  sigma_px = 0.8
+    .type = float
+    .help = "Gaussian sigma of a spot on the detector (pixels)."
+  mosaicity_deg = 0.05
+    .type = float
+    .help = "Stills: sigma of the partiality exp(-delpsi^2/2 sigma^2); rotation:"
+            "sigma of the rocking curve in phi."
+  d_min = None
+    .type = float
+    .help = "Resolution limit of the predictions (default: the detector's)."
+}
+background {
+  constant = 2.0
+    .type = float
+    .help = "Photons per pixel per image."
+  radial_amplitude = 3.0
+    .type = float
+    .help = "Photons per pixel per image at |q| = 0 of a Gaussian in |q|."
+  radial_width = 0.15
+    .type = float
+    .help = "Sigma (1/Angstrom) of the radial background."
+}
+beamstop {
+  radius = 2.0
+    .type = float
+    .help = "Shadow: pixels within this distance (mm) of the direct-beam axis; 0 for none."
+  transmission = 0.0
+    .type = float
+    .help = "Fraction of scatter and background transmitted in the shadow."
+}
+hot_pixels {
+  count = 4
+    .type = int
+  value = 60000
+    .type = int
+    .help = "Counts in a hot pixel on every image (below overload: not masked by dxtbx)."
+}
+dead_pixels {
+  count = 8
+    .type = int
+    .help = "Pixels that read 0 on every image."
+}
+noise = True
+  .type = bool
+  .help = "Poisson noise on the counts; off: counts = rint(expected counts)."
+corrections {
+  polarization = True
+    .type = bool
+  solid_angle = True
+    .type = bool
+  efficiency = True
+    .type = bool
+  air = True
+    .type = bool
+  air_temperature = 293.15
+    .type = float
+    .help = "Kelvin."
+  air_pressure = 1.0
+    .type = float
+    .help = "Atmospheres."
+}
+output {
+  directory = simulated
+    .type = path
+    .help = "Dataset directory (written atomically; must not exist unless overwrite)."
+  prefix = image
+    .type = str
+  overwrite = False
+    .type = bool
+  log = dials.diffuse_simulate.log
+    .type = str
+}
+"""
+
+phil_scope = libtbx.phil.parse(phil_str)
+
+
+def default_params():
+    """A fresh copy of the default parameters (a scope_extract)."""
+    return phil_scope.extract()
+
+
+def params_from(**overrides):
+    """Default parameters with dotted-name overrides, e.g.
+    ``params_from(**{"mode": "rotation", "detector.n_fast": 200})``."""
+    lines = []
+    for key, value in overrides.items():
+        if isinstance(value, (list, tuple)):
+            value = " ".join(str(v) for v in value)
+        elif isinstance(value, str) and (" " in value or value == ""):
+            value = '"%s"' % value
+        lines.append(f"{key} = {value}")
+    user = libtbx.phil.parse("\n".join(lines))
+    working, unused = phil_scope.fetch(sources=[user], track_unused_definitions=True)
+    if unused:
+        raise KeyError("unknown parameters: " + ", ".join(str(u.path) for u in unused))
+    return working.extract()
