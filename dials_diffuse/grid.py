@@ -56,15 +56,21 @@ def bin_by_voxel(indices: np.ndarray, columns: Dict[str, np.ndarray]):
             {k: np.zeros((0,) + v.shape[1:], v.dtype) for k, v in columns.items()},
         )
     keys, lower, extent = encode(indices)
-    # pixels in raster order give keys in long sorted runs: a stable
-    # (merge-based) sort exploits them
-    order = np.argsort(keys, kind="stable")
-    sorted_keys = keys[order]
+    # Neighbouring pixels of a raster fall in the same voxel: sum the runs of
+    # equal keys first (a streaming pass), then sort only the runs.
+    run_starts = np.flatnonzero(np.r_[True, keys[1:] != keys[:-1]])
+    run_keys = keys[run_starts]
+    run_counts = np.diff(np.r_[run_starts, len(keys)])
+    run_sums = {
+        name: np.add.reduceat(values, run_starts, axis=0) for name, values in columns.items()
+    }
+    order = np.argsort(run_keys, kind="stable")
+    sorted_keys = run_keys[order]
     starts = np.flatnonzero(np.r_[True, sorted_keys[1:] != sorted_keys[:-1]])
-    counts = np.diff(np.r_[starts, len(sorted_keys)])
+    counts = np.add.reduceat(run_counts[order], starts)
     sums = {
         name: np.add.reduceat(values[order], starts, axis=0)
-        for name, values in columns.items()
+        for name, values in run_sums.items()
     }
     return decode(sorted_keys[starts], lower, extent), counts, sums
 

@@ -37,7 +37,17 @@ def static_mask(imageset, masking_params, beamstop_params=None) -> PanelMasks:
     """
     import dials.util.masking
 
-    dials_mask = dials.util.masking.generate_mask(imageset, masking_params)
+    # phil_scope.extract() (without fetch) yields one all-default "untrusted"
+    # element, which generate_mask reads as "mask panel 0": drop such elements
+    regions = list(masking_params.untrusted)
+    masking_params.untrusted = [
+        r for r in regions
+        if r.panel is not None or any([r.circle, r.rectangle, r.polygon, r.pixel])
+    ]
+    try:
+        dials_mask = dials.util.masking.generate_mask(imageset, masking_params)
+    finally:
+        masking_params.untrusted = regions
     masks = from_flex(dials_mask)
     external = imageset.external_lookup.mask.data
     if not external.empty():
@@ -140,32 +150,27 @@ def predicted_bragg_positions(experiment, d_min: float, max_delpsi_deg: float,
     from dials.array_family import flex
 
     if experiment.is_still() or experiment.scan is None:
-        from cctbx import crystal as cctbx_crystal
-        from cctbx import miller
+        from cctbx.array_family import flex as cctbx_flex
 
         from dials.algorithms.spot_prediction import StillsReflectionPredictor
 
         cryst = experiment.crystal
-        symmetry = cctbx_crystal.symmetry(
-            unit_cell=cryst.get_unit_cell(), space_group=cryst.get_space_group()
-        )
-        indices = (
-            miller.build_set(symmetry, anomalous_flag=True, d_min=d_min)
-            .expand_to_p1()
-            .indices()
-        )
-        # cheap pre-selection by distance of the lattice point from the Ewald
-        # sphere, then DIALS' delta-psi predictor on what is left
-        hkl = flumpy.to_numpy(indices.as_vec3_double())
         A = np.array(cryst.get_A()).reshape(3, 3)
         s0 = np.array(experiment.beam.get_s0())
+        hkl = integer_hkl_within(cryst.get_unit_cell().parameters()[:3], d_min)
+        # cheap pre-selection by distance of the lattice point from the Ewald
+        # sphere, then DIALS' delta-psi predictor on what is left
         r = hkl @ A.T
-        rlen = np.linalg.norm(r, axis=1)
+        rlen = np.sqrt(np.einsum("ij,ij->i", r, r))
         excitation = np.abs(np.linalg.norm(r + s0, axis=1) - np.linalg.norm(s0))
-        keep = excitation <= 2.0 * np.deg2rad(max_delpsi_deg) * rlen + 1e-9
+        keep = (excitation <= 2.0 * np.deg2rad(max_delpsi_deg) * rlen + 1e-9) & (
+            rlen <= 1.0 / d_min
+        ) & (rlen > 0)
         if not keep.any():
             return np.zeros(0, int), np.zeros(0), np.zeros(0)
-        indices = indices.select(flumpy.from_numpy(keep))
+        indices = cctbx_flex.miller_index(
+            [tuple(int(v) for v in h) for h in hkl[keep]]
+        )
         predictor = StillsReflectionPredictor(experiment, dmin=d_min)
         table = predictor(indices)
         delpsi = flumpy.to_numpy(table["delpsical.rad"])
@@ -180,6 +185,21 @@ def predicted_bragg_positions(experiment, d_min: float, max_delpsi_deg: float,
     xyz = flumpy.to_numpy(table["xyzcal.px"]) if len(table) else np.zeros((0, 3))
     panel = flumpy.to_numpy(table["panel"]).astype(int) if len(table) else np.zeros(0, int)
     return panel, xyz[:, 0], xyz[:, 1]
+
+
+_HKL_CACHE = {}
+
+
+def integer_hkl_within(cell_edges, d_min) -> np.ndarray:
+    """All integer (h, k, l) with |h| <= a / d_min etc. (a superset of the
+    reflections to d_min; cached because every still of a run asks for it)."""
+    bounds = tuple(int(np.floor(edge / d_min)) for edge in cell_edges)
+    if bounds not in _HKL_CACHE:
+        _HKL_CACHE.clear()
+        h, k, l = (np.arange(-b, b + 1) for b in bounds)
+        grid = np.stack(np.meshgrid(h, k, l, indexing="ij"), axis=-1).reshape(-1, 3)
+        _HKL_CACHE[bounds] = grid.astype(np.float64)
+    return _HKL_CACHE[bounds]
 
 
 def disc_mask(shapes, panel, x, y, radius: float) -> PanelMasks:
