@@ -34,10 +34,11 @@ submodules that import nothing from the extension:
 * ``xfel.mono_simulation.util.green_curve_area`` (imports six, scitbx flex,
   math).
 
-The extension provides only ``bandpass_gaussian`` (and related helpers) used by
+Names from the extension (e.g. ``bandpass_gaussian``) are used only by
 ``xfel.mono_simulation.mono_treatment``, a legacy module DIALS does not import
 (checked with ``grep -rn mono_simulation`` over the DIALS 3.12 sources: the two
-imports above are the only ones).
+imports above are the only ones).  The ``dials.*`` console scripts are not
+patched; the fix applies to in-process use.
 
 The fix
 -------
