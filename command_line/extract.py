@@ -31,7 +31,6 @@ Examples::
 from __future__ import annotations
 
 import logging
-import os
 from typing import List
 
 import libtbx.phil
@@ -43,6 +42,7 @@ from dials.util.options import ArgumentParser, flatten_experiments, flatten_refl
 from dials.util.version import dials_version
 
 from dials_diffuse.extraction import extract
+from dials_diffuse.command_util import check_unhandled, split_preset_files
 from dials_diffuse.phil_scopes import grid_phil_str
 
 logger = logging.getLogger("dials.diffuse_extract")
@@ -188,16 +188,6 @@ output
 phil_scope = libtbx.phil.parse(extract_phil_str, process_includes=True)
 
 
-def check_unhandled(unhandled: List[str]) -> None:
-    """Positional arguments DIALS could not use: say why, in one line."""
-    for arg in unhandled:
-        if "=" in arg:
-            raise Sorry(f"unknown parameter: {arg}")
-        if not os.path.exists(arg):
-            raise Sorry(f"file not found: {arg}")
-        raise Sorry(f"cannot read {arg} as experiments, reflections or PHIL")
-
-
 @dials.util.show_mail_handle_errors()
 def run(args: List[str] = None, phil: libtbx.phil.scope = phil_scope) -> None:
     usage = "dials.diffuse_extract [options] refined.expt [imported.expt] [strong.refl]"
@@ -209,10 +199,13 @@ def run(args: List[str] = None, phil: libtbx.phil.scope = phil_scope) -> None:
         check_format=True,
         epilog=__doc__,
     )
+    args, ignored_presets = split_preset_files(args, phil)
     params, options, unhandled = parser.parse_args(
         args=args, show_diff_phil=False, return_unhandled=True
     )
     dials.util.log.config(verbosity=options.verbose, logfile=params.output.log)
+    for item in ignored_presets:
+        logger.debug("Preset parameter not used by this command: %s", item)
     logger.info(dials_version())
     diff = parser.diff_phil.as_str()
     if diff:

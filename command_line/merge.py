@@ -41,6 +41,7 @@ from dials.util.options import ArgumentParser, flatten_experiments
 from dials.util.version import dials_version
 
 from dials_diffuse.merging import merge_run
+from dials_diffuse.command_util import check_unhandled, split_preset_files
 from dials_diffuse.phil_scopes import grid_phil_str
 
 logger = logging.getLogger("dials.diffuse_merge")
@@ -146,21 +147,21 @@ def run(args: List[str] = None, phil: libtbx.phil.scope = phil_scope) -> None:
         check_format=False,
         epilog=__doc__,
     )
+    args, ignored_presets = split_preset_files(args, phil)
     params, options, unhandled = parser.parse_args(
         args=args, show_diff_phil=False, return_unhandled=True
     )
     dials.util.log.config(verbosity=options.verbose, logfile=params.output.log)
+    for item in ignored_presets:
+        logger.debug("Preset parameter not used by this command: %s", item)
     logger.info(dials_version())
     diff = parser.diff_phil.as_str()
     if diff:
         logger.info("The following parameters have been modified:\n%s", diff)
-    inputs = []
-    for arg in unhandled:
-        if "=" in arg and not os.path.exists(arg):
-            raise Sorry(f"unknown parameter: {arg}")
-        if not os.path.exists(arg):
-            raise Sorry(f"file not found: {arg}")
-        inputs.append(arg)
+    inputs = check_unhandled(
+        unhandled,
+        allowed_inputs=(os.path.isdir, lambda p: p.endswith((".npz", ".json"))),
+    )
     if not params.input.experiments and not inputs:
         parser.print_help()
         return

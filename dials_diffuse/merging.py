@@ -127,9 +127,9 @@ def cc_half(obs, model, use, on_bragg, n_shells=10, seed=0, n_bins=50):
             "n_voxels_in_both_halves": int(both.sum())}
 
 
-def build_grid(experiments, params):
+def build_grid(experiments, params, extracted_ndiv=None):
     """The GlobalVoxelGrid of a run, with cell and orientation checks."""
-    ndiv = check_grid_params(params.grid)
+    ndiv = check_grid_params(params.grid, default=extracted_ndiv or (None,) * 3)
     crystals = [e.crystal for e in experiments if e.crystal is not None]
     if not crystals:
         raise Sorry("the experiments have no crystal models")
@@ -206,6 +206,13 @@ def misorientation_summary(experiments, params):
     return summary
 
 
+def extracted_ndiv(path):
+    from dials_diffuse.diffuse_files import read_image_file
+
+    _, meta = read_image_file(path, keys=())
+    return tuple(meta.get("ndiv", (None, None, None)))
+
+
 def merge_map(obs, result, grid) -> MergedMap:
     use = ~result.rejected
     intensity, sigma, n_obs = scaling.merge_intensities(obs, result.model, use)
@@ -239,7 +246,7 @@ def merge_run(experiments, inputs, params):
     if params.d_min is not None and params.d_max is not None and params.d_min >= params.d_max:
         raise Sorry(f"d_min={params.d_min} must be smaller than d_max={params.d_max}")
     files = find_extraction_files(inputs)
-    grid, excluded = build_grid(experiments, params)
+    grid, excluded = build_grid(experiments, params, extracted_ndiv(files[0]))
     operators = symmetry.laue_operators(grid.space_group, params.symmetry.merge)
     try:
         symmetry.check_ndiv(grid.ndiv, operators)

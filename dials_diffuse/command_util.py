@@ -1,0 +1,88 @@
+"""Small helpers shared by the dials.diffuse_* commands."""
+
+from __future__ import annotations
+
+import os
+from typing import List, Tuple
+
+import libtbx.phil
+
+from dials.util import Sorry
+
+
+def split_preset_files(args: List[str], phil_scope) -> Tuple[List[str], List[str]]:
+    """Turn PHIL parameter-set files into the definitions this command knows.
+
+    The files in ``phil/`` hold settings for the whole pipeline (extraction,
+    merging, checks), so a file given to one command may also set parameters of
+    another. Those are left out here (and returned, for the log); every
+    definition the command knows becomes a ``key=value`` argument.
+    ``--phil file`` and plain ``file.phil`` arguments are both handled;
+    command-line ``key=value`` arguments stay strict.
+    """
+    if args is None:
+        import sys
+
+        args = sys.argv[1:]
+    known = _definition_paths(phil_scope)
+    result, ignored = [], []
+    i = 0
+    while i < len(args):
+        arg = args[i]
+        path = None
+        if arg == "--phil" and i + 1 < len(args):
+            path = args[i + 1]
+            i += 1
+        elif arg.startswith("--phil="):
+            path = arg.split("=", 1)[1]
+        elif arg.endswith(".phil") and "=" not in arg:
+            path = arg
+        if path is None:
+            result.append(arg)
+        else:
+            if not os.path.isfile(path):
+                raise Sorry(f"PHIL file not found: {path}")
+            try:
+                with open(path) as fh:
+                    parsed = libtbx.phil.parse(fh.read())
+            except Exception as e:
+                raise Sorry(f"cannot read {path} as PHIL: {e}")
+            for definition in parsed.all_definitions():
+                full = definition.path
+                value = " ".join(str(w) for w in definition.object.words)
+                if _matches(full, known):
+                    result.append(f"{full}={value}")
+                else:
+                    ignored.append(f"{full} (from {path})")
+        i += 1
+    return result, ignored
+
+
+def _definition_paths(phil_scope):
+    paths = set()
+    for d in phil_scope.all_definitions():
+        paths.add(d.path)
+    return paths
+
+
+def _matches(path, known):
+    if path in known:
+        return True
+    # allow a path given relative to a scope (PHIL's usual suffix matching)
+    return any(k.endswith("." + path) for k in known)
+
+
+def check_unhandled(unhandled: List[str], allowed_inputs=()) -> List[str]:
+    """Positional arguments DIALS could not use: keep allowed inputs (existing
+    paths accepted by ``allowed_inputs``), reject everything else in one line."""
+    inputs = []
+    for arg in unhandled:
+        if os.path.exists(arg) and any(accept(arg) for accept in allowed_inputs):
+            inputs.append(arg)
+            continue
+        if "=" in arg and not os.path.exists(arg):
+            raise Sorry(f"unknown parameter: {arg}")
+        if not os.path.exists(arg):
+            raise Sorry(f"file not found: {arg}")
+        raise Sorry(f"cannot use {arg}: not an input this command reads")
+    return inputs
