@@ -34,7 +34,7 @@ def crystal_symmetry(unit_cell, space_group):
     try:
         sgi = sgtbx.space_group_info(str(space_group))
     except Exception:
-        raise Sorry(f"crystal.space_group: unknown space group '{space_group}'")
+        raise Sorry(f"crystal.space_group: unknown space group '{space_group}'") from None
     if unit_cell is None or len(unit_cell) != 6:
         raise Sorry("crystal.unit_cell: six numbers a b c alpha beta gamma are required")
     a, b, c, al, be, ga = (float(x) for x in unit_cell)
@@ -47,7 +47,7 @@ def crystal_symmetry(unit_cell, space_group):
     except Exception:
         raise Sorry(
             "crystal.unit_cell: impossible cell (angles %g %g %g)" % (al, be, ga)
-        )
+        ) from None
     if not (uc.volume() > 0 and math.isfinite(uc.volume())):
         raise Sorry("crystal.unit_cell: the cell has no volume")
     if not sgi.group().is_compatible_unit_cell(uc, 1e-3, 1e-2):

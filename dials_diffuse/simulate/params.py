@@ -105,7 +105,7 @@ rotation {
 exposure_time = 0.1
   .type = float
   .help = "Seconds per image (written to the header)."
-flux = 1e9
+flux = 3e8
   .type = float
   .help = "Photons per unit D per steradian per second: expected diffuse photons in a"
           "pixel = scale_i * D(hkl) * P * Omega * eta * T_air * exposure_time * flux."
@@ -149,7 +149,7 @@ diffuse {
 bragg {
   enabled = True
     .type = bool
-  intensity = 3000
+  intensity = 20000
     .type = float
     .help = "Photons of a fully recorded spot (times the image scale factor and partiality)."
   sigma_px = 0.8

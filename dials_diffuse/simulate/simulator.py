@@ -337,7 +337,7 @@ def _staging_directory(output):
         os.umask(umask)
         os.chmod(tmp, 0o777 & ~umask)
     except OSError as e:
-        raise Sorry(f"output.directory: cannot write in {parent} ({e.strerror})")
+        raise Sorry(f"output.directory: cannot write in {parent} ({e.strerror})") from None
     try:
         yield pathlib.Path(tmp)
         os.rename(tmp, output)

@@ -1,0 +1,73 @@
+"""Shared session-scoped fixtures: small simulated datasets with exact truth.
+
+Each fixture returns the dataset directory (pathlib.Path) written by
+``dials_diffuse.simulate.simulate_dataset``; load its truth with
+``dials_diffuse.simulate.load_truth(path)``. Keep them small: downstream tests
+(extraction, scaling, merging) reuse them.
+"""
+
+from __future__ import annotations
+
+import pytest
+
+# Parameters of the shared datasets (importable, e.g. to simulate a variant).
+STILLS_PARAMS = {
+    "mode": "stills",
+    "n_images": 6,
+    "random_seed": 11,
+    "detector.format": "generic",
+    "detector.n_fast": 256,
+    "detector.n_slow": 256,
+    "detector.distance": 100,
+}
+ROTATION_PARAMS = {
+    "mode": "rotation",
+    "n_images": 10,
+    "random_seed": 12,
+    "rotation.oscillation": 0.5,
+    "detector.format": "generic",
+    "detector.n_fast": 256,
+    "detector.n_slow": 256,
+    "detector.distance": 100,
+}
+MULTIPANEL_PARAMS = {
+    "mode": "stills",
+    "n_images": 4,
+    "random_seed": 13,
+    "detector.type": "multipanel",
+    "detector.distance": 100,
+    "detector.multipanel.n_panels_fast": 2,
+    "detector.multipanel.n_panels_slow": 2,
+    "detector.multipanel.panel_n_fast": 120,
+    "detector.multipanel.panel_n_slow": 130,
+}
+
+
+def _simulate(tmp_path_factory, name, overrides):
+    from dials_diffuse.simulate import params_from, simulate_dataset
+
+    directory = tmp_path_factory.mktemp(name) / "data"
+    params = params_from(**{**overrides, "output.directory": str(directory)})
+    return simulate_dataset(params)
+
+
+@pytest.fixture(scope="session")
+def simulated_stills(tmp_path_factory):
+    """6 randomly oriented stills, 256x256 px miniCBF (GENERIC_MINI), 100 mm,
+    P212121 30x40x50, all corrections on, Bragg spots, beamstop, hot/dead
+    pixels, radial background, Poisson noise."""
+    return _simulate(tmp_path_factory, "sim_stills", STILLS_PARAMS)
+
+
+@pytest.fixture(scope="session")
+def simulated_rotation(tmp_path_factory):
+    """10-image rotation sequence, 0.5 deg per image, scan-static crystal, same
+    detector and physics as simulated_stills."""
+    return _simulate(tmp_path_factory, "sim_rotation", ROTATION_PARAMS)
+
+
+@pytest.fixture(scope="session")
+def simulated_multipanel(tmp_path_factory):
+    """4 stills on a 2x2 tiled detector (120x130 px tiles, 7/17 px gaps), full
+    multi-array CBF read by dxtbx as a 4-panel detector."""
+    return _simulate(tmp_path_factory, "sim_multipanel", MULTIPANEL_PARAMS)
