@@ -1,7 +1,8 @@
 """Phase 1 processing on real thaumatin stills (dials_diffuse.processing, dials_compat).
 
 Uses 3 of the 19 grid-scan stills: 0001 and 0009 (crystal) and 0017 (beam off
-the crystal, 1 strong spot).  About 20 s on 2 cores.
+the crystal, 1 strong spot), plus a synthetic rotation sweep (predicted spots,
+no images) for index_and_refine_sequence.  About 30 s on 2 cores.
 """
 
 import math
@@ -154,3 +155,95 @@ def test_refine_shared_detector(indexed):
     # two stills already pull the distance well below the 351.0 mm header value
     assert 340 < info["distance_after_mm"] < 350.5
     assert indexed.experiments[0].detector[0].get_distance() == pytest.approx(351.0)
+
+
+def _synthetic_rotation_sweep(n_images=60, osc=0.1, d_min=3.0):
+    """Rotation experiment (no image files) + 'strong spots' = jittered predictions.
+
+    A thaumatin crystal in a known orientation on a simple 1000x1000 PAD; the
+    imageset points at nonexistent files (check_format=False), which is all
+    indexing and refinement need.
+    """
+    from cctbx import crystal as cctbx_crystal
+    from dxtbx.imageset import ImageSetFactory
+    from dxtbx.model import (
+        BeamFactory,
+        Crystal,
+        DetectorFactory,
+        Experiment,
+        GoniometerFactory,
+        ScanFactory,
+    )
+    from dxtbx.model.experiment_list import ExperimentList
+    from scitbx import matrix
+
+    from dials.array_family import flex
+
+    beam = BeamFactory.simple(0.96859)
+    detector = DetectorFactory.simple(
+        "PAD", 200.0, (86.0, 86.0), "+x", "-y", (0.172, 0.172), (1000, 1000), (-1, 1e6)
+    )
+    gonio = GoniometerFactory.known_axis((1, 0, 0))
+    scan = ScanFactory.make_scan(
+        (1, n_images), osc, (0.0, osc), {i: 0.1 * i for i in range(1, n_images + 1)}
+    )
+    seq = ImageSetFactory.make_sequence(
+        "/nonexistent/rot_#####.cbf",
+        list(range(1, n_images + 1)),
+        beam=beam,
+        detector=detector,
+        goniometer=gonio,
+        scan=scan,
+        check_format=False,
+    )
+    sym = cctbx_crystal.symmetry(unit_cell=SYMMETRY[1], space_group_symbol=SYMMETRY[0])
+    B = matrix.sqr(sym.unit_cell().fractionalization_matrix()).transpose()
+    U = matrix.col((1, 2, 3)).normalize().axis_and_angle_as_r3_rotation_matrix(0.7)
+    Ai = (U * B).inverse()
+    truth = Crystal(
+        matrix.col(Ai[0:3]), matrix.col(Ai[3:6]), matrix.col(Ai[6:9]), space_group=sym.space_group()
+    )
+    pred = flex.reflection_table.from_predictions(
+        Experiment(imageset=seq, beam=beam, detector=detector, goniometer=gonio, scan=scan, crystal=truth),
+        dmin=d_min,
+    )
+    rng = flex.mersenne_twister(0)
+    x, y, z = pred["xyzcal.px"].parts()
+    x += rng.random_double(len(x)) * 0.6 - 0.3
+    y += rng.random_double(len(x)) * 0.6 - 0.3
+    z += rng.random_double(len(x)) * 0.3 - 0.15
+    strong = flex.reflection_table()
+    strong["xyzobs.px.value"] = flex.vec3_double(x, y, z)
+    strong["xyzobs.px.variance"] = flex.vec3_double(len(x), (0.1, 0.1, 0.1))
+    strong["panel"] = pred["panel"]
+    strong["id"] = flex.int(len(x), 0)
+    strong["bbox"] = flex.int6(
+        [(int(a) - 2, int(a) + 3, int(b) - 2, int(b) + 3, max(0, int(c) - 1), min(n_images, int(c) + 2))
+         for a, b, c in zip(x, y, z)]
+    )
+    strong.set_flags(flex.bool(len(x), True), strong.flags.strong)
+    experiments = ExperimentList(
+        [Experiment(imageset=seq, beam=beam, detector=detector, goniometer=gonio, scan=scan)]
+    )
+    experiments[0].identifier = "synthetic-rotation"
+    strong.experiment_identifiers()[0] = "synthetic-rotation"
+    strong.centroid_px_to_mm(experiments)
+    return experiments, strong
+
+
+def test_index_and_refine_synthetic_sequence():
+    from dials_diffuse.processing import index_and_refine_sequence
+
+    experiments, strong = _synthetic_rotation_sweep()
+    assert not experiments[0].is_still()
+    # fft1d: the default fft3d grid search takes ~15 s here
+    expts, refl, info = index_and_refine_sequence(
+        experiments, strong, SYMMETRY, params_overrides=["indexing.method=fft1d"]
+    )
+    assert info["n_indexed"] > 0.95 * info["n_strong"]
+    assert info["space_groups"] == ["P 41 21 2 (No. 92)"]
+    a, b, c = info["unit_cells"][0][:3]
+    assert a == pytest.approx(57.9, abs=0.05) and c == pytest.approx(150.2, abs=0.15)
+    crystal = expts[0].crystal
+    assert crystal.num_scan_points == len(expts[0].imageset) + 1  # scan-varying
+    assert info["final_rmsds"]["RMSD_X_mm"] < 0.1
