@@ -6,6 +6,7 @@ COMMANDS = {
     "dials.diffuse_simulate": "dials_diffuse.command_line.simulate:run",
     "dials.diffuse_extract": "dials_diffuse.command_line.extract:run",
     "dials.diffuse_merge": "dials_diffuse.command_line.merge:run",
+    "dials.diffuse_check": "dials_diffuse.command_line.check:run",
 }
 
 setup(
@@ -20,6 +21,7 @@ setup(
     packages=[
         "dials_diffuse",
         "dials_diffuse.simulate",
+        "dials_diffuse.diagnostics",
         "dials_diffuse.command_line",
     ],
     package_dir={
