@@ -257,15 +257,29 @@ def check_params(params):
 
 
 def exposure_time(task: ImageTask, params) -> float:
+    """PHIL override, else the scan's, else the image header's, else 1 s."""
     if params.corrections.exposure_time is not None:
         return params.corrections.exposure_time
     scan = task.experiment.scan
+    k = task.scan_image_index or 0
+    if scan is None:
+        # stills lose their one-image scan on import: ask the image header
+        scan = _header_scan(task.imageset, task.index_in_imageset)
+        k = 0
     if scan is not None:
         times = scan.get_exposure_times()
-        k = task.scan_image_index or 0
         if len(times) > k and times[k] > 0:
             return float(times[k])
     return 1.0
+
+
+def _header_scan(imageset, index):
+    try:
+        kwargs = imageset.params() if hasattr(imageset, "params") else {}
+        fmt = imageset.get_format_class().get_instance(imageset.get_path(index), **kwargs)
+        return fmt.get_scan()
+    except Exception:
+        return None
 
 
 def read_image(task: ImageTask):
@@ -305,7 +319,7 @@ class ImageResult:
 
 
 def extract_image(task, context: DetectorContext, params, ndiv, background=None,
-                  dynamic_mask=None, reflections=None) -> ImageResult:
+                  dynamic_mask=None, reflections=None, exposure=None) -> ImageResult:
     """Corrected intensities of one image and their voxel sums."""
     raw = read_image(task)
     detector = task.experiment.detector
@@ -330,7 +344,7 @@ def extract_image(task, context: DetectorContext, params, ndiv, background=None,
         bragg = [np.ones(s, bool) for s in shapes]
 
     gain = params.corrections.gain
-    t_exp = exposure_time(task, params)
+    t_exp = exposure if exposure is not None else exposure_time(task, params)
     setting = geometry.setting_matrix(task.experiment, task.scan_image_index)
     setting_inv_t = np.linalg.inv(setting).T
     f = params.filter
@@ -531,8 +545,10 @@ def extract(models, params, images=None, reflections=None, progress=True):
         }
         t_image = time.time()
         try:
+            entry["exposure_time"] = exposure_time(task, params)
             result = extract_image(
-                task, context, params, ndiv, background, dynamic, reflections
+                task, context, params, ndiv, background, dynamic, reflections,
+                exposure=entry["exposure_time"],
             )
         except ImageError as e:
             logger.warning("Skipping image %s: %s", task.image_path, e)
@@ -548,7 +564,7 @@ def extract(models, params, images=None, reflections=None, progress=True):
             "wavelength": task.experiment.beam.get_wavelength(),
             "ndiv": list(ndiv),
             "is_still": bool(task.experiment.is_still()),
-            "exposure_time": exposure_time(task, params),
+            "exposure_time": entry["exposure_time"],
             "gain": params.corrections.gain,
             "corrections": {
                 "polarization": params.corrections.polarization,

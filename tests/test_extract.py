@@ -1,0 +1,374 @@
+"""dials.diffuse_extract against the simulator's exact truth and DIALS' references."""
+
+from __future__ import annotations
+
+import json
+import os
+import pickle
+import shutil
+import subprocess
+import sys
+
+import numpy as np
+import pytest
+
+from dials.algorithms.spot_prediction import PixelToMillerIndex
+from dials.util import Sorry
+
+from dials_diffuse.command_line import extract as extract_command
+from dials_diffuse.diffuse_files import MANIFEST_NAME, read_image_file
+from dials_diffuse.extraction import extract
+from dials_diffuse.simulate import load_truth, params_from, simulate_dataset
+
+VENV_BIN = os.path.join(os.path.dirname(sys.executable))
+
+
+def extraction_params(truth, directory, **overrides):
+    """Extraction parameters for a simulated dataset: its beamstop and background."""
+    params = extract_command.phil_scope.fetch().extract()
+    params.output.directory = str(directory)
+    params.grid.ndiv_h = params.grid.ndiv_k = params.grid.ndiv_l = 4
+    panel = truth.detector[0]
+    centre = panel.get_beam_centre_px(truth.beam.get_s0())
+    params.masking.beamstop.type = "circle"
+    params.masking.beamstop.center = centre
+    params.masking.beamstop.radius = truth.beamstop["radius_mm"] / panel.get_pixel_size()[0] + 2
+    bg_path = os.path.join(str(directory) + "_bg.npy")
+    os.makedirs(os.path.dirname(bg_path), exist_ok=True)
+    background = truth.background_photons()
+    if len(background) == 1:
+        np.save(bg_path, background[0])
+    else:
+        np.save(bg_path, np.stack(background))
+    params.corrections.background.map = bg_path
+    params.corrections.gain = truth.gain
+    for key, value in overrides.items():
+        obj = params
+        *path, last = key.split(".")
+        for p in path:
+            obj = getattr(obj, p)
+        setattr(obj, last, value)
+    return params
+
+
+def load_pixels(directory, still_id):
+    arrays, meta = read_image_file(
+        os.path.join(directory, f"image_{still_id:06d}.npz"),
+        keys=None or (
+            "q_vectors", "intensities", "sigmas", "hkl", "original_panel_ids",
+            "original_fast_coords", "original_slow_coords", "voxel_indices",
+            "voxel_sum_signal", "voxel_sum_factor", "voxel_n_pixels",
+        ),
+    )
+    return arrays, meta
+
+
+def expected_intensity(truth, i, arrays):
+    """scale_i * flux * D at each kept pixel (phi-averaged for rotation images),
+    from the truth's expected photons divided by its own correction factors."""
+    photons = truth.expected_diffuse_photons(i)
+    factors = truth.correction_total()
+    panel = arrays["original_panel_ids"].astype(int)
+    fast = arrays["original_fast_coords"]
+    slow = arrays["original_slow_coords"]
+    out = np.empty(panel.size)
+    for p in range(len(photons)):
+        sel = panel == p
+        out[sel] = photons[p][slow[sel], fast[sel]] / (
+            factors[p][slow[sel], fast[sel]] * truth.exposure_time
+        )
+    return out
+
+
+def binned_ratio(observed, expected, bins, n_bins):
+    """sum(I_obs) / sum(I_true) per bin: an unbiased ratio under Poisson noise."""
+    num = np.bincount(bins, weights=observed, minlength=n_bins)
+    den = np.bincount(bins, weights=expected, minlength=n_bins)
+    return num / den
+
+
+def flatness(truth, directory, n_images):
+    """Ratios of recovered to true intensity: overall, per detector region and
+    per resolution shell (all images together)."""
+    obs, exp, region, qmag = [], [], [], []
+    for i in range(n_images):
+        arrays, _ = load_pixels(directory, i)
+        obs.append(arrays["intensities"].astype(np.float64))
+        exp.append(expected_intensity(truth, i, arrays))
+        n_slow, n_fast = truth.detector[0].get_image_size()[::-1]
+        region.append(
+            (arrays["original_panel_ids"].astype(int) * 16)
+            + (arrays["original_slow_coords"] * 4 // n_slow) * 4
+            + arrays["original_fast_coords"] * 4 // n_fast
+        )
+        qmag.append(np.linalg.norm(arrays["q_vectors"], axis=1))
+    obs, exp, region, qmag = map(np.concatenate, (obs, exp, region, qmag))
+    keep = exp > 0
+    obs, exp, region, qmag = obs[keep], exp[keep], region[keep], qmag[keep]
+    n_regions = int(region.max()) + 1
+    by_region = binned_ratio(obs, exp, region, n_regions)
+    counts = np.bincount(region, minlength=n_regions)
+    by_region = by_region[counts > 2000]
+    shells = np.minimum((qmag - qmag.min()) / np.ptp(qmag) * 5, 4.999).astype(int)
+    by_shell = binned_ratio(obs, exp, shells, 5)
+    return obs.sum() / exp.sum(), by_region, by_shell
+
+
+@pytest.fixture(scope="module")
+def stills_extracted(simulated_stills, tmp_path_factory):
+    truth = load_truth(simulated_stills)
+    out = tmp_path_factory.mktemp("extract_stills") / "diffuse_extracted"
+    params = extraction_params(truth, out, **{"output.masks": True})
+    manifest = extract(truth.experiments, params)
+    return truth, out, manifest
+
+
+def test_stills_manifest_and_files(stills_extracted):
+    truth, out, manifest = stills_extracted
+    assert manifest["n_extracted"] == truth.n_images
+    with open(out / MANIFEST_NAME) as fh:
+        on_disk = json.load(fh)
+    assert on_disk == json.loads(json.dumps(manifest))
+    for entry in manifest["images"]:
+        counts = entry["pixel_counts"]
+        stages = ["total", "static", "dynamic", "trusted", "bragg", "resolution", "intensity"]
+        values = [counts[s] for s in stages]
+        assert values == sorted(values, reverse=True)
+        assert counts["kept"] == counts["intensity"] > 0
+        arrays, meta = load_pixels(out, entry["still_id"])
+        assert meta["still_id"] == entry["still_id"] == entry["experiment_id"]
+        assert arrays["intensities"].dtype == np.float32
+        assert arrays["voxel_n_pixels"].sum() == counts["kept"]
+        # the voxel sums reproduce the per-pixel intensities
+        i_voxel = arrays["voxel_sum_signal"] / arrays["voxel_sum_factor"]
+        assert np.all(np.isfinite(i_voxel))
+        # masks as DIALS pickles: tuple of flex.bool per panel, True = use
+        with open(out / f"total_mask_{entry['still_id']:06d}.pickle", "rb") as fh:
+            total = pickle.load(fh)
+        assert isinstance(total, tuple) and len(total) == len(truth.detector)
+        assert type(total[0]).__name__ == "bool"
+    # voxel files much smaller than the images would be without per-pixel data
+    assert (out / "image_000000.npz").stat().st_size > 0
+
+
+def test_stills_hkl_matches_pixel_to_miller_index(stills_extracted):
+    truth, out, _ = stills_extracted
+    for i in (0, 3):
+        arrays, _ = load_pixels(out, i)
+        expt = truth.experiments[i]
+        reference = PixelToMillerIndex(expt.beam, expt.detector, expt.crystal)
+        pick = np.random.default_rng(i).choice(arrays["hkl"].shape[0], 50, replace=False)
+        for k in pick:
+            h = reference.h(
+                int(arrays["original_panel_ids"][k]),
+                arrays["original_fast_coords"][k] + 0.5,
+                arrays["original_slow_coords"][k] + 0.5,
+            )
+            # stored as float32: compare to its precision
+            assert arrays["hkl"][k] == pytest.approx(h, abs=2e-5 * max(1, np.abs(h).max()))
+
+
+def test_stills_intensity_flat_across_detector_and_resolution(stills_extracted):
+    truth, out, _ = stills_extracted
+    overall, by_region, by_shell = flatness(truth, out, truth.n_images)
+    assert overall == pytest.approx(1.0, abs=0.01)
+    assert np.all(np.abs(by_region - 1) < 0.01), by_region
+    assert np.all(np.abs(by_shell - 1) < 0.01), by_shell
+
+
+def test_no_bragg_or_bad_pixels_leak(stills_extracted):
+    truth, out, _ = stills_extracted
+    hot = {tuple(p) for p in truth.hot_pixels.tolist()}
+    dead = {tuple(p) for p in truth.dead_pixels.tolist()}
+    for i in range(truth.n_images):
+        arrays, _ = load_pixels(out, i)
+        panel, x, y, _ = truth.bragg_spots(i)
+        px = arrays["original_fast_coords"] + 0.5
+        py = arrays["original_slow_coords"] + 0.5
+        for p, sx, sy in zip(panel, x, y):
+            near = (arrays["original_panel_ids"] == p) & (
+                (px - sx) ** 2 + (py - sy) ** 2 <= 2.0**2
+            )
+            assert not near.any(), f"image {i}: kept pixels within 2 px of a spot"
+        kept = set(
+            zip(
+                arrays["original_panel_ids"].tolist(),
+                arrays["original_slow_coords"].tolist(),
+                arrays["original_fast_coords"].tolist(),
+            )
+        )
+        assert not (kept & hot), "hot pixels kept"
+        assert not (kept & dead), "dead pixels kept"
+
+
+@pytest.mark.parametrize("switch", ["polarization", "solid_angle", "efficiency", "air"])
+def test_missing_correction_is_detected(simulated_stills, tmp_path, switch):
+    truth = load_truth(simulated_stills)
+    params = extraction_params(
+        truth, tmp_path / "out", **{f"corrections.{switch}": False,
+                                    "masking.dynamic.enable": False}
+    )
+    extract(truth.experiments, params)
+    overall, by_region, by_shell = flatness(truth, tmp_path / "out", truth.n_images)
+    deviation = max(abs(overall - 1), np.abs(by_region - 1).max(), np.abs(by_shell - 1).max())
+    assert deviation > 0.01, f"switching off {switch} went unnoticed"
+
+
+def test_rotation_sequence(simulated_rotation, tmp_path):
+    truth = load_truth(simulated_rotation)
+    params = extraction_params(truth, tmp_path / "out")
+    manifest = extract(truth.experiments, params)
+    assert manifest["n_extracted"] == truth.n_images
+    assert not manifest["is_still"]
+    # hkl of rotation images includes R(phi): compare with PixelToMillerIndex
+    expt = truth.experiments[0]
+    reference = PixelToMillerIndex(
+        expt.beam, expt.detector, expt.goniometer, expt.scan, expt.crystal
+    )
+    for i in (0, 9):
+        arrays, meta = load_pixels(tmp_path / "out", i)
+        assert meta["image_index"] == i
+        for k in np.random.default_rng(i).choice(len(arrays["hkl"]), 30, replace=False):
+            h = reference.h(
+                0, arrays["original_fast_coords"][k] + 0.5,
+                arrays["original_slow_coords"][k] + 0.5, i + 0.5,
+            )
+            assert arrays["hkl"][k] == pytest.approx(h, abs=2e-5 * max(1, np.abs(h).max()))
+    overall, by_region, by_shell = flatness(truth, tmp_path / "out", truth.n_images)
+    assert overall == pytest.approx(1.0, abs=0.01)
+    assert np.all(np.abs(by_region - 1) < 0.01), by_region
+    assert np.all(np.abs(by_shell - 1) < 0.01), by_shell
+
+
+def test_multipanel(simulated_multipanel, tmp_path):
+    truth = load_truth(simulated_multipanel)
+    # the full-CBF images carry no sensor model or exposure time: use the truth
+    params = extraction_params(
+        truth, tmp_path / "out", **{"corrections.exposure_time": truth.exposure_time}
+    )
+    manifest = extract(truth.experiments, params)
+    assert manifest["n_extracted"] == truth.n_images
+    arrays, _ = load_pixels(tmp_path / "out", 0)
+    assert set(np.unique(arrays["original_panel_ids"])) == set(range(len(truth.detector)))
+    overall, _, by_shell = flatness(truth, tmp_path / "out", truth.n_images)
+    assert overall == pytest.approx(1.0, abs=0.01)
+    assert np.all(np.abs(by_shell - 1) < 0.02), by_shell
+
+
+def test_gain_and_exposure(tmp_path):
+    directory = simulate_dataset(
+        params_from(
+            **{
+                "mode": "stills", "n_images": 2, "random_seed": 5,
+                "detector.format": "generic", "detector.n_fast": 200,
+                "detector.n_slow": 200, "detector.distance": 100,
+                "gain": 2.5, "exposure_time": 0.2, "output.directory": str(tmp_path / "data"),
+            }
+        )
+    )
+    truth = load_truth(directory)
+    params = extraction_params(truth, tmp_path / "out", **{"corrections.exposure_time": 0.2})
+    extract(truth.experiments, params)
+    overall, _, by_shell = flatness(truth, tmp_path / "out", 2)
+    assert overall == pytest.approx(1.0, abs=0.015)
+    # sigma: Poisson on the raw counts, propagated through the gain
+    arrays, _ = load_pixels(tmp_path / "out", 0)
+    expected_sigma_sq = arrays["intensities"].astype(float)  # check the ratio form
+    ratio = arrays["sigmas"].astype(float) ** 2 / np.maximum(expected_sigma_sq, 1e-30)
+    assert np.all(np.isfinite(ratio))
+
+
+def test_images_without_crystal_are_reported(simulated_stills, tmp_path):
+    truth = load_truth(simulated_stills)
+    from dxtbx.model.experiment_list import ExperimentList
+
+    models = ExperimentList([truth.experiments[i] for i in (0, 2, 3)])
+    params = extraction_params(truth, tmp_path / "out")
+    manifest = extract(models, params, images=truth.experiments)
+    status = {os.path.basename(e["image_path"]): e["status"] for e in manifest["images"]}
+    assert list(status.values()).count("extracted") == 3
+    skipped = [e for e in manifest["images"] if e["status"] == "skipped"]
+    assert len(skipped) == 3
+    assert all("not indexed" in e["reason"] for e in skipped)
+
+
+def test_unreadable_image_in_batch_is_skipped(simulated_stills, tmp_path):
+    copy = tmp_path / "data"
+    shutil.copytree(simulated_stills, copy)
+    truth = load_truth(copy)
+    broken = truth.image_path(1)
+    with open(broken, "r+b") as fh:
+        fh.truncate(2000)
+    params = extraction_params(truth, tmp_path / "out", **{"masking.dynamic.enable": False})
+    manifest = extract(truth.experiments, params)
+    entries = {e["image_path"]: e for e in manifest["images"]}
+    bad = [e for e in manifest["images"] if e["status"] == "skipped"]
+    assert len(bad) == 1 and os.path.basename(bad[0]["image_path"]) == os.path.basename(str(broken))
+    assert manifest["n_extracted"] == truth.n_images - 1
+    assert not (tmp_path / "out" / "image_000001.npz").exists()
+    assert len(entries) == truth.n_images
+
+
+def run_command(args, cwd):
+    return subprocess.run(
+        [os.path.join(VENV_BIN, "dials.diffuse_extract"), *args],
+        cwd=cwd, capture_output=True, text=True,
+    )
+
+
+def test_command_line(simulated_stills, tmp_path):
+    result = run_command(
+        [str(simulated_stills / "truth.expt"), "filter.pixel_step=2",
+         "output.save_pixels=False", "output.directory=ex"], tmp_path,
+    )
+    assert result.returncode == 0, result.stderr
+    assert (tmp_path / "ex" / MANIFEST_NAME).exists()
+    assert (tmp_path / "dials.diffuse_extract.log").exists()
+    arrays, meta = read_image_file(str(tmp_path / "ex" / "image_000000.npz"), keys=None or ("voxel_indices",))
+    assert meta["pixel_step"] == 2
+    with np.load(tmp_path / "ex" / "image_000000.npz") as npz:
+        assert "intensities" not in npz.files
+    help_text = run_command(["-h"], tmp_path)
+    assert help_text.returncode == 0 and "Examples" in help_text.stdout
+
+
+@pytest.mark.parametrize(
+    "args, message",
+    [
+        (["missing.expt"], "file not found: missing.expt"),
+        (["{expt}", "filter.pixel_step=0"], "filter.pixel_step=0"),
+        (["{expt}", "filter.d_min=3", "filter.d_max=2"], "filter.d_min=3.0 must be smaller"),
+        (["{expt}", "corrections.gain=-1"], "corrections.gain=-1.0"),
+        (["{expt}", "grid.ndiv_h=0"], "grid.ndiv_h=0"),
+        (["{expt}", "no_such.parameter=1"], "no_such.parameter"),
+        (["{expt}", "corrections.background.map={bad_bg}"], "has shape"),
+        (["{expt}", "corrections.background.map={nan_bg}"], "NaN"),
+        (["{imported}"], "has no crystal"),
+        (["{expt}", "filter.d_min=1000", "filter.d_max=2000"], "no image could be extracted"),
+    ],
+)
+def test_bad_input(simulated_stills, tmp_path, args, message):
+    np.save(tmp_path / "bad_bg.npy", np.zeros((3, 3)))
+    nan_bg = np.zeros((256, 256))
+    nan_bg[5, 5] = np.nan
+    np.save(tmp_path / "nan_bg.npy", nan_bg)
+    from dxtbx.model.experiment_list import ExperimentListFactory
+
+    imported = ExperimentListFactory.from_json_file(str(simulated_stills / "truth.expt"))
+    for e in imported:
+        e.crystal = None
+    imported.as_file(str(tmp_path / "imported.expt"))
+    args = [
+        a.format(expt=simulated_stills / "truth.expt", bad_bg=tmp_path / "bad_bg.npy",
+                 nan_bg=tmp_path / "nan_bg.npy", imported=tmp_path / "imported.expt")
+        for a in args
+    ]
+    result = run_command(args + ["output.directory=out"], tmp_path)
+    assert result.returncode == 1
+    lines = result.stderr.strip().splitlines()
+    assert lines and lines[-1].startswith("Sorry:"), result.stderr
+    assert message in lines[-1]
+    assert "Traceback" not in result.stderr
+    out = tmp_path / "out"
+    assert not (out / MANIFEST_NAME).exists()
+    assert not any(out.glob("image_*.npz")) if out.exists() else True
