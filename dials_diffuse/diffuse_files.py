@@ -60,7 +60,8 @@ def mask_file_name(kind: str, still_id: int) -> str:
 
 
 def write_image_file(path, arrays: dict, metadata: dict) -> None:
-    io.write_npz(path, compressed=False, metadata_json=np.array(json.dumps(metadata)), **arrays)
+    # fast deflate: the sorted voxel indices and the sums compress well
+    io.write_npz(path, compress_level=1, metadata_json=np.array(json.dumps(metadata)), **arrays)
 
 
 def read_image_file(path, keys=VOXEL_KEYS, require=VOXEL_KEYS):

@@ -418,9 +418,10 @@ def extract_image(task, context: DetectorContext, params, ndiv, background=None,
     )
     arrays = {
         "voxel_indices": vox,
-        "voxel_sum_signal": sums["signal"],
-        "voxel_sum_factor": sums["factor"],
-        "voxel_sum_variance": sums["variance"],
+        # float32 keeps 7 digits of a per-image sum; merging accumulates in float64
+        "voxel_sum_signal": sums["signal"].astype(np.float32),
+        "voxel_sum_factor": sums["factor"].astype(np.float32),
+        "voxel_sum_variance": sums["variance"].astype(np.float32),
         "voxel_n_pixels": n_pix.astype(np.int32),
         "voxel_mean_qmag": (sums["qmag"] / n_pix).astype(np.float32),
         "voxel_mean_hkl": (sums["hkl"] / n_pix[:, None]).astype(np.float32),

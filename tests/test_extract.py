@@ -271,11 +271,19 @@ def test_gain_and_exposure(tmp_path):
     extract(truth.experiments, params)
     overall, _, by_shell = flatness(truth, tmp_path / "out", 2)
     assert overall == pytest.approx(1.0, abs=0.015)
-    # sigma: Poisson on the raw counts, propagated through the gain
-    arrays, _ = load_pixels(tmp_path / "out", 0)
-    expected_sigma_sq = arrays["intensities"].astype(float)  # check the ratio form
-    ratio = arrays["sigmas"].astype(float) ** 2 / np.maximum(expected_sigma_sq, 1e-30)
-    assert np.all(np.isfinite(ratio))
+    # sigma: Poisson on the raw counts, propagated through gain and factors
+    with np.load(tmp_path / "out" / "image_000000.npz") as npz:
+        s = {k: npz[k] for k in npz.files if k.startswith("sample_")}
+    factor = (
+        s["sample_polarization"] * s["sample_solid_angle"] * s["sample_efficiency"]
+        * s["sample_air"] * s["sample_exposure_time"]
+    )
+    assert np.allclose(s["sample_gain"], 2.5)
+    assert np.allclose(
+        s["sample_intensity"],
+        (s["sample_raw_counts"] * 2.5 - s["sample_background"]) / factor,
+    )
+    assert np.allclose(s["sample_sigma"], 2.5 * np.sqrt(s["sample_raw_counts"]) / factor)
 
 
 def test_images_without_crystal_are_reported(simulated_stills, tmp_path):
@@ -328,6 +336,7 @@ def test_command_line(simulated_stills, tmp_path):
     assert meta["pixel_step"] == 2
     with np.load(tmp_path / "ex" / "image_000000.npz") as npz:
         assert "intensities" not in npz.files
+
     help_text = run_command(["-h"], tmp_path)
     assert help_text.returncode == 0 and "Examples" in help_text.stdout
 
