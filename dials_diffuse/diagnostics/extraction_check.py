@@ -40,6 +40,8 @@ STAGE_TEXT = {
     "intensity": "after the intensity limits",
     "kept": "kept (written to the file)",
 }
+# the per-pixel arrays plotted (not hkl: large and not needed)
+PIXEL_KEYS = tuple(k for k in diffuse_files.PIXEL_KEYS if k != "hkl")
 SUMMARY_NAME = "extraction_diagnostics_summary.txt"
 CORRECTION_NAME = "intensity_correction_summary.txt"
 
@@ -66,12 +68,12 @@ class Observations:
 
 def observations_from(arrays, metadata, experiments=None) -> Observations:
     if "intensities" in arrays and "q_vectors" in arrays:
-        q = arrays["q_vectors"].astype(np.float64)
+        q = arrays["q_vectors"]
         return Observations(
             level="pixel",
             intensity=arrays["intensities"].astype(np.float64),
             sigma=arrays["sigmas"].astype(np.float64),
-            qmag=np.sqrt(np.einsum("ij,ij->i", q, q)),
+            qmag=np.sqrt(np.einsum("ij,ij->i", q, q, dtype=np.float64)),
             q=q,
             panel=arrays.get("original_panel_ids"),
             fast=arrays.get("original_fast_coords"),
@@ -97,8 +99,9 @@ def observations_from(arrays, metadata, experiments=None) -> Observations:
     return Observations("voxel", intensity, sigma, arrays["voxel_mean_qmag"].astype(np.float64), q)
 
 
-def detector_shapes(experiments, metadata, raw, masks):
-    """(slow, fast) shape of each panel, from whatever describes the detector."""
+def detector_shapes(experiments, metadata, raw, masks, obs=None):
+    """(slow, fast) shape of each panel, from whatever describes the detector
+    (last resort: the extent of the kept pixel coordinates)."""
     if experiments is not None and int(metadata.get("experiment_id", 0)) < len(experiments):
         det = experiments[int(metadata["experiment_id"])].detector
         if det is not None:
@@ -107,6 +110,14 @@ def detector_shapes(experiments, metadata, raw, masks):
         return [r.shape for r in raw]
     for m in masks.values():
         return [p.shape for p in m]
+    if obs is not None and obs.panel is not None and obs.panel.size:
+        logger.info("No detector model: panel sizes from the extent of the kept pixels")
+        shapes = []
+        for pid in range(int(obs.panel.max()) + 1):
+            sel = obs.panel == pid
+            shapes.append((int(obs.slow[sel].max()) + 1, int(obs.fast[sel].max()) + 1)
+                          if sel.any() else (1, 1))
+        return shapes
     return None
 
 
@@ -263,7 +274,7 @@ def run_extraction_check(found: inp.Inputs, params, experiments=None) -> Invento
     out = Inventory(params.output.directory)
     path = inp.choose_extraction_file(found, params.image)
     arrays, metadata = diffuse_files.read_image_file(
-        path, keys=diffuse_files.VOXEL_KEYS + diffuse_files.PIXEL_KEYS + SAMPLE_KEYS)
+        path, keys=diffuse_files.VOXEL_KEYS + PIXEL_KEYS + SAMPLE_KEYS)
     logger.info("Extraction file %s: image %s", path, metadata.get("image_path"))
     still_id = int(metadata.get("still_id", 0))
     mask_paths = inp.find_masks_beside(path, still_id, found.masks)
@@ -276,7 +287,8 @@ def run_extraction_check(found: inp.Inputs, params, experiments=None) -> Invento
     raw, raw_desc = inp.read_raw_image(metadata, experiments)
     if raw is None:
         logger.info("No raw image: %s", raw_desc)
-    shapes = detector_shapes(experiments, metadata, raw, masks)
+    obs = observations_from(arrays, metadata, experiments)
+    shapes = detector_shapes(experiments, metadata, raw, masks, obs)
     for kind in list(masks):
         problem = inp.check_panel_shapes(masks[kind], shapes, f"{kind} mask {mask_paths[kind]}")
         if problem:
@@ -291,7 +303,6 @@ def run_extraction_check(found: inp.Inputs, params, experiments=None) -> Invento
         if problem:
             raise Sorry(problem)
 
-    obs = observations_from(arrays, metadata, experiments)
     sample = {k: arrays[k] for k in SAMPLE_KEYS} if all(k in arrays for k in SAMPLE_KEYS) else None
     n = obs.intensity.size
     pick = subsample(n, params.max_plot_points, params.seed)

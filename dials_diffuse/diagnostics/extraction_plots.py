@@ -16,7 +16,7 @@ from dials_diffuse.diagnostics.plotting import (
 )
 
 AXIS_NAMES = ("qx", "qy", "qz")
-MAX_DISPLAY_PIXELS = 1000  # raw images are block-reduced to about this many pixels a side
+MAX_DISPLAY_PIXELS = 900  # raw images are block-reduced to about this many pixels a side
 OVERLAY_COLOURS = {
     "kept": (0.1, 0.85, 0.2, 0.35),
     "bragg": (1.0, 0.1, 0.1, 0.95),
@@ -184,7 +184,7 @@ def heatmap_image(fast, slow, intensity, shape, step=1):
 def plot_heatmap(img, panel_id, step=1):
     fig, ax = new_figure(width=7, height=6)
     ax = ax[0, 0]
-    f = display_factor(img.shape)
+    f = display_factor(img.shape, MAX_DISPLAY_PIXELS // 2)
     shown = block_reduce(img, f, "nanmean")
     finite = img[np.isfinite(img)]
     lo, hi = np.percentile(finite, [1, 99]) if finite.size else (0, 1)

@@ -40,6 +40,8 @@ class Inputs:
 
 
 def _npz_keys(path) -> List[str]:
+    if not zipfile.is_zipfile(path):
+        raise Sorry(f"{path} is not an NPZ file")
     try:
         with np.load(path, allow_pickle=False) as npz:
             return list(npz.files)
