@@ -423,3 +423,22 @@ def test_command_line_sorry_and_exit_status(tmp_path):
     assert len(sorry) == 1 and sorry[0].startswith("Sorry: cannot use notes.txt")
     help_text = subprocess.run([exe, "-h"], cwd=tmp_path, capture_output=True, text=True, timeout=120).stdout
     assert "diffuse_merged/" in help_text and "image_000000.npz" in help_text
+
+
+def test_background_map(pipeline, tmp_path):
+    """A background map is drawn and compared with what the extraction subtracted."""
+    from dials_diffuse.diagnostics.inputs import load_mask
+
+    shape = load_mask(str(pipeline["ext"] / "pixel_mask_000000.pickle"), "pixel")[0].shape
+    bg = tmp_path / "bg.npy"
+    np.save(bg, np.full(shape, 2.5))
+    check([pipeline["expt"], pipeline["ext"] / "image_000000.npz", bg, "max_plot_points=2000",
+           f"output.directory={tmp_path / 'o'}", f"output.log={tmp_path / 'c.log'}"])
+    assert (tmp_path / "o" / "background_map.png").is_file()
+    text = (tmp_path / "o" / "extraction_diagnostics_summary.txt").read_text()
+    # the extraction subtracted no background (constant 0): the map differs by 2.5
+    assert "Background map: mean 2.5" in text and "by at most 2.5 (the extraction did not use this map)" in text
+    np.save(tmp_path / "wrong.npy", np.zeros((3, 3)))
+    with pytest.raises(Sorry, match="background map .* has shape"):
+        check([pipeline["ext"] / "image_000000.npz", tmp_path / "wrong.npy",
+               f"output.directory={tmp_path / 'o2'}", f"output.log={tmp_path / 'c2.log'}"])

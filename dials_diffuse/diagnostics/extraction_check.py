@@ -203,7 +203,7 @@ def stage_table(pixel_counts: dict) -> str:
 
 
 def extraction_summary_text(path, metadata, arrays, obs, sample, masks, mask_paths, raw_desc,
-                            background_map, inventory, elapsed) -> str:
+                            background_map, inventory, elapsed, extra=()) -> str:
     n_vox = len(arrays["voxel_indices"])
     i, isigi = obs.intensity, obs.isigi
     finite = np.isfinite(i)
@@ -264,6 +264,7 @@ def extraction_summary_text(path, metadata, arrays, obs, sample, masks, mask_pat
     if obs.panel is not None:
         pids, counts = np.unique(obs.panel, return_counts=True)
         lines.append("  kept pixels per panel: " + ", ".join(f"{p}: {c}" for p, c in zip(pids, counts)))
+    lines += list(extra)
     lines += ["", "Plot inventory", inventory.inventory_text(extra=[SUMMARY_NAME, "dials.diffuse_check.html"]),
               "", f"time: {elapsed:.1f} s"]
     return "\n".join(lines)
@@ -370,10 +371,11 @@ def run_extraction_check(found: inp.Inputs, params, experiments=None) -> Invento
     out.save_figure(plots.plot_isigi_histogram(obs.isigi), "isigi_histogram.png", "I/sigma histogram")
     if background is not None:
         out.save_figure(plots.plot_background_map(background), "background_map.png", "Background map")
-    text = extraction_summary_text(path, metadata, arrays, obs, sample, masks, mask_paths, raw_desc,
-                                   found.background_map, out, time.time() - t0)
+    extra = []
     if background is not None and sample is not None:
-        text += "\n" + background_comparison(background, sample)
+        extra = ["", background_comparison(background, sample)]
+    text = extraction_summary_text(path, metadata, arrays, obs, sample, masks, mask_paths, raw_desc,
+                                   found.background_map, out, time.time() - t0, extra)
     out.save_text(text, SUMMARY_NAME, "Extraction diagnostics summary")
     return out
 

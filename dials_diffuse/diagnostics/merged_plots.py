@@ -20,7 +20,14 @@ D_TICKS = (100, 50, 30, 20, 15, 10, 7, 5, 4, 3, 2.5, 2, 1.7, 1.5, 1.3, 1.2, 1.1,
 def add_d_axis(ax, q_lo, q_hi):
     """A top axis with resolution d = 1/|q| at round values."""
     top = ax.secondary_xaxis("top", functions=(inverse, inverse))
-    top.set_xticks([d for d in D_TICKS if q_lo <= 1.0 / d <= q_hi])
+    # round d values, at least 7 % of the |q| range apart, none in the first 7 %
+    gap = 0.07 * (q_hi - q_lo)
+    ticks, last = [], q_lo
+    for d in D_TICKS:
+        if 1.0 / d - last >= gap and 1.0 / d <= q_hi:
+            ticks.append(d)
+            last = 1.0 / d
+    top.set_xticks(ticks)
     top.xaxis.set_major_formatter("{x:g}")
     top.set_xlabel("d (Å)")
     return top

@@ -12,6 +12,7 @@ from __future__ import annotations
 import dataclasses
 import logging
 import os
+import warnings
 from typing import List, Optional
 
 import numpy as np
@@ -56,7 +57,9 @@ class Inventory:
 
     def save_figure(self, fig: Figure, name: str, title: str = "") -> str:
         path = self.path(name)
-        fig.tight_layout()
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore", UserWarning)  # colour bars spanning several axes
+            fig.tight_layout()
         with io.atomic_path(path) as tmp:
             fig.savefig(tmp, format="png", dpi=DPI)
         self.entries.append(Entry(name, "png", title or name, "written"))
