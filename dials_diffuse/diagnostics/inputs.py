@@ -267,7 +267,7 @@ def read_raw_image(metadata: dict, experiments=None):
     if not isinstance(raw, tuple):
         raw = (raw,)
     arrays = [flumpy.to_numpy(r).astype(np.float64) for r in raw]
-    desc = path if frame in (None, 0) else f"{path} frame {frame}"
+    desc = f"{path} frame {frame or 0}" if n_images > 1 else path
     return arrays, desc
 
 
