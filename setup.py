@@ -7,6 +7,7 @@ COMMANDS = {
     "dials.diffuse_extract": "dials_diffuse.command_line.extract:run",
     "dials.diffuse_merge": "dials_diffuse.command_line.merge:run",
     "dials.diffuse_check": "dials_diffuse.command_line.check:run",
+    "dials.diffuse_process": "dials_diffuse.command_line.process:run",
 }
 
 setup(
