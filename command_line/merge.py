@@ -83,7 +83,7 @@ scaling
   convergence_tolerance = 1e-4
     .type = float(value_min=0)
     .help = "Stop when no scale changes by more than this fraction."
-  outlier_sigma = 6
+  outlier_sigma = 10
     .type = float
     .help = "Reject observations this many model sigmas from the merged value "
             "(0 or None: no rejection)."

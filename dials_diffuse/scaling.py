@@ -137,8 +137,10 @@ def refine_scales(obs, params) -> ScalingResult:
         intensity, _, _ = merge_intensities(obs, model, use)
         intensity = np.nan_to_num(intensity)
         expected = model_prediction(obs, model, intensity)
-        var = model_variance(obs, expected)
         resid = obs.signal - expected
+        poisson = model_variance(obs, expected)
+        error_k = fit_error_model(resid, poisson, expected, use)
+        var = poisson + (error_k * expected) ** 2
         z = resid / np.sqrt(var)
         if params.outlier_sigma is not None and params.outlier_sigma > 0:
             use = np.abs(z) <= params.outlier_sigma
@@ -154,6 +156,7 @@ def refine_scales(obs, params) -> ScalingResult:
                 "max_relative_scale_shift": shift,
                 "n_observations_used": n_use,
                 "n_rejected": int(obs.n_obs - n_use),
+                "error_model_k": error_k,
             }
         )
         if shift < params.convergence_tolerance:
@@ -163,6 +166,39 @@ def refine_scales(obs, params) -> ScalingResult:
     intensity, _, _ = merge_intensities(obs, model, use)
     return ScalingResult(model=model, intensity=intensity, rejected=~use,
                          history=history, converged=converged)
+
+
+CHI2_1_MEDIAN = 0.45493642311957  # median of chi-squared with one degree of freedom
+
+
+def fit_error_model(resid, poisson_var, expected, use, max_samples=1_000_000):
+    """k of var = var_Poisson + (k * E[S])^2, such that the median of the
+    squared normalised residuals is that of chi-squared(1).
+
+    Intensity varies inside a voxel, and different images sample different
+    parts of it: observations of one voxel scatter more than counting
+    statistics say, in proportion to the intensity. Without this term the
+    outlier test would reject good data. The median makes the fit robust to
+    the outliers themselves.
+    """
+    idx = np.flatnonzero(use)
+    if idx.size > max_samples:
+        idx = idx[:: idx.size // max_samples + 1]
+    r2 = resid[idx] ** 2
+    pv = poisson_var[idx]
+    e2 = expected[idx] ** 2
+    if idx.size == 0 or np.median(r2 / pv) <= CHI2_1_MEDIAN:
+        return 0.0
+    lo, hi = 0.0, 1.0
+    while np.median(r2 / (pv + hi * hi * e2)) > CHI2_1_MEDIAN and hi < 1e3:
+        hi *= 2
+    for _ in range(40):
+        mid = 0.5 * (lo + hi)
+        if np.median(r2 / (pv + mid * mid * e2)) > CHI2_1_MEDIAN:
+            lo = mid
+        else:
+            hi = mid
+    return float(hi)
 
 
 def _update_offsets(obs, model, x, use):
@@ -221,7 +257,7 @@ def _update_smoother(obs, model, intensity, use):
 def _log_history(history, converged):
     from dials.util import tabulate
 
-    rows = [["iteration", "R", "chi2/dof", "max shift(b)", "used", "rejected"]]
+    rows = [["iteration", "R", "chi2/dof", "max shift(b)", "used", "rejected", "error k"]]
     for h in history:
         rows.append(
             [
@@ -231,6 +267,7 @@ def _log_history(history, converged):
                 f"{h['max_relative_scale_shift']:.2e}",
                 h["n_observations_used"],
                 h["n_rejected"],
+                f"{h['error_model_k']:.4f}",
             ]
         )
     logger.info("\nRelative scaling\n%s", tabulate(rows, headers="firstrow"))

@@ -20,35 +20,9 @@ from dials_diffuse.diffuse_files import MANIFEST_NAME, read_image_file
 from dials_diffuse.extraction import extract
 from dials_diffuse.simulate import load_truth, params_from, simulate_dataset
 
+from diffuse_helpers import extraction_params
+
 VENV_BIN = os.path.join(os.path.dirname(sys.executable))
-
-
-def extraction_params(truth, directory, **overrides):
-    """Extraction parameters for a simulated dataset: its beamstop and background."""
-    params = extract_command.phil_scope.fetch().extract()
-    params.output.directory = str(directory)
-    params.grid.ndiv_h = params.grid.ndiv_k = params.grid.ndiv_l = 4
-    panel = truth.detector[0]
-    centre = panel.get_beam_centre_px(truth.beam.get_s0())
-    params.masking.beamstop.type = "circle"
-    params.masking.beamstop.center = centre
-    params.masking.beamstop.radius = truth.beamstop["radius_mm"] / panel.get_pixel_size()[0] + 2
-    bg_path = os.path.join(str(directory) + "_bg.npy")
-    os.makedirs(os.path.dirname(bg_path), exist_ok=True)
-    background = truth.background_photons()
-    if len(background) == 1:
-        np.save(bg_path, background[0])
-    else:
-        np.save(bg_path, np.stack(background))
-    params.corrections.background.map = bg_path
-    params.corrections.gain = truth.gain
-    for key, value in overrides.items():
-        obj = params
-        *path, last = key.split(".")
-        for p in path:
-            obj = getattr(obj, p)
-        setattr(obj, last, value)
-    return params
 
 
 def load_pixels(directory, still_id):

@@ -1,0 +1,222 @@
+"""dials.diffuse_merge against the simulator's truth: map, scales, statistics."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+
+import numpy as np
+import pytest
+
+from dials_diffuse import merged_files, symmetry
+from dials_diffuse.command_line import merge as merge_command
+from dials_diffuse.extraction import extract
+from dials_diffuse.merging import merge_run
+from dials_diffuse.simulate import load_truth, params_from, simulate_dataset
+
+from diffuse_helpers import extraction_params
+
+VENV_BIN = os.path.dirname(sys.executable)
+NDIV = 4
+
+
+def merge_params(directory, **overrides):
+    params = merge_command.phil_scope.fetch().extract()
+    params.output.directory = str(directory)
+    for key, value in overrides.items():
+        obj = params
+        *path, last = key.split(".")
+        for p in path:
+            obj = getattr(obj, p)
+        setattr(obj, last, value)
+    return params
+
+
+def simulate_and_extract(tmp_path_factory, name, **sim):
+    base = tmp_path_factory.mktemp(name)
+    settings = {
+        "detector.format": "generic", "detector.n_fast": 256, "detector.n_slow": 256,
+        "detector.distance": 100, "output.directory": str(base / "data"),
+    }
+    settings.update(sim)
+    truth = load_truth(simulate_dataset(params_from(**settings)))
+    extract(truth.experiments, extraction_params(truth, base / "extracted",
+                                                 **{"output.save_pixels": False}))
+    return truth, base
+
+
+def truth_comparison(truth, result):
+    merged = result["merged"]
+    expected = truth.flux * truth.diffuse_voxel_average(merged.hkl, NDIV)
+    return merged, expected
+
+
+def check_against_truth(truth, result, cc_min=0.99, shell_tolerance=0.02):
+    merged, expected = truth_comparison(truth, result)
+    well = merged.n_observations >= 3
+    assert well.sum() > 500
+    cc = np.corrcoef(merged.intensity[well], expected[well])[0, 1]
+    assert cc >= cc_min, f"CC with the truth {cc:.4f}"
+    # ratio merged / truth flat across 10 resolution shells
+    q = merged.qmag[well]
+    order = np.argsort(q)
+    shells = np.empty(q.size, int)
+    shells[order] = np.arange(q.size) * 10 // q.size
+    num = np.bincount(shells, weights=merged.intensity[well], minlength=10)
+    den = np.bincount(shells, weights=expected[well], minlength=10)
+    ratio = num / den
+    assert np.all(np.abs(ratio / ratio.mean() - 1) < shell_tolerance), ratio
+    # scales: recovered b_i / true scale, coefficient of variation below 1 %
+    b = result["scaling"].model.scale
+    true = truth.scales[result["observations"].image_ids]
+    r = b / true
+    assert r.std() / r.mean() < 0.01, r
+    return cc, ratio, r
+
+
+@pytest.fixture(scope="module")
+def stills_run(tmp_path_factory):
+    truth, base = simulate_and_extract(
+        tmp_path_factory, "merge_stills", mode="stills", n_images=40, random_seed=21
+    )
+    result = merge_run(truth.experiments, [str(base / "extracted")],
+                       merge_params(base / "merged"))
+    return truth, base, result
+
+
+def test_stills_map_scales_and_shells(stills_run):
+    truth, _, result = stills_run
+    check_against_truth(truth, result)
+
+
+def test_stills_output_files(stills_run):
+    truth, base, result = stills_run
+    grid, scaling, voxels, stats = merged_files.read_merged(str(base / "merged"))
+    assert grid["ndiv_h"] == NDIV and grid["crystal_avg_ref"]["space_group"].startswith("P 21 21 21")
+    assert set(scaling["refined_parameters"]) == {str(i) for i in range(truth.n_images)}
+    b = np.array([scaling["refined_parameters"][str(i)]["multiplicative_scale"]
+                  for i in range(truth.n_images)])
+    assert b.mean() == pytest.approx(1.0)
+    assert scaling["refinement_statistics"]["converged"]
+    for key in merged_files.VOXEL_KEYS:
+        assert len(voxels[key]) == len(voxels["I_merged_relative"])
+    assert np.allclose(voxels["H_center"], voxels["voxel_indices"][:, 0] / NDIV)
+    # every voxel is its own ASU representative
+    ops = symmetry.laue_operators("P 21 21 21")
+    assert np.all(symmetry.is_in_asu(voxels["voxel_indices"], (NDIV,) * 3, ops))
+    assert stats["overall"]["cc_half_total"] > 0.9
+    assert len(stats["shells"]) == 10
+    for name in ("diffuse_total.ccp4", "diffuse_anisotropic.ccp4"):
+        assert (base / "merged" / name).stat().st_size > 1024
+
+
+def test_ccp4_map_reads_back_with_symmetry(stills_run):
+    from iotbx import mrcfile
+
+    truth, base, result = stills_run
+    m = mrcfile.map_reader(file_name=str(base / "merged" / "diffuse_total.ccp4"))
+    data = m.map_data().as_numpy_array()
+    origin = np.array(m.map_data().origin())
+    merged = result["merged"]
+    # a voxel and its Friedel/Laue mate (-h, k, l) both hold the merged value
+    pick = np.argsort(-merged.n_observations)[:20]
+    for g, value in zip(merged.voxel_grid[pick], merged.intensity[pick]):
+        for mate in (g, g * np.array([-1, 1, 1]), -g):
+            idx = tuple(mate - origin)
+            if all(0 <= i < n for i, n in zip(idx, data.shape)):
+                assert data[idx] == pytest.approx(value, rel=1e-5)
+
+
+def test_rotation_sequence(tmp_path_factory):
+    truth, base = simulate_and_extract(
+        tmp_path_factory, "merge_rotation", mode="rotation", n_images=80,
+        random_seed=22,
+        # 0.25 deg images: at 0.5 deg successive Ewald-sphere sections are
+        # half a voxel apart at high resolution, too sparse a sampling of the
+        # voxel for its average to be the right reference
+        **{"rotation.oscillation": 0.25, "detector.n_fast": 320, "detector.n_slow": 320},
+    )
+    result = merge_run(truth.experiments, [str(base / "extracted")],
+                       merge_params(base / "merged"))
+    check_against_truth(truth, result)
+
+
+def test_cc_half_pure_noise_is_near_zero(tmp_path_factory):
+    """Flat diffuse model: every voxel has the same truth, only noise differs."""
+    truth, base = simulate_and_extract(
+        tmp_path_factory, "merge_noise", mode="stills", n_images=12, random_seed=23,
+        **{"diffuse.isotropic.width": 100.0, "diffuse.halo.amplitude": 0.0,
+           "diffuse.streak.amplitude": 0.0, "scale.spread": 0.0},
+    )
+    result = merge_run(truth.experiments, [str(base / "extracted")],
+                       merge_params(base / "merged"))
+    cc = result["statistics"]["overall"]["cc_half_total"]
+    assert abs(cc) < 0.1, cc
+
+
+def test_symmetry_modes_and_order_invariance(stills_run, tmp_path):
+    truth, base, result = stills_run
+    files = sorted(str(p) for p in (base / "extracted").glob("image_*.npz"))
+    reordered = merge_run(truth.experiments, files[::-1], merge_params(tmp_path / "rev"))
+    assert np.array_equal(reordered["merged"].voxel_grid, result["merged"].voxel_grid)
+    assert np.allclose(reordered["merged"].intensity, result["merged"].intensity, rtol=1e-12)
+    p1 = merge_run(truth.experiments, [str(base / "extracted")],
+                   merge_params(tmp_path / "p1", **{"symmetry.merge": "none"}))
+    friedel = merge_run(truth.experiments, [str(base / "extracted")],
+                        merge_params(tmp_path / "friedel", **{"symmetry.merge": "friedel"}))
+    n_p1, n_fr, n_laue = (len(r["merged"].intensity) for r in (p1, friedel, result))
+    # merging mates can only combine voxels: at most |G| P1 voxels per ASU voxel
+    assert n_fr < n_p1 <= 2 * n_fr
+    assert n_laue < n_fr <= 4 * n_laue
+    # every observation is kept whatever the symmetry
+    n_obs = [r["observations"].n_obs for r in (p1, friedel, result)]
+    assert n_obs[0] == n_obs[1] == n_obs[2]
+
+
+def test_offsets_and_smoother_run(stills_run, tmp_path):
+    truth, base, _ = stills_run
+    result = merge_run(
+        truth.experiments, [str(base / "extracted")],
+        merge_params(tmp_path / "m", **{"scaling.offsets": True,
+                                        "scaling.resolution_smoother.enable": True}),
+    )
+    model = result["scaling"].model
+    assert np.abs(model.offset).max() < 0.05 * np.nanmean(result["merged"].intensity)
+    assert model.smoother_values.shape == (truth.n_images, 4)
+    assert np.allclose(model.smoother_values.mean(axis=1), 1.0)
+    r = model.scale / truth.scales[result["observations"].image_ids]
+    assert r.std() / r.mean() < 0.02
+    with open(tmp_path / "m" / merged_files.SCALING_NAME) as fh:
+        assert json.load(fh)["resolution_smoother"]["enabled"]
+
+
+def run_command(args, cwd):
+    return subprocess.run([os.path.join(VENV_BIN, "dials.diffuse_merge"), *args],
+                          cwd=cwd, capture_output=True, text=True)
+
+
+def test_command_line_and_bad_input(stills_run, tmp_path):
+    truth, base, _ = stills_run
+    expt = str(base / "data" / "truth.expt")
+    extracted = str(base / "extracted")
+    ok = run_command([expt, extracted, "output.directory=m", "output.hdf5=True"], tmp_path)
+    assert ok.returncode == 0, ok.stderr
+    assert (tmp_path / "m" / merged_files.VOXEL_H5_NAME).exists()
+    assert (tmp_path / "dials.diffuse_merge.log").exists()
+    (tmp_path / "empty").mkdir()
+    cases = [
+        ([expt, str(tmp_path / "empty")], "no extraction_manifest.json"),
+        ([expt, "nowhere/"], "file not found"),
+        ([expt, extracted, "grid.ndiv_h=3"], "files from another grid"),
+        ([expt, extracted, "d_min=3", "d_max=2"], "d_min=3.0 must be smaller"),
+        ([expt, extracted, "scaling.max_iterations=0"], "max_iterations"),
+        ([extracted], "no experiments given"),
+    ]
+    for args, message in cases:
+        result = run_command(args + ["output.directory=bad"], tmp_path)
+        last = result.stderr.strip().splitlines()[-1] if result.stderr.strip() else ""
+        assert result.returncode == 1, (args, result.stdout[-500:])
+        assert last.startswith("Sorry:") and message in last, (args, last)
+        assert not (tmp_path / "bad" / merged_files.GRID_NAME).exists()
