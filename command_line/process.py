@@ -117,7 +117,8 @@ def run(args: List[str] = None, phil=phil_scope) -> None:
     diff = parser.diff_phil.as_str()
     if diff:
         logger.info("The following parameters have been modified:\n%s", diff)
-    summary = pipeline.process(images, params, inputs=inputs)
+    dials_args = pipeline.dials_arguments(args, phil)
+    summary = pipeline.process(images, params, inputs=inputs, dials_args=dials_args)
     logger.info("Summary: %s", base / pipeline.SUMMARY_NAME)
     for name in ("extraction_diagnostics", "phase3_diagnostics"):
         report = summary["steps"].get(name, {}).get("report")

@@ -182,6 +182,8 @@ def _remove(scope, paths, prefix=""):
 
 
 def _build_phil_scope():
+    from dials.command_line import index as index_cmd
+
     from dials_diffuse.command_line import check, extract, merge
     from dials_diffuse.phil_scopes import grid_phil_str, mp_phil_str
 
@@ -198,11 +200,10 @@ def _build_phil_scope():
         + "}\ncheck\n  .help = \"dials.diffuse_check parameters\"\n{\n"
         + _body(check.phil_scope, ("output.log", "output.directory"))
         + "}\n"
-        + """
-include scope dials.algorithms.spot_finding.factory.phil_scope
-include scope dials.algorithms.indexing.indexer.phil_scope
-include scope dials.algorithms.refinement.refiner.phil_scope
-"""
+        + "\ninclude scope dials.algorithms.spot_finding.factory.phil_scope\n"
+        # dials.index's scope (the indexer's, the basis-vector searches',
+        # refinement) without its output files
+        + _body(index_cmd.phil_scope, ("output",))
     )
     master = iotbx.phil.parse(text, process_includes=True)
     # defaults of this command that differ from the single commands':
@@ -451,15 +452,39 @@ def _scope_text(params, names) -> str:
     return diff.as_str()
 
 
-def dials_overrides(params, dials_phil_scope=None) -> list:
-    """DIALS PHIL overrides for :mod:`processing`: the ``dials_phil`` file,
-    then the changed spotfinder/indexing/refinement values of ``params``."""
+def dials_overrides(params, dials_phil_scope=None, dials_args=None) -> list:
+    """DIALS PHIL overrides for :mod:`processing`, applied after its defaults:
+    the ``dials_phil`` file, the spotfinder/indexing/refinement values of
+    ``params`` that differ from this command's defaults, then ``dials_args``
+    (the ones the user gave explicitly, see :func:`dials_arguments`: a value
+    equal to DIALS' default still overrides a processing default, e.g.
+    ``indexing.method=fft3d`` for stills)."""
     out = []
     if dials_phil_scope is not None:
         out.append(dials_phil_scope)
     text = _scope_text(params, DIALS_SCOPES)
     if text.strip():
         out.append(iotbx.phil.parse(text))
+    out.extend(dials_args or [])
+    return out
+
+
+def dials_arguments(args: List[str], master=None) -> list:
+    """The ``key=value`` arguments that set DIALS parameters, as PHIL scopes
+    with full paths (for :func:`process`'s ``dials_args``)."""
+    master = master or phil_scope
+    interpreter = master.command_line_argument_interpreter()
+    out = []
+    for arg in args:
+        if "=" not in arg or os.path.exists(arg):
+            continue
+        try:
+            parsed = interpreter.process(arg=arg)
+        except Exception:
+            continue  # reported by the command's parser
+        paths = [d.path for d in parsed.all_definitions()]
+        if paths and all(p.split(".", 1)[0] in DIALS_SCOPES for p in paths):
+            out.append(parsed)
     return out
 
 
@@ -565,6 +590,7 @@ def _phase1_signature(run: _Run):
         [os.path.realpath(x) for x in run.inputs.image_paths],
         run.inputs.mode,
         _scope_text(p, DIALS_SCOPES),
+        [a.as_str() for a in getattr(run, "dials_args", [])],
         dials_file,
         p.processing.refine_shared_detector,
         p.processing.shared_detector_min_stills,
@@ -613,7 +639,7 @@ def run_phase1(run: _Run):
         )
         return refined, refined_refl, strong
 
-    overrides = dials_overrides(params, run.inputs.dials_phil_scope)
+    overrides = dials_overrides(params, run.inputs.dials_phil_scope, run.dials_args)
     nproc_override = []
     if params.mp.nproc and params.mp.nproc is not libtbx_auto():
         nproc_override = [f"spotfinder.mp.nproc={params.mp.nproc}"]
@@ -1203,13 +1229,15 @@ def _rel(base, path):
 # --------------------------------------------------------------------------
 # The whole run
 # --------------------------------------------------------------------------
-def process(image_paths, params, inputs: Optional[Inputs] = None) -> dict:
+def process(image_paths, params, inputs: Optional[Inputs] = None, dials_args=None) -> dict:
     """Run the whole pipeline on ``image_paths``; returns the summary dict
     (also written to ``output.base_dir/dials.diffuse_process.json``).
 
     ``params``: from :data:`phil_scope` (``default_params()``,
     ``params_from(...)``). ``inputs``: the result of :func:`check_inputs`
     when already called (the command checks inputs before it opens the log).
+    ``dials_args``: DIALS parameters the user set explicitly
+    (:func:`dials_arguments`), applied last.
     Raises ``Sorry`` on bad input or when nothing is left to process; per-image
     failures are listed in ``summary["failures"]`` and the run goes on.
     """
@@ -1219,6 +1247,7 @@ def process(image_paths, params, inputs: Optional[Inputs] = None) -> dict:
     base = Path(params.output.base_dir)
     base.mkdir(parents=True, exist_ok=True)
     run = _Run(params, inputs)
+    run.dials_args = list(dials_args or [])
     logger.info(
         "dials.diffuse_process: %d image(s), %s mode, output in %s",
         len(inputs.image_paths), inputs.mode, base,
