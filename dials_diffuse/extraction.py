@@ -54,18 +54,28 @@ class ImageTask:
 
 
 @dataclasses.dataclass
+class PanelPixels:
+    """The pixels of one panel that pass the static mask and resolution limits,
+    with everything about them that is the same on every image."""
+
+    panel_id: int
+    flat: np.ndarray  # index into the raveled (slow, fast) panel
+    slow: np.ndarray
+    fast: np.ndarray
+    q: np.ndarray  # (n, 3) lab-frame q, 1/Angstrom
+    factor: np.ndarray  # P * Omega * eta * T_air (exposure applied per image)
+    parts: dict  # each correction factor separately (for the correction sample)
+    n_total: int  # pixels on the pixel_step grid
+    n_static: int  # ... passing the static mask
+
+
+@dataclasses.dataclass
 class DetectorContext:
     """What does not change between images that share a detector and beam."""
 
-    geometries: List[geometry.PanelGeometry]
-    factors: List[np.ndarray]  # P * Omega * eta * T per selected pixel
-    factor_parts: List[corrections.CorrectionFactors]
-    q: List[np.ndarray]
-    q_magnitude: List[np.ndarray]
-    resolution_ok: List[np.ndarray]
-    static: List[np.ndarray]  # static mask at the selected pixels
-    static_full: List[np.ndarray]  # static mask of every pixel
-    pixel_step: int
+    panels: List[PanelPixels]
+    static_full: List[np.ndarray]  # static mask of every pixel (for mask output)
+    predictions: dict  # cache of Bragg predictions of rotation experiments
 
 
 def plan_tasks(models, images=None) -> (List[ImageTask], List[dict]):
@@ -142,10 +152,11 @@ def _frame(imageset, k):
 
 def detector_context(experiment, imageset, params, static_mask) -> DetectorContext:
     beam, detector = experiment.beam, experiment.detector
-    geoms = geometry.detector_geometry(detector, params.filter.pixel_step)
     c = params.corrections
-    parts = [
-        corrections.correction_factors(
+    f = params.filter
+    panels = []
+    for g in geometry.detector_geometry(detector, params.filter.pixel_step):
+        parts = corrections.correction_factors(
             g,
             beam,
             detector[g.panel_id],
@@ -157,30 +168,31 @@ def detector_context(experiment, imageset, params, static_mask) -> DetectorConte
             air_pressure_atm=c.air_pressure,
             polarization_fraction=c.polarization_fraction,
         )
-        for g in geoms
-    ]
-    qs = [geometry.scattering_vectors(g.unit_s1, beam.get_s0()) for g in geoms]
-    qmag = [np.sqrt(np.einsum("ij,ij->i", q, q)) for q in qs]
-    f = params.filter
-    res_ok = []
-    for m in qmag:
-        ok = np.ones(m.size, bool)
+        q = geometry.scattering_vectors(g.unit_s1, beam.get_s0())
+        qmag = np.sqrt(np.einsum("ij,ij->i", q, q))
+        static = static_mask[g.panel_id][g.slow, g.fast]
+        keep = static.copy()
         if f.d_min is not None:
-            ok &= m <= 1.0 / f.d_min
+            keep &= qmag <= 1.0 / f.d_min
         if f.d_max is not None:
-            ok &= m >= 1.0 / f.d_max
-        res_ok.append(ok)
-    return DetectorContext(
-        geometries=geoms,
-        factors=[p.total for p in parts],
-        factor_parts=parts,
-        q=qs,
-        q_magnitude=qmag,
-        resolution_ok=res_ok,
-        static=[static_mask[g.panel_id][g.slow, g.fast] for g in geoms],
-        static_full=static_mask,
-        pixel_step=params.filter.pixel_step,
-    )
+            keep &= qmag >= 1.0 / f.d_max
+        sel = np.flatnonzero(keep)
+        n_fast = g.image_shape[1]
+        panels.append(
+            PanelPixels(
+                panel_id=g.panel_id,
+                flat=(g.slow[sel].astype(np.int64) * n_fast + g.fast[sel]),
+                slow=g.slow[sel],
+                fast=g.fast[sel],
+                q=np.ascontiguousarray(q[sel]),
+                factor=parts.total[sel],
+                parts={k: getattr(parts, k)[sel] for k in
+                       ("polarization", "solid_angle", "efficiency", "air")},
+                n_total=g.n_pixels,
+                n_static=int(static.sum()),
+            )
+        )
+    return DetectorContext(panels=panels, static_full=static_mask, predictions={})
 
 
 def load_background(params, detector):
@@ -323,7 +335,7 @@ def extract_image(task, context: DetectorContext, params, ndiv, background=None,
     """Corrected intensities of one image and their voxel sums."""
     raw = read_image(task)
     detector = task.experiment.detector
-    trusted = masks.trusted_range_mask(detector, raw)
+    trusted = masks.trusted_range_mask(detector, raw) if params.output.masks else None
     shapes = [a.shape for a in raw]
     bragg_params = params.masking.bragg
     if bragg_params.method == "predicted":
@@ -331,7 +343,7 @@ def extract_image(task, context: DetectorContext, params, ndiv, background=None,
         bragg = masks.bragg_mask_predicted(
             task.experiment, shapes, d_min, bragg_params.spot_radius,
             bragg_params.border, bragg_params.max_delpsi,
-            image_index=task.scan_image_index,
+            image_index=task.scan_image_index, cache=context.predictions,
         )
     elif bragg_params.method == "spots":
         bragg = masks.bragg_mask_from_shoeboxes(
@@ -348,98 +360,90 @@ def extract_image(task, context: DetectorContext, params, ndiv, background=None,
     setting = geometry.setting_matrix(task.experiment, task.scan_image_index)
     setting_inv_t = np.linalg.inv(setting).T
     f = params.filter
+    bg_constant = params.corrections.background.constant or 0.0
 
     stages = dict.fromkeys(
-        ["total", "static", "dynamic", "trusted", "bragg", "resolution", "intensity"], 0
+        ["total", "static", "resolution", "dynamic", "trusted", "bragg", "intensity"], 0
     )
-    pieces = {k: [] for k in ("signal", "factor", "variance", "q", "hkl", "panel",
-                              "fast", "slow", "counts", "background")}
-    for g, q, qmag, res_ok, static, factor in zip(
-        context.geometries, context.q, context.q_magnitude, context.resolution_ok,
-        context.static, context.factors,
-    ):
-        pid = g.panel_id
-        counts = raw[pid][g.slow, g.fast]
-        keep = static.copy()
-        stages["total"] += g.n_pixels
-        stages["static"] += int(keep.sum())
+    pieces = {k: [] for k in ("counts", "background", "factor", "q", "panel", "index")}
+    for pp in context.panels:
+        pid = pp.panel_id
+        counts = raw[pid].ravel()[pp.flat]
+        stages["total"] += pp.n_total
+        stages["static"] += pp.n_static
+        stages["resolution"] += pp.flat.size
+        keep = np.ones(pp.flat.size, bool)
         if dynamic_mask is not None:
-            keep &= dynamic_mask[pid][g.slow, g.fast]
+            keep &= dynamic_mask[pid].ravel()[pp.flat]
         stages["dynamic"] += int(keep.sum())
-        keep &= trusted[pid][g.slow, g.fast]
+        low, high = detector[pid].get_trusted_range()
+        keep &= (counts > low) & (counts < high)
         stages["trusted"] += int(keep.sum())
-        keep &= bragg[pid][g.slow, g.fast]
+        keep &= bragg[pid].ravel()[pp.flat]
         stages["bragg"] += int(keep.sum())
-        keep &= res_ok
-        stages["resolution"] += int(keep.sum())
-        sel = np.flatnonzero(keep)
-        c = counts[sel]
         if background is None:
-            bg = np.full(sel.size, params.corrections.background.constant or 0.0)
+            bg = None
         else:
-            bg = background[pid][g.slow[sel], g.fast[sel]]
-        signal = c * gain - bg
-        fac = factor[sel] * t_exp
-        intensity = signal / fac
-        ok = np.ones(sel.size, bool)
-        if f.min_intensity is not None:
-            ok &= intensity >= f.min_intensity
-        if f.max_intensity is not None:
-            ok &= intensity <= f.max_intensity
-        stages["intensity"] += int(ok.sum())
-        sel, c, bg, signal, fac = sel[ok], c[ok], bg[ok], signal[ok], fac[ok]
-        qs = q[sel]
-        pieces["signal"].append(signal)
-        pieces["factor"].append(fac)
-        pieces["variance"].append(gain * gain * c)
-        pieces["q"].append(qs)
-        pieces["hkl"].append(qs @ setting_inv_t)
+            bg = background[pid].ravel()[pp.flat]
+        if f.min_intensity is not None or f.max_intensity is not None:
+            signal = counts * gain - (bg_constant if bg is None else bg)
+            intensity = signal / (pp.factor * t_exp)
+            if f.min_intensity is not None:
+                keep &= intensity >= f.min_intensity
+            if f.max_intensity is not None:
+                keep &= intensity <= f.max_intensity
+        sel = np.flatnonzero(keep)
+        stages["intensity"] += sel.size
+        pieces["counts"].append(counts[sel])
+        pieces["background"].append(
+            np.full(sel.size, bg_constant) if bg is None else bg[sel]
+        )
+        pieces["factor"].append(pp.factor[sel])
+        pieces["q"].append(pp.q[sel])
         pieces["panel"].append(np.full(sel.size, pid, np.int16))
-        pieces["fast"].append(g.fast[sel])
-        pieces["slow"].append(g.slow[sel])
-        pieces["counts"].append(c)
-        pieces["background"].append(bg)
-    cat = {k: np.concatenate(v) if v else np.zeros(0) for k, v in pieces.items()}
-    stages["kept"] = int(cat["signal"].size)
+        pieces["index"].append(sel)
+    cat = {k: np.concatenate(v) for k, v in pieces.items()}
+    stages["kept"] = int(cat["counts"].size)
     if stages["kept"] == 0:
         raise ImageError(f"{task.image_path}: no pixels left after masking and filters")
 
-    voxel_idx = grid.voxel_indices(cat["hkl"], ndiv)
-    qmag = np.sqrt(np.einsum("ij,ij->i", cat["q"], cat["q"]))
-    vox, n_pix, sums = grid.bin_by_voxel(
-        voxel_idx,
-        {
-            "signal": cat["signal"],
-            "factor": cat["factor"],
-            "variance": cat["variance"],
-            "qmag": qmag,
-            "hkl": cat["hkl"],
-        },
+    hkl = cat["q"] @ setting_inv_t
+    # sums of what varies per pixel; constants (gain, exposure) applied per voxel
+    vox, n_pix, sums = grid.bin_by_hkl(
+        hkl, ndiv,
+        {"counts": cat["counts"], "background": cat["background"],
+         "factor": cat["factor"], "hkl": hkl},
     )
+    mean_hkl = sums["hkl"] / n_pix[:, None]
     arrays = {
         "voxel_indices": vox,
         # float32 keeps 7 digits of a per-image sum; merging accumulates in float64
-        "voxel_sum_signal": sums["signal"].astype(np.float32),
-        "voxel_sum_factor": sums["factor"].astype(np.float32),
-        "voxel_sum_variance": sums["variance"].astype(np.float32),
+        "voxel_sum_signal": (gain * sums["counts"] - sums["background"]).astype(np.float32),
+        "voxel_sum_factor": (sums["factor"] * t_exp).astype(np.float32),
+        "voxel_sum_variance": (gain * gain * sums["counts"]).astype(np.float32),
         "voxel_n_pixels": n_pix.astype(np.int32),
-        "voxel_mean_qmag": (sums["qmag"] / n_pix).astype(np.float32),
-        "voxel_mean_hkl": (sums["hkl"] / n_pix[:, None]).astype(np.float32),
+        # |q| of the mean hkl: equal to the mean |q| of the pixels to second
+        # order in the voxel size
+        "voxel_mean_qmag": np.linalg.norm(mean_hkl @ setting.T, axis=1).astype(np.float32),
+        "voxel_mean_hkl": mean_hkl.astype(np.float32),
     }
+    signal = cat["counts"] * gain - cat["background"]
+    factor = cat["factor"] * t_exp
     if params.output.save_pixels:
-        intensity = cat["signal"] / cat["factor"]
+        slow = np.concatenate([pp.slow[i] for pp, i in zip(context.panels, pieces["index"])])
+        fast = np.concatenate([pp.fast[i] for pp, i in zip(context.panels, pieces["index"])])
         arrays.update(
             {
                 "q_vectors": cat["q"].astype(np.float32),
-                "intensities": intensity.astype(np.float32),
-                "sigmas": (np.sqrt(cat["variance"]) / cat["factor"]).astype(np.float32),
+                "intensities": (signal / factor).astype(np.float32),
+                "sigmas": (gain * np.sqrt(cat["counts"]) / factor).astype(np.float32),
                 "original_panel_ids": cat["panel"],
-                "original_fast_coords": cat["fast"].astype(np.int32),
-                "original_slow_coords": cat["slow"].astype(np.int32),
-                "hkl": cat["hkl"].astype(np.float32),
+                "original_fast_coords": fast.astype(np.int32),
+                "original_slow_coords": slow.astype(np.int32),
+                "hkl": hkl.astype(np.float32),
             }
         )
-    arrays.update(_correction_sample(cat, context, t_exp, gain))
+    arrays.update(_correction_sample(context, pieces["index"], cat, t_exp, gain))
     image_masks = None
     if params.output.masks:
         pixel = [
@@ -454,37 +458,39 @@ def extract_image(task, context: DetectorContext, params, ndiv, background=None,
     return ImageResult(arrays=arrays, stages=stages, masks=image_masks)
 
 
-def _correction_sample(cat, context, t_exp, gain):
-    """A deterministic sample of pixels with every correction factor, for the
-    diagnostics' correction summary."""
-    n = cat["signal"].size
+def _correction_sample(context, kept_index, cat, t_exp, gain):
+    """A deterministic sample of kept pixels with every correction factor, for
+    the diagnostics' correction summary."""
+    n = cat["counts"].size
     pick = np.unique(np.linspace(0, n - 1, min(CORRECTION_SAMPLE_SIZE, n)).astype(int))
-    panel = cat["panel"][pick]
-    fast, slow = cat["fast"][pick], cat["slow"][pick]
-    parts = {k: np.zeros(pick.size) for k in ("polarization", "solid_angle", "efficiency", "air")}
-    step = context.pixel_step
-    for g, cf in zip(context.geometries, context.factor_parts):
-        sel = panel == g.panel_id
-        if not sel.any():
-            continue
-        n_fast_sel = -(-g.image_shape[1] // step)
-        flat = (slow[sel] // step) * n_fast_sel + fast[sel] // step
-        for k in parts:
-            parts[k][sel] = getattr(cf, k)[flat]
-    out = {
-        "sample_panel": panel,
+    # position of each picked pixel in its panel's static selection
+    offsets = np.cumsum([0] + [i.size for i in kept_index])
+    out = {k: np.zeros(pick.size) for k in ("polarization", "solid_angle", "efficiency", "air")}
+    slow = np.zeros(pick.size, np.int32)
+    fast = np.zeros(pick.size, np.int32)
+    for k, (pp, index) in enumerate(zip(context.panels, kept_index)):
+        sel = (pick >= offsets[k]) & (pick < offsets[k + 1])
+        rows = index[pick[sel] - offsets[k]]
+        slow[sel], fast[sel] = pp.slow[rows], pp.fast[rows]
+        for name in out:
+            out[name][sel] = pp.parts[name][rows]
+    counts = cat["counts"][pick]
+    background = cat["background"][pick]
+    factor = cat["factor"][pick] * t_exp
+    sample = {
+        "sample_panel": cat["panel"][pick],
         "sample_fast": fast,
         "sample_slow": slow,
-        "sample_raw_counts": cat["counts"][pick],
-        "sample_background": cat["background"][pick],
+        "sample_raw_counts": counts,
+        "sample_background": background,
         "sample_gain": np.full(pick.size, gain),
         "sample_exposure_time": np.full(pick.size, t_exp),
-        "sample_intensity": cat["signal"][pick] / cat["factor"][pick],
-        "sample_sigma": np.sqrt(cat["variance"][pick]) / cat["factor"][pick],
+        "sample_intensity": (counts * gain - background) / factor,
+        "sample_sigma": gain * np.sqrt(counts) / factor,
         "sample_q": cat["q"][pick],
     }
-    out.update({f"sample_{k}": v for k, v in parts.items()})
-    return out
+    sample.update({f"sample_{k}": v for k, v in out.items()})
+    return sample
 
 
 def _detector_d_min(experiment):

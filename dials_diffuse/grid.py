@@ -43,6 +43,35 @@ def decode(keys: np.ndarray, lower: np.ndarray, extent: np.ndarray) -> np.ndarra
     return (np.stack([gh, gk, gl], axis=1) + lower).astype(np.int32)
 
 
+def voxel_keys(hkl: np.ndarray, ndiv):
+    """``encode(voxel_indices(hkl, ndiv))`` without the (n, 3) integer
+    intermediates: one float64 column at a time (exact below 2**53)."""
+    cols = []
+    for axis in range(3):
+        col = hkl[:, axis] * float(ndiv[axis])
+        np.rint(col, out=col)
+        cols.append(col)
+    lower = np.array([c.min() for c in cols])
+    extent = np.array([c.max() for c in cols]) - lower + 1
+    if np.prod(extent) >= 2.0**53:
+        raise ValueError("voxel grid too large for 53-bit keys")
+    keys = cols[0] - lower[0]
+    keys *= extent[1]
+    keys += cols[1]
+    keys -= lower[1]
+    keys *= extent[2]
+    keys += cols[2]
+    keys -= lower[2]
+    return keys.astype(np.int64), lower.astype(np.int64), extent.astype(np.int64)
+
+
+def bin_by_hkl(hkl: np.ndarray, ndiv, columns: Dict[str, np.ndarray]):
+    """``bin_by_voxel`` for fractional hkl (the fast path of the extraction)."""
+    if len(hkl) == 0:
+        return bin_by_voxel(np.zeros((0, 3), np.int32), columns)
+    return _bin_keys(*voxel_keys(hkl, ndiv), columns)
+
+
 def bin_by_voxel(indices: np.ndarray, columns: Dict[str, np.ndarray]):
     """Group observations by voxel and sum each column within a voxel.
 
@@ -55,7 +84,10 @@ def bin_by_voxel(indices: np.ndarray, columns: Dict[str, np.ndarray]):
             np.zeros(0, np.int64),
             {k: np.zeros((0,) + v.shape[1:], v.dtype) for k, v in columns.items()},
         )
-    keys, lower, extent = encode(indices)
+    return _bin_keys(*encode(indices), columns)
+
+
+def _bin_keys(keys, lower, extent, columns):
     # Neighbouring pixels of a raster fall in the same voxel: sum the runs of
     # equal keys first (a streaming pass), then sort only the runs.
     run_starts = np.flatnonzero(np.r_[True, keys[1:] != keys[:-1]])

@@ -138,7 +138,7 @@ class DynamicMaskAccumulator:
 
 def predicted_bragg_positions(experiment, d_min: float, max_delpsi_deg: float,
                               image_index: Optional[int] = None,
-                              frame_halfwidth: float = 1.0):
+                              frame_halfwidth: float = 1.0, cache=None):
     """Predicted spot centres (panel, x_px, y_px) for one image.
 
     Stills: every allowed reflection to ``d_min`` whose delta-psi to the Ewald
@@ -176,7 +176,14 @@ def predicted_bragg_positions(experiment, d_min: float, max_delpsi_deg: float,
         delpsi = flumpy.to_numpy(table["delpsical.rad"])
         table = table.select(flumpy.from_numpy(np.abs(delpsi) <= np.deg2rad(max_delpsi_deg)))
     else:
-        table = flex.reflection_table.from_predictions(experiment, dmin=d_min)
+        # one prediction for the whole scan, reused for each of its images
+        key = (id(experiment), d_min)
+        if cache is not None and key in cache:
+            table = cache[key]
+        else:
+            table = flex.reflection_table.from_predictions(experiment, dmin=d_min)
+            if cache is not None:
+                cache[key] = table
         z = flumpy.to_numpy(table["xyzcal.px"])[:, 2]
         first = experiment.scan.get_array_range()[0]
         frame = z - first
@@ -225,9 +232,9 @@ def disc_mask(shapes, panel, x, y, radius: float) -> PanelMasks:
 
 
 def bragg_mask_predicted(experiment, shapes, d_min, spot_radius_px, border,
-                         max_delpsi_deg, image_index=None) -> PanelMasks:
+                         max_delpsi_deg, image_index=None, cache=None) -> PanelMasks:
     panel, x, y = predicted_bragg_positions(
-        experiment, d_min, max_delpsi_deg, image_index=image_index
+        experiment, d_min, max_delpsi_deg, image_index=image_index, cache=cache
     )
     return disc_mask(shapes, panel, x, y, spot_radius_px + border)
 

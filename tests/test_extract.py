@@ -105,7 +105,7 @@ def test_stills_manifest_and_files(stills_extracted):
     assert on_disk == json.loads(json.dumps(manifest))
     for entry in manifest["images"]:
         counts = entry["pixel_counts"]
-        stages = ["total", "static", "dynamic", "trusted", "bragg", "resolution", "intensity"]
+        stages = ["total", "static", "resolution", "dynamic", "trusted", "bragg", "intensity"]
         values = [counts[s] for s in stages]
         assert values == sorted(values, reverse=True)
         assert counts["kept"] == counts["intensity"] > 0
