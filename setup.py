@@ -33,7 +33,10 @@ setup(
     # numpy, scipy, matplotlib, dials, dxtbx, cctbx come from Debian's dials
     # package (system site packages); pip cannot provide cctbx.
     install_requires=[],
-    extras_require={"test": ["pytest", "hypothesis"]},
+    extras_require={
+        "dask": ["dask[distributed]"],
+        "test": ["pytest", "hypothesis", "dask[distributed]"],
+    },
     entry_points={
         "console_scripts": [f"{name}={target}" for name, target in COMMANDS.items()],
         # cctbx/DIALS build trees make dispatchers from this group

@@ -168,6 +168,23 @@ masking
 """
     + grid_phil_str
     + """
+mp
+{
+  nproc = Auto
+    .type = int(value_min=1)
+    .help = "Processes for the per-image work; Auto: the available cores."
+  method = *multiprocessing dask
+    .type = choice
+    .help = "multiprocessing: forked processes on this machine; dask: tasks on "
+            "a Dask cluster (mp.dask.scheduler_address, or a local cluster of "
+            "mp.nproc workers)."
+  dask
+  {
+    scheduler_address = None
+      .type = str
+      .help = "e.g. tcp://10.0.0.1:8786 (a dask-jobqueue SLURM/PBS cluster)."
+  }
+}
 output
 {
   directory = diffuse_extracted

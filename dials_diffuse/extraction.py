@@ -21,6 +21,7 @@ import os
 import time
 from typing import Dict, List, Optional
 
+import libtbx
 import numpy as np
 from dxtbx import flumpy
 
@@ -531,82 +532,19 @@ def extract(models, params, images=None, reflections=None, progress=True):
     if params.masking.dynamic.enable:
         dynamic = dynamic_mask(tasks, params)
         logger.info("Dynamic mask from %d images in %.1f s", len(tasks), time.time() - t0)
+        io.write_pickle(os.path.join(out_dir, DYNAMIC_MASK_NAME), masks.to_flex(dynamic))
 
-    # geometry, corrections and the static mask depend only on the detector
-    # and beam models: compute them once for all images that share them
-    contexts = []  # (detector, beam, context)
-    entries = list(skipped)
-    for n, task in enumerate(tasks):
-        context = _find_context(contexts, task)
-        if context is None:
-            static = masks.static_mask(task.imageset, params.masking, params.masking.beamstop)
-            context = detector_context(task.experiment, task.imageset, params, static)
-            contexts.append((task.experiment.detector, task.experiment.beam, context))
-        entry = {
-            "still_id": task.still_id,
-            "experiment_id": task.experiment_id,
-            "image_path": task.image_path,
-            "image_index": task.index_in_imageset
-            if task.scan_image_index is None
-            else task.scan_image_index,
-        }
-        t_image = time.time()
-        try:
-            entry["exposure_time"] = exposure_time(task, params)
-            result = extract_image(
-                task, context, params, ndiv, background, dynamic, reflections,
-                exposure=entry["exposure_time"],
-            )
-        except ImageError as e:
-            logger.warning("Skipping image %s: %s", task.image_path, e)
-            entry.update(status="skipped", reason=str(e))
-            entries.append(entry)
-            continue
-        name = image_file_name(task.still_id)
-        metadata = {
-            "still_id": task.still_id,
-            "experiment_id": task.experiment_id,
-            "image_path": task.image_path,
-            "image_index": entry["image_index"],
-            "wavelength": task.experiment.beam.get_wavelength(),
-            "ndiv": list(ndiv),
-            "is_still": bool(task.experiment.is_still()),
-            "exposure_time": entry["exposure_time"],
-            "gain": params.corrections.gain,
-            "corrections": {
-                "polarization": params.corrections.polarization,
-                "solid_angle": params.corrections.solid_angle,
-                "efficiency": params.corrections.efficiency,
-                "air": params.corrections.air,
-                "air_temperature": params.corrections.air_temperature,
-                "air_pressure": params.corrections.air_pressure,
-            },
-            "pixel_step": params.filter.pixel_step,
-            "bragg_mask": params.masking.bragg.method,
-            "pixel_counts": result.stages,
-        }
-        write_image_file(os.path.join(out_dir, name), result.arrays, metadata)
-        entry.update(
-            status="extracted",
-            file=name,
-            pixel_counts=result.stages,
-            n_voxels=int(len(result.arrays["voxel_indices"])),
-            seconds=round(time.time() - t_image, 3),
-        )
-        entries.append(entry)
-        if progress:
-            logger.info(
-                "Image %d/%d %s: kept %d of %d pixels in %d voxels (%.2f s)",
-                n + 1, len(tasks), os.path.basename(task.image_path),
-                result.stages["kept"], result.stages["total"],
-                entry["n_voxels"], entry["seconds"],
-            )
-        if result.masks is not None:
-            for kind, panel_masks in result.masks.items():
-                io.write_pickle(
-                    os.path.join(out_dir, mask_file_name(kind, task.still_id)),
-                    masks.to_flex(panel_masks),
-                )
+    jobs = [
+        ImageJob(task, params, ndiv, out_dir, _reflections_for(reflections, task))
+        for task in tasks
+    ]
+    t1 = time.time()
+    entries = list(skipped) + run_jobs(jobs, params, background, dynamic, progress)
+    logger.info(
+        "Extracted %d images in %.1f s (%.2f s per image, %d process(es), %s)",
+        len(jobs), time.time() - t1, (time.time() - t1) / max(len(jobs), 1),
+        _nproc(params), params.mp.method,
+    )
 
     manifest = {
         "format": "dials_diffuse.extraction/1",
@@ -622,6 +560,232 @@ def extract(models, params, images=None, reflections=None, progress=True):
     io.write_json(os.path.join(out_dir, MANIFEST_NAME), manifest)
     log_summary(manifest)
     return manifest
+
+
+DYNAMIC_MASK_NAME = "dynamic_mask.pickle"
+
+
+@dataclasses.dataclass
+class ImageJob:
+    """Everything one image's extraction needs besides the shared state."""
+
+    task: ImageTask
+    params: object
+    ndiv: tuple
+    out_dir: str
+    reflections: object = None
+
+
+# Per-process state: contexts are expensive (per-pixel geometry), computed once
+# per process and inherited by forked workers.
+_CONTEXTS = []  # (detector, beam, DetectorContext)
+_SHARED = {}  # background, dynamic mask, jobs (for forked workers)
+
+
+def context_for(task, params):
+    context = _find_context(_CONTEXTS, task)
+    if context is None:
+        static = masks.static_mask(task.imageset, params.masking, params.masking.beamstop)
+        context = detector_context(task.experiment, task.imageset, params, static)
+        _CONTEXTS.append((task.experiment.detector, task.experiment.beam, context))
+    return context
+
+
+def extract_one(job: ImageJob, background, dynamic) -> dict:
+    """Extract one image, write its file (and masks); return its manifest entry."""
+    task, params = job.task, job.params
+    entry = {
+        "still_id": task.still_id,
+        "experiment_id": task.experiment_id,
+        "image_path": task.image_path,
+        "image_index": task.index_in_imageset
+        if task.scan_image_index is None
+        else task.scan_image_index,
+    }
+    t_image = time.time()
+    try:
+        context = context_for(task, params)
+        entry["exposure_time"] = exposure_time(task, params)
+        result = extract_image(
+            task, context, params, job.ndiv, background, dynamic, job.reflections,
+            exposure=entry["exposure_time"],
+        )
+    except ImageError as e:
+        entry.update(status="skipped", reason=str(e))
+        return entry
+    name = image_file_name(task.still_id)
+    metadata = {
+        "still_id": task.still_id,
+        "experiment_id": task.experiment_id,
+        "image_path": task.image_path,
+        "image_index": entry["image_index"],
+        "wavelength": task.experiment.beam.get_wavelength(),
+        "ndiv": list(job.ndiv),
+        "is_still": bool(task.experiment.is_still()),
+        "exposure_time": entry["exposure_time"],
+        "gain": params.corrections.gain,
+        "corrections": {
+            "polarization": params.corrections.polarization,
+            "solid_angle": params.corrections.solid_angle,
+            "efficiency": params.corrections.efficiency,
+            "air": params.corrections.air,
+            "air_temperature": params.corrections.air_temperature,
+            "air_pressure": params.corrections.air_pressure,
+        },
+        "pixel_step": params.filter.pixel_step,
+        "bragg_mask": params.masking.bragg.method,
+        "pixel_counts": result.stages,
+    }
+    if result.masks is not None:
+        for kind, panel_masks in result.masks.items():
+            io.write_pickle(
+                os.path.join(job.out_dir, mask_file_name(kind, task.still_id)),
+                masks.to_flex(panel_masks),
+            )
+    # the image file last: its presence means the image is complete
+    write_image_file(os.path.join(job.out_dir, name), result.arrays, metadata)
+    entry.update(
+        status="extracted",
+        file=name,
+        pixel_counts=result.stages,
+        n_voxels=int(len(result.arrays["voxel_indices"])),
+        seconds=round(time.time() - t_image, 3),
+    )
+    return entry
+
+
+def _nproc(params):
+    from dials.util.mp import available_cores
+
+    nproc = params.mp.nproc
+    if nproc is None or nproc is libtbx.Auto:
+        nproc = available_cores()
+    return max(1, int(nproc))
+
+
+def _forked_job(index):
+    return extract_one(_SHARED["jobs"][index], _SHARED["background"], _SHARED["dynamic"])
+
+
+def _dask_job(spec):
+    """Run one image on a Dask worker from a serialisable spec."""
+    from dxtbx.model.experiment_list import ExperimentListFactory
+
+    experiment = ExperimentListFactory.from_json(spec["experiment_json"], check_format=True)[0]
+    task = ImageTask(
+        spec["still_id"], spec["experiment_id"], experiment, experiment.imageset,
+        spec["index_in_imageset"], spec["scan_image_index"], spec["image_path"],
+    )
+    job = ImageJob(task, spec["params"], tuple(spec["ndiv"]), spec["out_dir"], spec["reflections"])
+    background = _SHARED.setdefault(
+        ("background", spec["params"].corrections.background.map),
+        load_background(spec["params"], experiment.detector),
+    )
+    dynamic = None
+    if spec["dynamic_mask_path"]:
+        key = ("dynamic", spec["dynamic_mask_path"])
+        if key not in _SHARED:
+            import pickle
+
+            with open(spec["dynamic_mask_path"], "rb") as fh:
+                _SHARED[key] = masks.from_flex(pickle.load(fh))
+        dynamic = _SHARED[key]
+    return extract_one(job, background, dynamic)
+
+
+def run_jobs(jobs, params, background, dynamic, show_progress=True):
+    """Manifest entries of all jobs, in job order, on 1..n processes or Dask."""
+    from dials.util import progress
+
+    nproc = min(_nproc(params), len(jobs))
+    method = params.mp.method
+    if method == "dask":
+        return _run_dask(jobs, params, dynamic, nproc)
+    if nproc <= 1:
+        iterator = (extract_one(job, background, dynamic) for job in jobs)
+        entries = []
+        for entry in progress(iterator, total=len(jobs), disable=not show_progress or None):
+            _log_entry(entry, len(entries), len(jobs))
+            entries.append(entry)
+        return entries
+    import concurrent.futures
+    import multiprocessing
+
+    # compute the shared context once before forking: the workers inherit it
+    context_for(jobs[0].task, params)
+    _SHARED.update(jobs=jobs, background=background, dynamic=dynamic)
+    try:
+        with concurrent.futures.ProcessPoolExecutor(
+            max_workers=nproc, mp_context=multiprocessing.get_context("fork")
+        ) as pool:
+            entries = []
+            for entry in progress(pool.map(_forked_job, range(len(jobs))), total=len(jobs),
+                                  disable=not show_progress or None):
+                _log_entry(entry, len(entries), len(jobs))
+                entries.append(entry)
+            return entries
+    finally:
+        _SHARED.pop("jobs", None)
+
+
+def _run_dask(jobs, params, dynamic, nproc):
+    try:
+        from dask.distributed import Client, LocalCluster
+    except ImportError:
+        raise Sorry("mp.method=dask needs dask.distributed: pip install 'dask[distributed]'")
+    from dxtbx.model.experiment_list import ExperimentList
+
+    dynamic_path = None
+    if dynamic is not None:
+        dynamic_path = os.path.abspath(os.path.join(jobs[0].out_dir, DYNAMIC_MASK_NAME))
+    specs = [
+        {
+            "experiment_json": ExperimentList([job.task.experiment]).as_json(),
+            "still_id": job.task.still_id,
+            "experiment_id": job.task.experiment_id,
+            "index_in_imageset": job.task.index_in_imageset,
+            "scan_image_index": job.task.scan_image_index,
+            "image_path": job.task.image_path,
+            "params": job.params,
+            "ndiv": list(job.ndiv),
+            "out_dir": os.path.abspath(job.out_dir),
+            "reflections": job.reflections,
+            "dynamic_mask_path": dynamic_path,
+        }
+        for job in jobs
+    ]
+    address = params.mp.dask.scheduler_address
+    cluster = None
+    if address:
+        client = Client(address)
+    else:
+        cluster = LocalCluster(n_workers=nproc, threads_per_worker=1, processes=True,
+                               dashboard_address=None)
+        client = Client(cluster)
+    try:
+        futures = client.map(_dask_job, specs, pure=False)
+        # only the small manifest entries come back; the voxel sums stay in
+        # the per-image files each worker wrote
+        entries = client.gather(futures)
+    finally:
+        client.close()
+        if cluster is not None:
+            cluster.close()
+    for n, entry in enumerate(entries):
+        _log_entry(entry, n, len(entries))
+    return entries
+
+
+def _log_entry(entry, n, total):
+    if entry["status"] != "extracted":
+        logger.warning("Skipping image %s: %s", entry["image_path"], entry["reason"])
+        return
+    pc = entry["pixel_counts"]
+    logger.debug(
+        "Image %d/%d %s: kept %d of %d pixels in %d voxels (%.2f s)",
+        n + 1, total, os.path.basename(entry["image_path"]), pc["kept"], pc["total"],
+        entry["n_voxels"], entry["seconds"],
+    )
 
 
 def _find_context(contexts, task):
@@ -650,16 +814,15 @@ def dynamic_mask(tasks, params):
 
 
 def log_summary(manifest):
-    rows = [("image", "status", "total", "static", "dynamic", "trusted", "bragg",
-             "resolution", "kept", "voxels")]
+    stages = ("total", "static", "resolution", "dynamic", "trusted", "bragg", "kept")
+    rows = [("image", "status") + stages + ("voxels",)]
     for e in manifest["images"]:
         pc = e.get("pixel_counts", {})
         rows.append(
             (
                 os.path.basename(e["image_path"]),
                 e["status"],
-                *(str(pc.get(k, "")) for k in ("total", "static", "dynamic", "trusted",
-                                               "bragg", "resolution", "kept")),
+                *(str(pc.get(k, "")) for k in stages),
                 str(e.get("n_voxels", "")),
             )
         )

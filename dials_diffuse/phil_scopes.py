@@ -19,16 +19,6 @@ grid
 
 grid_phil_scope = parse(grid_phil_str)
 
-mp_phil_str = """
-mp
-{
-  nproc = Auto
-    .type = int(value_min=1)
-    .help = "Processes to use; Auto uses the available cores."
-}
-"""
-
-
 DEFAULT_NDIV = 4
 
 

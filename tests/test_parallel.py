@@ -1,0 +1,47 @@
+"""Parallel extraction (forked processes, Dask) gives the serial result exactly."""
+
+from __future__ import annotations
+
+import filecmp
+import json
+
+import pytest
+
+from dials_diffuse.extraction import extract
+from dials_diffuse.simulate import load_truth
+
+from diffuse_helpers import extraction_params
+
+
+def extracted_files(directory):
+    return sorted(p.name for p in directory.glob("image_*.npz"))
+
+
+def without_timing(manifest):
+    for entry in manifest["images"]:
+        entry.pop("seconds", None)
+    return manifest
+
+
+@pytest.fixture(scope="module")
+def serial(simulated_stills, tmp_path_factory):
+    truth = load_truth(simulated_stills)
+    out = tmp_path_factory.mktemp("serial") / "out"
+    manifest = extract(truth.experiments, extraction_params(truth, out, **{"mp.nproc": 1}))
+    return truth, out, manifest
+
+
+@pytest.mark.parametrize("method", ["multiprocessing", "dask"])
+def test_parallel_equals_serial(serial, tmp_path, method):
+    pytest.importorskip("dask.distributed")
+    truth, serial_out, serial_manifest = serial
+    out = tmp_path / "out"
+    manifest = extract(
+        truth.experiments,
+        extraction_params(truth, out, **{"mp.nproc": 2, "mp.method": method}),
+    )
+    names = extracted_files(serial_out)
+    assert names and names == extracted_files(out)
+    for name in names:
+        assert filecmp.cmp(serial_out / name, out / name, shallow=False), name
+    assert without_timing(manifest) == without_timing(json.loads(json.dumps(serial_manifest)))
