@@ -58,7 +58,14 @@ def write_npz(path: str, compress_level: int = 6, **arrays) -> None:
         kwargs = {} if compress_level == 0 else {"compresslevel": compress_level}
         with zipfile.ZipFile(tmp, "w", compression=method, allowZip64=True, **kwargs) as zf:
             for name, value in arrays.items():
-                with zf.open(name + ".npy", "w", force_zip64=True) as fh:
+                # a fixed timestamp: the same arrays give the same bytes
+                info = zipfile.ZipInfo(name + ".npy", date_time=(1980, 1, 1, 0, 0, 0))
+                info.compress_type = method
+                if compress_level:
+                    # ZipInfo's level is private before Python 3.13
+                    info._compresslevel = compress_level
+                    info.compress_level = compress_level
+                with zf.open(info, "w", force_zip64=True) as fh:
                     np.lib.format.write_array(fh, np.asanyarray(value), allow_pickle=False)
 
 

@@ -139,7 +139,7 @@ def write_hdf5(path, arrays):
     with io.atomic_path(path) as tmp:
         with h5py.File(tmp, "w") as fh:
             for k, v in arrays.items():
-                fh.create_dataset(k, data=v, compression="gzip")
+                fh.create_dataset(k, data=v, compression="gzip", track_times=False)
 
 
 def write_ccp4(path, grid, voxel_grid, values, operators, output, label):
