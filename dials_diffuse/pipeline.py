@@ -134,6 +134,14 @@ validation
     .help = "continue: leave failing images out and go on; stop: end the run "
             "with the failures listed."
 }
+mp
+{
+  nproc = Auto
+    .type = int(value_min=1)
+    .help = "Processes for spot finding (and for extraction, unless "
+            "extract.mp.nproc is set where the extraction has one); Auto: "
+            "DIALS' and the extraction's own defaults."
+}
 diagnostics
 {
   extraction = True
@@ -185,11 +193,10 @@ def _build_phil_scope():
     from dials.command_line import index as index_cmd
 
     from dials_diffuse.command_line import check, extract, merge
-    from dials_diffuse.phil_scopes import grid_phil_str, mp_phil_str
+    from dials_diffuse.phil_scopes import grid_phil_str
 
     text = (
         process_phil_str
-        + mp_phil_str
         + grid_phil_str
         # the grid is shared: one top-level scope instead of one per command;
         # logs: the one dials.diffuse_process.log
@@ -596,7 +603,6 @@ def _phase1_signature(run: _Run):
         p.processing.shared_detector_min_stills,
         p.processing.min_spots,
         p.processing.scan_varying,
-        p.mp.nproc,
     )
 
 
@@ -641,7 +647,7 @@ def run_phase1(run: _Run):
 
     overrides = dials_overrides(params, run.inputs.dials_phil_scope, run.dials_args)
     nproc_override = []
-    if params.mp.nproc and params.mp.nproc is not libtbx_auto():
+    if params.mp.nproc not in (None, libtbx_auto()):
         nproc_override = [f"spotfinder.mp.nproc={params.mp.nproc}"]
 
     experiments = run.inputs.experiments
@@ -1094,6 +1100,12 @@ def run_extraction(run: _Run, models, strong, upstream_signature):
     sub = _sub_params(params, "extract", extract_cmd.phil_scope)
     out_dir = _in_base(run.base, params.extract.output.directory)
     sub.output.directory = str(out_dir)
+    if (
+        hasattr(sub, "mp")
+        and params.mp.nproc not in (None, libtbx_auto())
+        and sub.mp.nproc in (None, libtbx_auto())
+    ):
+        sub.mp.nproc = params.mp.nproc
     signature = _signature(
         "extract/1", upstream_signature, _scope_text(params, ("extract", "grid")),
         [e.identifier for e in models],
