@@ -63,8 +63,11 @@ def write_npz(path: str, compress_level: int = 6, **arrays) -> None:
                 info.compress_type = method
                 if compress_level:
                     # ZipInfo's level is private before Python 3.13
-                    info._compresslevel = compress_level
-                    info.compress_level = compress_level
+                    level_slot = (
+                        "compress_level" if "compress_level" in zipfile.ZipInfo.__slots__
+                        else "_compresslevel"
+                    )
+                    setattr(info, level_slot, compress_level)
                 with zf.open(info, "w", force_zip64=True) as fh:
                     np.lib.format.write_array(fh, np.asanyarray(value), allow_pickle=False)
 
