@@ -157,7 +157,7 @@ masking
     border = 2
       .type = int
       .help = "Extra pixels masked around each spot."
-    max_delpsi = 0.3
+    max_delpsi = 1.0
       .type = float(value_min=0)
       .help = "Stills: mask reflections within this angle (deg) of the Ewald sphere."
     use_centroids = False

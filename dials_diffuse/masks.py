@@ -249,7 +249,7 @@ def bragg_mask_from_shoeboxes(reflections, shapes, image_index: int, border: int
     masks = [np.ones(s, bool) for s in shapes]
     if reflections is None or len(reflections) == 0:
         return masks
-    bbox = flumpy.to_numpy(reflections["bbox"]).reshape(-1, 6)
+    bbox = np.stack([flumpy.to_numpy(p) for p in reflections["bbox"].parts()], axis=1)
     on_image = (bbox[:, 4] <= image_index) & (bbox[:, 5] > image_index)
     if not on_image.any():
         return masks
