@@ -1,0 +1,241 @@
+#!/usr/bin/env python
+"""Side by side: dials_diffuse vs mdx2 vs dials.rs_mapper on the same images (issue 7).
+
+    bash bench/run_comparison.sh                 # 100 images (default)
+    bash bench/run_comparison.sh --n-images 10   # smoke run
+
+Dataset: a simulated Pilatus 6M (2463 x 2527, 172 um, PILATUS_1.2 miniCBF
+headers, so dxtbx and mdx2 read it as a Pilatus) rotation sequence from
+dials.diffuse_simulate (0.1 deg images, P 21 21 21, 30 x 40 x 50 A, Bragg
+peaks, diffuse halos, Poisson noise), made once under bench/data/.
+
+Chains, each stage a separate process timed for wall time and peak memory of
+its process tree (psutil polling every 50 ms, plus the kernel's maxrss):
+
+* ours: dials.diffuse_extract (static + dynamic + predicted-Bragg masks, all
+  corrections, voxel binning at grid.ndiv = --ndiv, output.save_pixels=False)
+  then dials.diffuse_merge (scaling, merging, CC1/2, maps);
+  with mp.nproc=1 and 2 when dials.diffuse_extract has mp.nproc.
+* mdx2 (PyPI, in its own venv bench/.mdx2-venv with the system site packages,
+  installed here when missing; never a dependency of dials_diffuse):
+  import_data, import_geometry, find_peaks, mask_peaks, integrate
+  (--subdivide = --ndiv), correct, scale, merge; --nproc 1 and 2.
+* dials.rs_mapper (mapping only: no masks, corrections, scaling), at the
+  detector-corner resolution with a grid whose spacing matches our finest voxel.
+
+Both chains read the simulator's truth.expt (the exact models), so neither
+needs indexing. Results: a table and bench/results/comparison_<n>.json.
+"""
+
+from __future__ import annotations
+
+import os
+
+for _k in ("OMP_NUM_THREADS", "OPENBLAS_NUM_THREADS", "MKL_NUM_THREADS"):
+    os.environ.setdefault(_k, "1")
+os.environ.setdefault("LIBTBX_BUILD", "/usr/lib/cctbx/python3.11")
+
+import argparse  # noqa: E402
+import json  # noqa: E402
+import subprocess  # noqa: E402
+import sys  # noqa: E402
+import time  # noqa: E402
+from pathlib import Path  # noqa: E402
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+import common  # noqa: E402
+
+MDX2_VENV = common.BENCH / ".mdx2-venv"
+MDX2_BIN = MDX2_VENV / "bin"
+MDX2_STAGES = ["import_data", "import_geometry", "find_peaks", "mask_peaks", "integrate",
+               "correct", "scale", "merge"]
+
+
+def ensure_mdx2(spec):
+    """mdx2 in bench/.mdx2-venv; returns (version or None, error text or None)."""
+    env = common.one_core_env()
+    if not (MDX2_BIN / "mdx2.integrate").exists():
+        print(f"installing {spec} into {MDX2_VENV.relative_to(common.ROOT)} ...", flush=True)
+        steps = [["/usr/bin/python3", "-m", "venv", "--system-site-packages", str(MDX2_VENV)],
+                 [str(MDX2_BIN / "pip"), "install", "-q", "--disable-pip-version-check", spec]]
+        for step in steps:
+            proc = subprocess.run(step, capture_output=True, text=True, env=env)
+            if proc.returncode != 0:
+                return None, f"{' '.join(step)} failed:\n{(proc.stdout + proc.stderr)[-4000:]}"
+    proc = subprocess.run([str(MDX2_BIN / "python"), "-c",
+                           "import importlib.metadata as m; print(m.version('mdx2'))"],
+                          capture_output=True, text=True, env=env)
+    if proc.returncode != 0:
+        return None, f"mdx2 does not import:\n{proc.stderr[-4000:]}"
+    return proc.stdout.strip(), None
+
+
+def has_mp_nproc():
+    proc = subprocess.run([str(common.VENV_BIN / "dials.diffuse_extract"), "-c"],
+                          capture_output=True, text=True, env=common.one_core_env())
+    return "nproc" in proc.stdout
+
+
+def run_stages(name, stages, cwd):
+    """Run (stage, argv) in order; stop at the first failure and record it."""
+    cwd.mkdir(parents=True, exist_ok=True)
+    out = {"stages": {}, "ok": True}
+    for stage, argv in stages:
+        print(f"  {name}: {stage} ...", end=" ", flush=True)
+        log = cwd / f"bench_{stage}.log"
+        try:
+            r = common.run_timed(argv, cwd, log=log)
+        except RuntimeError as e:
+            print("FAILED")
+            out["ok"] = False
+            out["error"] = {"stage": stage, "command": " ".join(map(str, argv)), "message": str(e)[-3000:]}
+            break
+        print(f"{r['wall_s']:.1f} s, {r['peak_rss_tree_mb']:.0f} MB")
+        out["stages"][stage] = r
+    st = out["stages"].values()
+    out["total_s"] = round(sum(s["wall_s"] for s in st), 2)
+    out["cpu_s"] = round(sum(s["user_s"] + s["sys_s"] for s in st), 2)
+    out["peak_rss_mb"] = max((s["peak_rss_tree_mb"] for s in st), default=None)
+    return out
+
+
+def ours(directory, work, ndiv, nproc, mp_supported):
+    expt = directory / "truth.expt"
+    extract = [str(common.VENV_BIN / "dials.diffuse_extract"), str(expt),
+               "output.directory=extracted", "output.save_pixels=False",
+               f"grid.ndiv_h={ndiv}", f"grid.ndiv_k={ndiv}", f"grid.ndiv_l={ndiv}"]
+    if mp_supported:
+        extract.append(f"mp.nproc={nproc}")
+    merge = [str(common.VENV_BIN / "dials.diffuse_merge"), str(expt), "extracted",
+             "output.directory=merged"]
+    common.rmtree(work)
+    r = run_stages(f"ours nproc={nproc}", [("extract", extract), ("merge", merge)], work)
+    if r["ok"]:
+        r["output_mb"] = {"extracted": round(common.dir_size(work / "extracted") / 1e6, 1),
+                          "merged": round(common.dir_size(work / "merged") / 1e6, 1)}
+    return r
+
+
+def mdx2(directory, work, ndiv, nproc, n_images, count_threshold):
+    expt = str(directory / "truth.expt")
+    b = lambda s: str(MDX2_BIN / f"mdx2.{s}")  # noqa: E731
+    np_ = ["--nproc", str(nproc)]
+    stages = [
+        ("import_data", [b("import_data"), expt, "--chunks", str(min(20, n_images)), "211", "493"] + np_),
+        ("import_geometry", [b("import_geometry"), expt] + np_),
+        ("find_peaks", [b("find_peaks"), "geometry.nxs", "data.nxs", "--count_threshold",
+                        str(count_threshold)] + np_),
+        ("mask_peaks", [b("mask_peaks"), "geometry.nxs", "data.nxs", "peaks.nxs",
+                        "--sigma_cutoff", "3"] + np_),
+        ("integrate", [b("integrate"), "geometry.nxs", "data.nxs", "--mask", "mask.nxs",
+                       "--subdivide", str(ndiv), str(ndiv), str(ndiv)] + np_),
+        ("correct", [b("correct"), "geometry.nxs", "integrated.nxs"] + np_),
+        ("scale", [b("scale"), "corrected.nxs"] + np_),
+        ("merge", [b("merge"), "corrected.nxs", "--scale", "scales.nxs"] + np_),
+    ]
+    common.rmtree(work)
+    r = run_stages(f"mdx2 nproc={nproc}", stages, work)
+    r["output_mb"] = round(common.dir_size(work) / 1e6, 1)
+    return r
+
+
+def rs_mapper(directory, work, ndiv):
+    from dxtbx.model.experiment_list import ExperimentListFactory
+
+    expt = ExperimentListFactory.from_json_file(str(directory / "truth.expt"), check_format=False)[0]
+    d_min = expt.detector.get_max_resolution(expt.beam.get_s0())
+    cell = expt.crystal.get_unit_cell().parameters()
+    step = 1.0 / (max(cell[:3]) * ndiv)  # our finest voxel edge, 1/Angstrom
+    grid_size = int(round(2.0 / (d_min * step)))
+    argv = ["dials.rs_mapper", str(directory / "truth.expt"), f"max_resolution={d_min:.3f}",
+            f"grid_size={grid_size}", "map_file=rs_mapper.mrc"]
+    common.rmtree(work)
+    r = run_stages("dials.rs_mapper", [("rs_mapper", argv)], work)
+    r["grid_size"] = grid_size
+    r["max_resolution"] = round(d_min, 3)
+    return r
+
+
+def main():
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--n-images", type=int, default=100)
+    ap.add_argument("--ndiv", type=int, default=4, help="grid subdivision (ours grid.ndiv, mdx2 --subdivide)")
+    ap.add_argument("--nproc", type=int, nargs="+", default=[1, 2])
+    ap.add_argument("--mdx2-spec", default="mdx2", help="pip requirement for the peer")
+    ap.add_argument("--count-threshold", type=float, default=1000,
+                    help="mdx2.find_peaks --count_threshold (Bragg peak pixels)")
+    ap.add_argument("--skip-mdx2", action="store_true")
+    ap.add_argument("--skip-rs-mapper", action="store_true")
+    ap.add_argument("--output", default=None)
+    args = ap.parse_args()
+
+    common.bootstrap()
+    meta = common.stamp()
+    n = args.n_images
+    directory = common.dataset(n, exact=True)
+    work = common.DATA / f"cmp_{n}"
+    pixels = n * 2463 * 2527
+    mp_supported = has_mp_nproc()
+    result = {**meta, "n_images": n, "pixels": pixels, "ndiv": args.ndiv,
+              "dataset": str(directory.relative_to(common.ROOT)),
+              "cbf_mb": round(sum(common.dir_size(p) for p in directory.glob("*.cbf")) / 1e6, 1),
+              "ours_mp_nproc_supported": mp_supported, "runs": {}}
+    if not mp_supported:
+        print("note: dials.diffuse_extract has no mp.nproc yet: our chain runs one process "
+              "(nproc=2 is skipped for ours)")
+
+    version, error = (None, "skipped (--skip-mdx2)") if args.skip_mdx2 else ensure_mdx2(args.mdx2_spec)
+    result["mdx2_version"] = version
+    if error:
+        result["mdx2_error"] = error
+        print(f"mdx2 unavailable: {error}")
+
+    for nproc in args.nproc:
+        if nproc == 1 or mp_supported:
+            result["runs"][f"ours_np{nproc}"] = ours(directory, work / f"ours_np{nproc}",
+                                                     args.ndiv, nproc, mp_supported)
+        if version:
+            result["runs"][f"mdx2_np{nproc}"] = mdx2(directory, work / f"mdx2_np{nproc}", args.ndiv,
+                                                     nproc, n, args.count_threshold)
+    if not args.skip_rs_mapper:
+        result["runs"]["rs_mapper"] = rs_mapper(directory, work / "rs_mapper", args.ndiv)
+
+    for r in result["runs"].values():
+        if r["total_s"]:
+            r["images_per_s"] = round(n / r["total_s"], 3)
+            r["mpixels_per_s"] = round(pixels / r["total_s"] / 1e6, 2)
+    runs = result["runs"]
+    ratios = {}
+    for nproc in args.nproc:
+        o, m = runs.get(f"ours_np{nproc}"), runs.get(f"mdx2_np{nproc}")
+        if o and m and o["ok"] and m["ok"]:
+            ratios[f"mdx2_over_ours_np{nproc}"] = round(m["total_s"] / o["total_s"], 2)
+    if runs.get("ours_np1", {}).get("ok") and runs.get("ours_np2", {}).get("ok"):
+        ratios["ours_speedup_1_to_2"] = round(runs["ours_np1"]["total_s"] / runs["ours_np2"]["total_s"], 2)
+        ratios["ours_extract_speedup_1_to_2"] = round(
+            runs["ours_np1"]["stages"]["extract"]["wall_s"] / runs["ours_np2"]["stages"]["extract"]["wall_s"], 2)
+    if runs.get("mdx2_np1", {}).get("ok") and runs.get("mdx2_np2", {}).get("ok"):
+        ratios["mdx2_speedup_1_to_2"] = round(runs["mdx2_np1"]["total_s"] / runs["mdx2_np2"]["total_s"], 2)
+    if runs.get("rs_mapper", {}).get("ok") and runs.get("ours_np1", {}).get("ok"):
+        ratios["rs_mapper_over_ours_np1"] = round(runs["rs_mapper"]["total_s"] / runs["ours_np1"]["total_s"], 2)
+        ratios["rs_mapper_over_ours_extract_np1"] = round(
+            runs["rs_mapper"]["total_s"] / runs["ours_np1"]["stages"]["extract"]["wall_s"], 2)
+    result["ratios"] = ratios
+
+    rows = []
+    for name, r in runs.items():
+        for stage, s in r["stages"].items():
+            rows.append([name, stage, f"{s['wall_s']:.1f}", f"{s['user_s'] + s['sys_s']:.1f}",
+                         f"{s['peak_rss_tree_mb']:.0f}", ""])
+        rows.append([name, "TOTAL" + ("" if r["ok"] else f" (failed at {r['error']['stage']})"),
+                     f"{r['total_s']:.1f}", f"{r['cpu_s']:.1f}", f"{r['peak_rss_mb'] or 0:.0f}",
+                     f"{r.get('images_per_s', 0):.2f} img/s, {r.get('mpixels_per_s', 0):.1f} Mpx/s"])
+    print(f"\n{n} Pilatus 6M images, ndiv {args.ndiv} ({meta['uptime']})")
+    print(common.table(rows, ["chain", "stage", "wall s", "cpu s", "peak MB", "throughput"]))
+    for k, v in ratios.items():
+        print(f"{k}: {v}")
+    common.write_result(args.output or f"comparison_{n}.json", result)
+
+
+if __name__ == "__main__":
+    main()
