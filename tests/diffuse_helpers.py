@@ -28,6 +28,9 @@ def extraction_params(truth, directory, **overrides):
         np.save(bg_path, np.stack(background))
     params.corrections.background.map = bg_path
     params.corrections.gain = truth.gain
+    # the simulated spots have a 0.05 deg mosaic spread: 0.3 deg covers them
+    # with margin (the default 1.0 deg is for real crystals)
+    params.masking.bragg.max_delpsi = max(0.3, 6 * truth.data["bragg"]["mosaicity_deg"])
     for key, value in overrides.items():
         obj = params
         *path, last = key.split(".")
