@@ -84,5 +84,49 @@ def check_unhandled(unhandled: List[str], allowed_inputs=()) -> List[str]:
             raise Sorry(f"unknown parameter: {arg}")
         if not os.path.exists(arg):
             raise Sorry(f"file not found: {arg}")
+        why = explain_unreadable(arg)
+        if why:
+            raise Sorry(why)
         raise Sorry(f"cannot use {arg}: not an input this command reads")
     return inputs
+
+
+def explain_unreadable(path: str):
+    """Why DIALS could not read ``path`` as an experiment list (None: no idea)."""
+    if not path.endswith((".expt", ".json")) or not os.path.isfile(path):
+        return None
+    import json
+
+    try:
+        with open(path) as fh:
+            data = json.load(fh)
+    except (OSError, ValueError) as e:
+        return f"{path} is not an experiment list: not JSON ({e})"
+    if not isinstance(data, dict) or not isinstance(data.get("experiment"), list):
+        return f"{path} is not an experiment list: no list of experiments in the JSON"
+    for i, expt in enumerate(data["experiment"]):
+        for key, index in expt.items() if isinstance(expt, dict) else ():
+            models = data.get(key)
+            if isinstance(index, int) and isinstance(models, list) and not 0 <= index < len(models):
+                return (f"{path}: experiment {i} refers to {key} {index}, "
+                        f"but the file has {len(models)} {key} model(s)")
+    from dxtbx.model.experiment_list import ExperimentListFactory
+
+    try:
+        experiments = ExperimentListFactory.from_json_file(path, check_format=False)
+    except Exception as e:
+        return f"{path} is not a valid experiment list: {type(e).__name__}: {e}"
+    from dxtbx.format.Registry import get_format_class_for_file
+
+    for imageset in experiments.imagesets():
+        for k in range(len(imageset)):
+            image = imageset.get_path(k)
+            if not os.path.isfile(image):
+                return f"{path}: image {image} not found (moved or deleted after import?)"
+            try:
+                fmt = get_format_class_for_file(image)
+            except Exception:
+                fmt = None
+            if fmt is None:
+                return f"{path}: image {image} is not an image format dxtbx can read"
+    return None

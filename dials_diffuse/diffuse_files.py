@@ -72,6 +72,8 @@ def read_image_file(path, keys=VOXEL_KEYS, require=VOXEL_KEYS):
     """
     if not os.path.isfile(path):
         raise Sorry(f"{path} does not exist")
+    if not zipfile.is_zipfile(path):
+        raise Sorry(f"{path} is not an NPZ file: not a dials.diffuse_extract file")
     try:
         with np.load(path, allow_pickle=False) as npz:
             names = set(npz.files)

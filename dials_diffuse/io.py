@@ -17,6 +17,8 @@ from typing import Any
 
 import numpy as np
 
+from dials.util import Sorry
+
 
 @contextlib.contextmanager
 def atomic_path(path: str):
@@ -26,7 +28,10 @@ def atomic_path(path: str):
     base = os.path.basename(path)
     # keep the extension: some writers (ExperimentList.as_file) choose by it
     suffix = ".part" + os.path.splitext(base)[1]
-    fd, tmp = tempfile.mkstemp(prefix=f".{base}.", suffix=suffix, dir=directory)
+    try:
+        fd, tmp = tempfile.mkstemp(prefix=f".{base}.", suffix=suffix, dir=directory)
+    except OSError as e:
+        raise Sorry(f"cannot write {path}: {e.strerror or e}") from e
     os.close(fd)
     try:
         yield tmp
@@ -35,9 +40,12 @@ def atomic_path(path: str):
         os.umask(umask)
         os.chmod(tmp, 0o666 & ~umask)
         os.replace(tmp, path)
-    except BaseException:
+    except BaseException as e:
         with contextlib.suppress(OSError):
             os.unlink(tmp)
+        if isinstance(e, OSError):
+            # disk full, file size limit (EFBIG), I/O error: one line, no partial file
+            raise Sorry(f"cannot write {path}: {e.strerror or e}") from e
         raise
 
 

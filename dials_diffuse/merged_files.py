@@ -118,18 +118,40 @@ def write_all(out_dir, grid, obs, result, merged, stats, params, operators):
     stats["n_images"] = int(obs.n_images)
     arrays = voxel_arrays(merged)
     # maps first, metadata-style JSON last: a directory whose grid file exists
-    # is complete
-    if params.output.ccp4_maps:
-        for kind, name in MAP_NAMES.items():
-            values = arrays["I_merged_relative"] if kind == "total" else arrays["I_anisotropic"]
-            write_ccp4(os.path.join(out_dir, name), grid, merged.voxel_grid, values,
-                       operators, params.output, label=f"dials.diffuse_merge {kind} map")
-    io.write_npz(os.path.join(out_dir, VOXEL_NAME), **arrays)
-    if params.output.hdf5:
-        write_hdf5(os.path.join(out_dir, VOXEL_H5_NAME), arrays)
-    io.write_json(os.path.join(out_dir, STATS_NAME), stats)
-    io.write_json(os.path.join(out_dir, SCALING_NAME), scaling_dict(obs, result, params))
-    io.write_json(os.path.join(out_dir, GRID_NAME), grid.as_dict())
+    # is complete. An old grid file goes first, and a failed write removes
+    # what this run wrote: never a mix of old and new, or a half set.
+    grid_path = os.path.join(out_dir, GRID_NAME)
+    try:
+        os.unlink(grid_path)
+    except FileNotFoundError:
+        pass
+    except OSError as e:
+        raise Sorry(f"cannot replace {grid_path}: {e.strerror}")
+    written = []
+
+    def path_of(name):
+        written.append(os.path.join(out_dir, name))
+        return written[-1]
+
+    try:
+        if params.output.ccp4_maps:
+            for kind, name in MAP_NAMES.items():
+                values = arrays["I_merged_relative"] if kind == "total" else arrays["I_anisotropic"]
+                write_ccp4(path_of(name), grid, merged.voxel_grid, values,
+                           operators, params.output, label=f"dials.diffuse_merge {kind} map")
+        io.write_npz(path_of(VOXEL_NAME), **arrays)
+        if params.output.hdf5:
+            write_hdf5(path_of(VOXEL_H5_NAME), arrays)
+        io.write_json(path_of(STATS_NAME), stats)
+        io.write_json(path_of(SCALING_NAME), scaling_dict(obs, result, params))
+        io.write_json(path_of(GRID_NAME), grid.as_dict())
+    except BaseException:
+        for path in written:
+            try:
+                os.unlink(path)
+            except OSError:
+                pass
+        raise
     logger.info("Wrote merged map of %d voxels to %s", len(merged.intensity), out_dir)
 
 

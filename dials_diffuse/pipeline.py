@@ -314,6 +314,18 @@ def check_inputs(image_paths: Iterable, params) -> Inputs:
     return Inputs(paths, experiments, reference, dials_phil_scope, mode)
 
 
+def _unreadable_image(experiments):
+    """(path, error) of the first image whose pixels cannot be read, else None."""
+    for imageset in experiments.imagesets():
+        for k in range(len(imageset)):
+            try:
+                imageset.get_raw_data(k)
+            except Exception as e:
+                lines = str(e).strip().splitlines()
+                return imageset.get_path(k), (lines[-1] if lines else type(e).__name__)
+    return None
+
+
 def _check_image_formats(paths):
     from dxtbx.format.Registry import get_format_class_for_file
 
@@ -661,8 +673,16 @@ def run_phase1(run: _Run):
     spot_defaults = [SIMULATED_SPOTFINDING] if _simulated(experiments) else []
     if spot_defaults:
         logger.info("Simulated images (dials.diffuse_simulate): %s", spot_defaults[0])
-    with _capture_stdout():
-        strong = processing.find_spots(experiments, spot_defaults + nproc_override + overrides)
+    try:
+        with _capture_stdout():
+            strong = processing.find_spots(experiments, spot_defaults + nproc_override + overrides)
+    except Sorry:
+        raise
+    except Exception as e:
+        bad = _unreadable_image(experiments)
+        if bad:
+            raise Sorry(f"cannot read image {bad[0]} (truncated or corrupt?): {bad[1]}")
+        raise Sorry(f"spot finding failed: {type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''}")
     _write_refl(base / STRONG, strong)
     counts = _spots_per_experiment(strong, len(experiments))
     for e, n in zip(run.summary["images"], _per_image(counts, experiments, run)):

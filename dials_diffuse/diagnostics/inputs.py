@@ -212,6 +212,8 @@ def load_background_map(path: str) -> List[np.ndarray]:
     panels = [np.asarray(p, dtype=np.float64) for p in panels]
     if any(p.ndim != 2 for p in panels):
         raise Sorry(f"background map {path} is not 2-D per panel")
+    if not all(np.all(np.isfinite(p)) for p in panels):
+        raise Sorry(f"background map {path} contains NaN or infinite values")
     return panels
 
 
