@@ -157,9 +157,12 @@ masking
     border = 2
       .type = int
       .help = "Extra pixels masked around each spot."
-    max_delpsi = 1.0
+    max_delpsi = Auto
       .type = float(value_min=0)
-      .help = "Stills: mask reflections within this angle (deg) of the Ewald sphere."
+      .help = "Stills: mask reflections within this angle (deg) of the Ewald "
+              "sphere. Auto: 3 x (half mosaicity + d_min / 2 domain size) from "
+              "the crystal's mosaicity model (stills indexing writes one), "
+              "between 0.2 and 2 deg; 1 deg for crystals without one."
     use_centroids = False
       .type = bool
       .help = "With method=spots: discs around spot centroids instead of shoeboxes."

@@ -346,7 +346,7 @@ def extract_image(task, context: DetectorContext, params, ndiv, background=None,
         d_min = bragg_params.d_min or _detector_d_min(task.experiment)
         bragg = masks.bragg_mask_predicted(
             task.experiment, shapes, d_min, bragg_params.spot_radius,
-            bragg_params.border, bragg_params.max_delpsi,
+            bragg_params.border, max_delpsi_deg(task.experiment.crystal, bragg_params, d_min),
             image_index=task.scan_image_index, cache=context.predictions,
         )
     elif bragg_params.method == "spots":
@@ -497,6 +497,23 @@ def _correction_sample(context, kept_index, cat, t_exp, gain):
     }
     sample.update({f"sample_{k}": v for k, v in out.items()})
     return sample
+
+
+def max_delpsi_deg(crystal, bragg_params, d_min):
+    """The angular reach of the stills Bragg mask (see masking.bragg.max_delpsi).
+
+    On the real thaumatin stills (half mosaicity 0.25-0.46 deg, domain ~1100 A)
+    spots are seen up to about three times the model's own acceptance.
+    """
+    value = bragg_params.max_delpsi
+    if value is not None and value is not libtbx.Auto:
+        return value
+    half_mosaicity = getattr(crystal, "get_half_mosaicity_deg", lambda: None)()
+    domain = getattr(crystal, "get_domain_size_ang", lambda: None)()
+    if half_mosaicity is None or not domain:
+        return 1.0
+    reach = 3.0 * (half_mosaicity + np.rad2deg(d_min / (2.0 * domain)))
+    return float(np.clip(reach, 0.2, 2.0))
 
 
 def _detector_d_min(experiment):

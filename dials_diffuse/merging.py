@@ -216,7 +216,7 @@ def extracted_ndiv(path):
 def merge_map(obs, result, grid) -> MergedMap:
     use = ~result.rejected
     intensity, sigma, n_obs = scaling.merge_intensities(obs, result.model, use)
-    n_rej = np.bincount(obs.voxel, weights=result.rejected.astype(float), minlength=obs.n_voxels)
+    n_rej = np.bincount(obs.voxel[result.rejected], minlength=obs.n_voxels)
     keep = n_obs > 0
     ndiv = np.array(grid.ndiv)
     hkl = obs.voxel_grid / ndiv

@@ -6,9 +6,9 @@ mapped to the asymmetric unit (``symmetry.map_to_asu``) and given a compact
 index into the list of observed voxels, so that every per-voxel array of the
 merge has the size of the observed grid, not of the bounding box.
 
-Memory: the compact per-observation columns are kept in memory (about 26 bytes
-per observation, 2.6 GB for 10^8); the reading itself streams one file at a
-time.
+Memory: the compact per-observation columns are kept in memory (24 bytes per
+observation, 2.4 GB for 10^8); the reading streams one file at a time and the
+scaling passes work in chunks, so temporaries stay small.
 """
 
 from __future__ import annotations
@@ -38,9 +38,9 @@ class ObservationSet:
 
     voxel: np.ndarray  # int32 compact voxel index
     image: np.ndarray  # int32 index into image_ids
-    signal: np.ndarray  # float64 S
-    factor: np.ndarray  # float64 W
-    variance: np.ndarray  # float64 V
+    signal: np.ndarray  # float32 S (per-image sums; merging accumulates in float64)
+    factor: np.ndarray  # float32 W
+    variance: np.ndarray  # float32 V
     n_pixels: np.ndarray  # int32
     voxel_grid: np.ndarray  # (n_voxels, 3) int32 ASU grid indices of compact voxels
     voxel_qmag: np.ndarray  # (n_voxels,) |q| of the voxel centre, 1/Angstrom
@@ -88,13 +88,37 @@ def find_extraction_files(inputs: List[str]):
     return files
 
 
+# Grid indices are packed into int64 keys with a fixed offset, so that keys of
+# different images compare without knowing the global bounds in advance.
+_KEY_OFFSET = 2**19
+_KEY_WIDTH = 2**20
+
+
+def _pack(g):
+    g = g.astype(np.int64) + _KEY_OFFSET
+    return (g[:, 0] * _KEY_WIDTH + g[:, 1]) * _KEY_WIDTH + g[:, 2]
+
+
+def _unpack(keys):
+    gl = keys % _KEY_WIDTH
+    rest = keys // _KEY_WIDTH
+    return (np.stack([rest // _KEY_WIDTH, rest % _KEY_WIDTH, gl], axis=1) - _KEY_OFFSET).astype(np.int32)
+
+
 def load_observations(files, grid, operators, d_min=None, d_max=None) -> ObservationSet:
-    """Read every file, check it belongs to this grid, map voxels to the ASU."""
+    """Read every file, check it belongs to this grid, map voxels to the ASU.
+
+    Files are read one at a time; the observed voxels are collected as a
+    sorted union of keys, and each observation keeps only a compact int32
+    voxel index and float32 sums (24 bytes per observation in all).
+    """
     ndiv = np.array(grid.ndiv)
     per_image = []
     metadata = []
     ids = []
     gains = []
+    voxel_keys = np.zeros(0, np.int64)
+    pending, n_pending = [], 0  # keys not yet in the union (merged in batches)
     for path in files:
         arrays, meta = read_image_file(path)
         if list(meta.get("ndiv", [])) != list(grid.ndiv):
@@ -110,64 +134,71 @@ def load_observations(files, grid, operators, d_min=None, d_max=None) -> Observa
             if d_max is not None:
                 keep &= q >= 1.0 / d_max
         keep &= arrays["voxel_sum_factor"] > 0
-        asu = symmetry.map_to_asu(arrays["voxel_indices"][keep], ndiv, operators)
+        g = arrays["voxel_indices"][keep]
+        if g.size and np.abs(g).max() >= _KEY_OFFSET:
+            raise Sorry(f"{path}: voxel indices beyond +-{_KEY_OFFSET}: grid too fine")
+        keys = _pack(symmetry.map_to_asu(g, ndiv, operators))
+        pending.append(keys)
+        n_pending += keys.size
+        if n_pending > 10_000_000:
+            voxel_keys = np.union1d(voxel_keys, np.concatenate(pending))
+            pending, n_pending = [], 0
         per_image.append(
             (
-                asu.astype(np.int64),
-                arrays["voxel_sum_signal"][keep].astype(np.float64),
-                arrays["voxel_sum_factor"][keep].astype(np.float64),
-                arrays["voxel_sum_variance"][keep].astype(np.float64),
+                keys,
+                arrays["voxel_sum_signal"][keep].astype(np.float32),
+                arrays["voxel_sum_factor"][keep].astype(np.float32),
+                arrays["voxel_sum_variance"][keep].astype(np.float32),
                 arrays["voxel_n_pixels"][keep].astype(np.int32),
             )
         )
         metadata.append(meta)
         ids.append(int(meta["still_id"]))
         gains.append(float(meta.get("gain", 1.0)))
+    if pending:
+        voxel_keys = np.union1d(voxel_keys, np.concatenate(pending))
     if len(set(ids)) != len(ids):
         raise Sorry("two extraction files have the same still_id: inputs overlap")
-    all_grid = np.concatenate([p[0] for p in per_image])
-    if all_grid.size == 0:
+    if voxel_keys.size == 0:
         raise Sorry("no voxel observations within the resolution limits")
-    lower = all_grid.min(axis=0)
-    extent = all_grid.max(axis=0) - lower + 1
-    keys = ((all_grid[:, 0] - lower[0]) * extent[1] + (all_grid[:, 1] - lower[1])) * extent[2] + (
-        all_grid[:, 2] - lower[2]
-    )
-    unique_keys, voxel = np.unique(keys, return_inverse=True)
-    gl = unique_keys % extent[2]
-    rest = unique_keys // extent[2]
-    voxel_grid = (np.stack([rest // extent[1], rest % extent[1], gl], axis=1) + lower).astype(np.int32)
-    image = np.concatenate(
-        [np.full(len(p[0]), i, np.int32) for i, p in enumerate(per_image)]
-    )
-    hkl = voxel_grid / ndiv
-    qmag = np.linalg.norm(grid.q_of(hkl), axis=1)
+    # images in still-id order, whatever the order of the files
     order = np.argsort(ids, kind="stable")
-    if not np.array_equal(order, np.arange(len(ids))):
-        # order images by still id so that results do not depend on file order
-        rank = np.empty_like(order)
-        rank[order] = np.arange(len(order))
-        image = rank[image].astype(np.int32)
-        metadata = [metadata[i] for i in order]
-        ids = [ids[i] for i in order]
-        gains = [gains[i] for i in order]
+    per_image = [per_image[i] for i in order]
+    metadata = [metadata[i] for i in order]
+    ids = [ids[i] for i in order]
+    gains = [gains[i] for i in order]
+    n_obs = sum(len(p[0]) for p in per_image)
+    voxel = np.empty(n_obs, np.int32)
+    image = np.empty(n_obs, np.int32)
+    columns = [np.empty(n_obs, np.float32) for _ in range(3)]
+    n_pixels = np.empty(n_obs, np.int32)
+    start = 0
+    for i, (keys, signal, factor, variance, npix) in enumerate(per_image):
+        # within an image, rows sorted by voxel: a deterministic order
+        rows = np.argsort(keys, kind="stable")
+        sl = slice(start, start + len(keys))
+        voxel[sl] = np.searchsorted(voxel_keys, keys[rows])
+        image[sl] = i
+        for column, values in zip(columns, (signal, factor, variance)):
+            column[sl] = values[rows]
+        n_pixels[sl] = npix[rows]
+        start += len(keys)
+        per_image[i] = None  # free as we go
+    voxel_grid = _unpack(voxel_keys)
+    qmag = np.linalg.norm(grid.q_of(voxel_grid / ndiv), axis=1)
     obs = ObservationSet(
-        voxel=voxel.astype(np.int32),
+        voxel=voxel,
         image=image,
-        signal=np.concatenate([p[1] for p in per_image]),
-        factor=np.concatenate([p[2] for p in per_image]),
-        variance=np.concatenate([p[3] for p in per_image]),
-        n_pixels=np.concatenate([p[4] for p in per_image]),
+        signal=columns[0],
+        factor=columns[1],
+        variance=columns[2],
+        n_pixels=n_pixels,
         voxel_grid=voxel_grid,
         voxel_qmag=qmag,
         image_ids=np.array(ids, np.int64),
         image_gain=np.array(gains),
         metadata=metadata,
     )
-    # a deterministic observation order (by image then voxel) whatever the file order
-    sort = np.lexsort((obs.voxel, obs.image))
-    for name in ("voxel", "image", "signal", "factor", "variance", "n_pixels"):
-        setattr(obs, name, getattr(obs, name)[sort])
     logger.info(
         "Read %d voxel observations of %d voxels from %d images",
         obs.n_obs, obs.n_voxels, obs.n_images,
