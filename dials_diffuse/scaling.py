@@ -67,25 +67,63 @@ class ScalingResult:
     converged: bool
 
 
+# Observations are processed in chunks of this many rows, so that the float64
+# temporaries of a pass stay small whatever the number of observations.
+CHUNK_ROWS = 2_000_000
+
+
+@dataclasses.dataclass
+class ObservationChunk:
+    """A slice of an ObservationSet, in float64, with the per-voxel and
+    per-image arrays of the whole set (what the model functions need)."""
+
+    voxel: np.ndarray
+    image: np.ndarray
+    signal: np.ndarray
+    factor: np.ndarray
+    variance: np.ndarray
+    voxel_qmag: np.ndarray
+    image_gain: np.ndarray
+
+
+def chunks(obs, use=None, rows=None):
+    """(chunk, use of its rows) for consecutive slices of the observations."""
+    rows = rows or CHUNK_ROWS
+    for start in range(0, obs.n_obs, rows):
+        sl = slice(start, min(start + rows, obs.n_obs))
+        yield ObservationChunk(
+            voxel=obs.voxel[sl],
+            image=obs.image[sl],
+            signal=obs.signal[sl].astype(np.float64),
+            factor=obs.factor[sl].astype(np.float64),
+            variance=obs.variance[sl].astype(np.float64),
+            voxel_qmag=obs.voxel_qmag,
+            image_gain=obs.image_gain,
+        ), (None if use is None else use[sl])
+
+
 def _bincount(index, weights, n):
     return np.bincount(index, weights=weights, minlength=n)
 
 
 def merge_intensities(obs, model: ScalingModel, use: np.ndarray):
     """I_v, sigma_v and the number of observations per voxel for a given model."""
-    a = model.observation_factor(obs)
-    b = model.scale[obs.image]
-    c = model.offset[obs.image]
-    gain = obs.image_gain[obs.image]
-    # Poisson ML in counts (S / gain): images weigh by their expected counts,
-    # whatever their gain (the unit of S)
-    numerator = _bincount(obs.voxel, np.where(use, (obs.signal - c * obs.factor) / gain, 0.0), obs.n_voxels)
-    denominator = _bincount(obs.voxel, np.where(use, b * a * obs.factor / gain, 0.0), obs.n_voxels)
-    # variance of S with a one-count floor per observation, so that no merged
-    # sigma is zero even where every pixel counted nothing
-    var = np.maximum(obs.variance, gain * gain) / (gain * gain)
-    variance = _bincount(obs.voxel, np.where(use, var, 0.0), obs.n_voxels)
-    n_obs = np.bincount(obs.voxel, weights=use.astype(np.float64), minlength=obs.n_voxels)
+    n = obs.n_voxels
+    numerator, denominator, variance, n_obs = (np.zeros(n) for _ in range(4))
+    for ch, u in chunks(obs, use):
+        a = model.observation_factor(ch)
+        b = model.scale[ch.image]
+        c = model.offset[ch.image]
+        gain = ch.image_gain[ch.image]
+        # Poisson ML in counts (S / gain): images weigh by their expected
+        # counts, whatever their gain (the unit of S)
+        numerator += _bincount(ch.voxel, np.where(u, (ch.signal - c * ch.factor) / gain, 0.0), n)
+        denominator += _bincount(ch.voxel, np.where(u, b * a * ch.factor / gain, 0.0), n)
+        # variance of S with a one-count floor per observation, so that no
+        # merged sigma is zero even where every pixel counted nothing
+        variance += _bincount(
+            ch.voxel, np.where(u, np.maximum(ch.variance, gain * gain) / (gain * gain), 0.0), n)
+        n_obs += _bincount(ch.voxel, u.astype(np.float64), n)
     with np.errstate(invalid="ignore", divide="ignore"):
         intensity = np.where(denominator > 0, numerator / denominator, np.nan)
         sigma = np.where(denominator > 0, np.sqrt(variance) / denominator, np.nan)
@@ -93,6 +131,7 @@ def merge_intensities(obs, model: ScalingModel, use: np.ndarray):
 
 
 def model_prediction(obs, model: ScalingModel, intensity):
+    """E[S] for the rows of ``obs`` (an ObservationChunk or a whole set)."""
     a = model.observation_factor(obs)
     return obs.factor * (model.scale[obs.image] * a * intensity[obs.voxel] + model.offset[obs.image])
 
@@ -103,8 +142,35 @@ def model_variance(obs, expected):
     return np.maximum(gain * np.maximum(expected, 0.0), gain * gain)
 
 
+def _update_scales(obs, model, intensity, use):
+    """b_i = sum_v (S - c W) / sum_v W a I_v (Poisson maximum likelihood)."""
+    n = obs.n_images
+    num, den = np.zeros(n), np.zeros(n)
+    for ch, u in chunks(obs, use):
+        x = model.observation_factor(ch) * intensity[ch.voxel]
+        num += _bincount(ch.image, np.where(u, ch.signal - model.offset[ch.image] * ch.factor, 0.0), n)
+        den += _bincount(ch.image, np.where(u, ch.factor * x, 0.0), n)
+    model.scale = np.where(den > 0, num / np.where(den > 0, den, 1), model.scale)
+
+
+def _residual_sample(obs, model, intensity, use, max_samples=1_000_000):
+    """Residuals, Poisson variances and expectations of a regular subsample of
+    the used observations (for the error-model fit)."""
+    idx = np.flatnonzero(use)
+    if idx.size > max_samples:
+        idx = idx[:: idx.size // max_samples + 1]
+    sample = ObservationChunk(
+        voxel=obs.voxel[idx], image=obs.image[idx],
+        signal=obs.signal[idx].astype(np.float64), factor=obs.factor[idx].astype(np.float64),
+        variance=obs.variance[idx].astype(np.float64),
+        voxel_qmag=obs.voxel_qmag, image_gain=obs.image_gain,
+    )
+    expected = model_prediction(sample, model, intensity)
+    return sample.signal - expected, model_variance(sample, expected), expected
+
+
 def refine_scales(obs, params) -> ScalingResult:
-    """Alternating refinement of b_i (and optionally c_i, a(|q|)) and I_v."""
+    """Alternating refinement of b_i (and optionally c_i, a_i(|q|)) and I_v."""
     n_img = obs.n_images
     model = ScalingModel(scale=np.ones(n_img), offset=np.zeros(n_img))
     sm = params.resolution_smoother
@@ -118,37 +184,36 @@ def refine_scales(obs, params) -> ScalingResult:
     n_params = n_img + (n_img if params.offsets else 0) + (
         model.smoother_q.size * n_img if sm.enable else 0
     )
+    reject = params.outlier_sigma is not None and params.outlier_sigma > 0
     for iteration in range(1, params.max_iterations + 1):
         old_scale = model.scale.copy()
-        intensity, _, _ = merge_intensities(obs, model, use)
-        intensity = np.nan_to_num(intensity)
-        a = model.observation_factor(obs)
-        x = a * intensity[obs.voxel]  # model intensity before the image scale
-        c = model.offset[obs.image]
-        num = _bincount(obs.image, np.where(use, obs.signal - c * obs.factor, 0.0), n_img)
-        den = _bincount(obs.image, np.where(use, obs.factor * x, 0.0), n_img)
-        model.scale = np.where(den > 0, num / np.where(den > 0, den, 1), model.scale)
+        intensity = np.nan_to_num(merge_intensities(obs, model, use)[0])
+        _update_scales(obs, model, intensity, use)
         if params.offsets:
-            _update_offsets(obs, model, x, use)
+            _update_offsets(obs, model, intensity, use)
         if sm.enable:
             _update_smoother(obs, model, intensity, use)
         # fix the free overall factor: mean scale 1
         mean_scale = model.scale.mean()
         if mean_scale > 0:
             model.scale /= mean_scale
-        intensity, _, _ = merge_intensities(obs, model, use)
-        intensity = np.nan_to_num(intensity)
-        expected = model_prediction(obs, model, intensity)
-        resid = obs.signal - expected
-        poisson = model_variance(obs, expected)
-        error_k = fit_error_model(resid, poisson, expected, use)
-        var = poisson + (error_k * expected) ** 2
-        z = resid / np.sqrt(var)
-        if params.outlier_sigma is not None and params.outlier_sigma > 0:
-            use = np.abs(z) <= params.outlier_sigma
+        intensity = np.nan_to_num(merge_intensities(obs, model, use)[0])
+        error_k = fit_error_model(*_residual_sample(obs, model, intensity, use))
+        sum_abs_resid = sum_abs_signal = chi2_sum = 0.0
+        new_use = np.empty_like(use)
+        for start, (ch, u) in zip(range(0, obs.n_obs, CHUNK_ROWS), chunks(obs, use)):
+            expected = model_prediction(ch, model, intensity)
+            resid = ch.signal - expected
+            z = resid / np.sqrt(model_variance(ch, expected) + (error_k * expected) ** 2)
+            u_new = np.abs(z) <= params.outlier_sigma if reject else u
+            new_use[start : start + u.size] = u_new
+            sum_abs_resid += np.abs(resid[u_new]).sum()
+            sum_abs_signal += np.abs(ch.signal[u_new]).sum()
+            chi2_sum += (z[u_new] ** 2).sum()
+        use = new_use
         n_use = int(use.sum())
-        r_factor = float(np.abs(resid[use]).sum() / max(np.abs(obs.signal[use]).sum(), 1e-300))
-        chi2 = float((z[use] ** 2).sum() / max(n_use - n_params - obs.n_voxels, 1))
+        r_factor = float(sum_abs_resid / max(sum_abs_signal, 1e-300))
+        chi2 = float(chi2_sum / max(n_use - n_params - obs.n_voxels, 1))
         shift = float(np.max(np.abs(model.scale - old_scale) / np.maximum(old_scale, 1e-12)))
         history.append(
             {
@@ -173,7 +238,7 @@ def refine_scales(obs, params) -> ScalingResult:
 CHI2_1_MEDIAN = 0.45493642311957  # median of chi-squared with one degree of freedom
 
 
-def fit_error_model(resid, poisson_var, expected, use, max_samples=1_000_000):
+def fit_error_model(resid, poisson_var, expected):
     """k of var = var_Poisson + (k * E[S])^2, such that the median of the
     squared normalised residuals is that of chi-squared(1).
 
@@ -183,13 +248,10 @@ def fit_error_model(resid, poisson_var, expected, use, max_samples=1_000_000):
     outlier test would reject good data. The median makes the fit robust to
     the outliers themselves.
     """
-    idx = np.flatnonzero(use)
-    if idx.size > max_samples:
-        idx = idx[:: idx.size // max_samples + 1]
-    r2 = resid[idx] ** 2
-    pv = poisson_var[idx]
-    e2 = expected[idx] ** 2
-    if idx.size == 0 or np.median(r2 / pv) <= CHI2_1_MEDIAN:
+    r2 = resid**2
+    pv = poisson_var
+    e2 = expected**2
+    if r2.size == 0 or np.median(r2 / pv) <= CHI2_1_MEDIAN:
         return 0.0
     lo, hi = 0.0, 1.0
     while np.median(r2 / (pv + hi * hi * e2)) > CHI2_1_MEDIAN and hi < 1e3:
@@ -203,18 +265,21 @@ def fit_error_model(resid, poisson_var, expected, use, max_samples=1_000_000):
     return float(hi)
 
 
-def _update_offsets(obs, model, x, use):
-    """Per-image weighted least squares for (b_i, c_i) given x_v."""
+def _update_offsets(obs, model, intensity, use):
+    """Per-image weighted least squares for (b_i, c_i) given I_v."""
     n = obs.n_images
-    expected = obs.factor * (model.scale[obs.image] * x + model.offset[obs.image])
-    w = np.where(use, 1.0 / model_variance(obs, expected), 0.0)
-    W, S = obs.factor, obs.signal
-    # minimise sum w (S - W (b x + c))^2 -> 2x2 normal equations per image
-    sxx = _bincount(obs.image, w * W * W * x * x, n)
-    sx1 = _bincount(obs.image, w * W * W * x, n)
-    s11 = _bincount(obs.image, w * W * W, n)
-    sxs = _bincount(obs.image, w * W * x * S, n)
-    s1s = _bincount(obs.image, w * W * S, n)
+    sxx, sx1, s11, sxs, s1s = (np.zeros(n) for _ in range(5))
+    for ch, u in chunks(obs, use):
+        x = model.observation_factor(ch) * intensity[ch.voxel]
+        expected = ch.factor * (model.scale[ch.image] * x + model.offset[ch.image])
+        w = np.where(u, 1.0 / model_variance(ch, expected), 0.0)
+        W, S = ch.factor, ch.signal
+        # minimise sum w (S - W (b x + c))^2 -> 2x2 normal equations per image
+        sxx += _bincount(ch.image, w * W * W * x * x, n)
+        sx1 += _bincount(ch.image, w * W * W * x, n)
+        s11 += _bincount(ch.image, w * W * W, n)
+        sxs += _bincount(ch.image, w * W * x * S, n)
+        s1s += _bincount(ch.image, w * W * S, n)
     det = sxx * s11 - sx1 * sx1
     ok = np.abs(det) > 1e-12 * np.maximum(sxx * s11, 1e-300)
     b = np.where(ok, (sxs * s11 - s1s * sx1) / np.where(ok, det, 1), model.scale)
@@ -226,21 +291,22 @@ def _update_smoother(obs, model, intensity, use):
     """Per-image weighted least squares for the control-point values of a_i."""
     k = model.smoother_q.size
     n = obs.n_images
-    j, t = model.interpolation(obs.voxel_qmag[obs.voxel])
-    base = obs.factor * model.scale[obs.image] * intensity[obs.voxel]
-    offset = obs.factor * model.offset[obs.image]
-    target = obs.signal - offset
-    expected = base * model.observation_factor(obs) + offset
-    w = np.where(use, 1.0 / model_variance(obs, expected), 0.0)
-    cols = [(j, (1 - t) * base), (j + 1, t * base)]
     normal = np.zeros(n * k * k)
     rhs = np.zeros(n * k)
-    for ja, va in cols:
-        rhs += np.bincount(obs.image * k + ja, weights=w * va * target, minlength=n * k)
-        for jb, vb in cols:
-            normal += np.bincount(
-                (obs.image * k + ja) * k + jb, weights=w * va * vb, minlength=n * k * k
-            )
+    for ch, u in chunks(obs, use):
+        j, t = model.interpolation(ch.voxel_qmag[ch.voxel])
+        base = ch.factor * model.scale[ch.image] * intensity[ch.voxel]
+        offset = ch.factor * model.offset[ch.image]
+        target = ch.signal - offset
+        expected = base * model.observation_factor(ch) + offset
+        w = np.where(u, 1.0 / model_variance(ch, expected), 0.0)
+        cols = [(j, (1 - t) * base), (j + 1, t * base)]
+        for ja, va in cols:
+            rhs += np.bincount(ch.image * k + ja, weights=w * va * target, minlength=n * k)
+            for jb, vb in cols:
+                normal += np.bincount(
+                    (ch.image * k + ja) * k + jb, weights=w * va * vb, minlength=n * k * k
+                )
     normal = normal.reshape(n, k, k)
     rhs = rhs.reshape(n, k)
     # a light ridge towards the current values keeps empty ranges defined
