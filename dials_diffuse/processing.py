@@ -476,6 +476,17 @@ def _final_rmsds(refiner, history) -> dict:
 # --------------------------------------------------------------------------
 # Joint refinement of a shared detector over indexed stills
 # --------------------------------------------------------------------------
+def _run_dials_refine(*args, **kwargs):
+    """dials.refine's library entry, which calls sys.exit() on some failures
+    (e.g. "No reflections available for refinement"): raise instead."""
+    from dials.command_line.refine import run_dials_refine
+
+    try:
+        return run_dials_refine(*args, **kwargs)
+    except SystemExit as e:
+        raise RuntimeError(f"dials.refine: {e}") from None
+
+
 def refine_shared_detector(experiments, reflections, params_overrides=None):
     """Refine one detector shared by all indexed stills, with per-still crystals.
 
@@ -511,7 +522,7 @@ def refine_shared_detector(experiments, reflections, params_overrides=None):
         params_overrides,
     )
     t0 = time.perf_counter()
-    experiments, reflections, refiner, history = run_dials_refine(
+    experiments, reflections, refiner, history = _run_dials_refine(
         experiments, reflections, params
     )
     d1 = experiments[0].detector[0].get_directed_distance()
@@ -574,7 +585,7 @@ def index_and_refine_sequence(
         [f"refinement.parameterisation.scan_varying={bool(scan_varying)}"],
         refine_overrides,
     )
-    refined_expts, refined_refl, refiner, history = run_dials_refine(
+    refined_expts, refined_refl, refiner, history = _run_dials_refine(
         indexed_expts, indexed_only, rparams
     )
     info = {
