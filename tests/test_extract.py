@@ -417,3 +417,25 @@ def test_real_thaumatin_still(tmp_path):
         assert np.all((values > low) & (values <= high)), name
     # the header exposure time (not 1 s) was used
     assert 0 < a["sample_exposure_time"][0] < 1
+
+
+def test_scan_varying_rotation(tmp_path):
+    """A scan-varying crystal (U drifting over the scan): each image uses A at
+    its own scan point, so the intensities stay flat against the truth."""
+    directory = simulate_dataset(
+        params_from(
+            **{
+                "mode": "rotation", "n_images": 6, "random_seed": 8,
+                "rotation.oscillation": 0.5, "rotation.scan_varying": True,
+                "rotation.drift_deg": 2.0, "detector.format": "generic",
+                "detector.n_fast": 200, "detector.n_slow": 200, "detector.distance": 100,
+                "output.directory": str(tmp_path / "data"),
+            }
+        )
+    )
+    truth = load_truth(directory)
+    assert truth.experiments[0].crystal.num_scan_points == 7
+    extract(truth.experiments, extraction_params(truth, tmp_path / "out"))
+    overall, by_region, by_shell = flatness(truth, tmp_path / "out", truth.n_images)
+    assert overall == pytest.approx(1.0, abs=0.01)
+    assert np.all(np.abs(by_shell - 1) < 0.015), by_shell

@@ -220,3 +220,20 @@ def test_command_line_and_bad_input(stills_run, tmp_path):
         assert result.returncode == 1, (args, result.stdout[-500:])
         assert last.startswith("Sorry:") and message in last, (args, last)
         assert not (tmp_path / "bad" / merged_files.GRID_NAME).exists()
+
+
+def test_misorientation_check(stills_run, tmp_path):
+    """Randomly oriented stills declared to be one crystal are refused."""
+    from dials.util import Sorry
+
+    truth, base, _ = stills_run
+    params = merge_params(tmp_path / "m", **{"misorientation.single_crystal": "yes",
+                                             "misorientation.action": "fail"})
+    with pytest.raises(Sorry, match="RMS misorientation"):
+        merge_run(truth.experiments, [str(base / "extracted")], params)
+    assert not (tmp_path / "m" / merged_files.GRID_NAME).exists()
+    # as stills (the default) the orientations are only reported
+    result = merge_run(truth.experiments, [str(base / "extracted")],
+                       merge_params(tmp_path / "ok", **{"output.ccp4_maps": False}))
+    spread = result["grid"].orientation
+    assert spread["rms_misorientation_deg"] > 10 and not spread["checked"]
