@@ -13,9 +13,9 @@ Model (every input is a measurement except the stated assumptions):
 * reading is bounded by an aggregate file-system bandwidth (assumption,
   --bandwidth-mb-s), image bytes per pixel as the measured CBF;
 * output: measured NPZ bytes per image, scaled by the pixel count;
-* merge: one process today; seconds per observation per scaling iteration and
-  bytes per observation (marginal, between the two largest merge runs) as
-  measured, with the iteration count of the largest run.
+* merge: one process today; seconds per observation per scaling iteration
+  (largest merge run) and bytes per observation (marginal, between the two
+  largest merge runs) as measured, times --merge-iterations.
 """
 
 from __future__ import annotations
@@ -45,6 +45,8 @@ def main():
     ap = argparse.ArgumentParser()
     ap.add_argument("--bandwidth-mb-s", type=float, default=1000.0,
                     help="aggregate read bandwidth of the file system (assumption)")
+    ap.add_argument("--merge-iterations", type=int, default=10,
+                    help="scaling iterations (the simulated 100-image Pilatus run converged in 9)")
     args = ap.parse_args()
     ex = json.loads((RESULTS / "extract.json").read_text())
     me = json.loads((RESULTS / "merge.json").read_text())
@@ -55,8 +57,8 @@ def main():
     context = ex["detector_context_s"]
     runs = me["runs"]
     r1, r2 = runs[-2], runs[-1]
-    it = max(r2["scaling_iterations"], 1)
-    s_per_obs_iter = r2["scale_merge_s"] / r2["n_observations"] / it
+    it = args.merge_iterations
+    s_per_obs_iter = r2["scale_merge_s"] / r2["n_observations"] / max(r2["scaling_iterations"], 1)
     read_per_obs = r2["read_s"] / r2["n_observations"]
     b_per_obs = (r2["vmhwm_mb"] - r1["vmhwm_mb"]) * 2**20 / (r2["n_observations"] - r1["n_observations"])
     base_mb = r2["vmhwm_mb"] - b_per_obs * r2["n_observations"] / 2**20
