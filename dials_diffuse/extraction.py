@@ -536,6 +536,9 @@ def extract(models, params, images=None, reflections=None, progress=True):
     """
     ndiv = check_params(params)
     tasks, skipped = plan_tasks(models, images)
+    # contexts depend on this run's parameters (pixel_step, corrections,
+    # masks, resolution): never reuse one from an earlier call
+    _CONTEXTS.clear()
     if not tasks:
         raise Sorry("no images to extract: no experiment with a crystal covers any image")
     if params.masking.bragg.method == "spots" and reflections is None:
@@ -709,16 +712,21 @@ def _dask_job(spec):
     """Run one image on a Dask worker from a serialisable spec."""
     from dxtbx.model.experiment_list import ExperimentListFactory
 
+    if _SHARED.get("run_token") != spec["run_token"]:
+        _CONTEXTS.clear()
+        for key in [k for k in _SHARED if isinstance(k, tuple)]:
+            del _SHARED[key]
+        _SHARED["run_token"] = spec["run_token"]
     experiment = ExperimentListFactory.from_json(spec["experiment_json"], check_format=True)[0]
     task = ImageTask(
         spec["still_id"], spec["experiment_id"], experiment, experiment.imageset,
         spec["index_in_imageset"], spec["scan_image_index"], spec["image_path"],
     )
     job = ImageJob(task, spec["params"], tuple(spec["ndiv"]), spec["out_dir"], spec["reflections"])
-    background = _SHARED.setdefault(
-        ("background", spec["params"].corrections.background.map),
-        load_background(spec["params"], experiment.detector),
-    )
+    bg_key = ("background", spec["params"].corrections.background.map)
+    if bg_key not in _SHARED:
+        _SHARED[bg_key] = load_background(spec["params"], experiment.detector)
+    background = _SHARED[bg_key]
     dynamic = None
     if spec["dynamic_mask_path"]:
         key = ("dynamic", spec["dynamic_mask_path"])
@@ -775,6 +783,10 @@ def _run_dask(jobs, params, dynamic, nproc):
         raise Sorry("mp.method=dask needs dask.distributed: pip install 'dask[distributed]'")
     from dxtbx.model.experiment_list import ExperimentList
 
+    import uuid
+
+    # long-lived workers of an external cluster forget contexts of other runs
+    run_token = uuid.uuid4().hex
     dynamic_path = None
     if dynamic is not None:
         dynamic_path = os.path.abspath(os.path.join(jobs[0].out_dir, DYNAMIC_MASK_NAME))
@@ -791,6 +803,7 @@ def _run_dask(jobs, params, dynamic, nproc):
             "out_dir": os.path.abspath(job.out_dir),
             "reflections": job.reflections,
             "dynamic_mask_path": dynamic_path,
+            "run_token": run_token,
         }
         for job in jobs
     ]
