@@ -86,7 +86,7 @@ def child_full_run(directory, n, out_dir):
 
 def main():
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("--n-images", type=int, default=8, help="images timed one by one (>= 5)")
+    ap.add_argument("--n-images", type=int, default=10, help="images timed one by one (>= 5)")
     ap.add_argument("--memory-sizes", type=int, nargs="+", default=[10, 40],
                     help="numbers of images of the whole-run memory comparison")
     ap.add_argument("--skip-memory", action="store_true")
