@@ -81,11 +81,15 @@ def _pearson(x, y):
 def cc_half(obs, model, use, on_bragg, n_shells=10, seed=0, n_bins=50):
     """Half-dataset correlations per resolution shell (random halves by image)."""
     rng = np.random.default_rng(seed)
-    half_of_image = np.zeros(obs.n_images, np.int64)
-    half_of_image[rng.permutation(obs.n_images)[: obs.n_images // 2]] = 1
+    in_first_half = np.zeros(obs.n_images, bool)
+    in_first_half[rng.permutation(obs.n_images)[: obs.n_images // 2]] = True
     halves = []
-    for h in (0, 1):
-        sel = use & (half_of_image[obs.image] == h)
+    for h in (True, False):
+        # a bool lookup: 1 byte per observation for the selection
+        sel = in_first_half[obs.image]
+        if not h:
+            np.logical_not(sel, out=sel)
+        sel &= use
         intensity, _, n = scaling.merge_intensities(obs, model, sel)
         halves.append((intensity, n))
     both = (halves[0][1] > 0) & (halves[1][1] > 0)

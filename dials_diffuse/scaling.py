@@ -156,9 +156,10 @@ def _update_scales(obs, model, intensity, use):
 def _residual_sample(obs, model, intensity, use, max_samples=1_000_000):
     """Residuals, Poisson variances and expectations of a regular subsample of
     the used observations (for the error-model fit)."""
-    idx = np.flatnonzero(use)
-    if idx.size > max_samples:
-        idx = idx[:: idx.size // max_samples + 1]
+    # a regular stride first, so no index array of every observation is made
+    step = max(1, obs.n_obs // max_samples)
+    idx = np.arange(0, obs.n_obs, step)
+    idx = idx[use[::step]]
     sample = ObservationChunk(
         voxel=obs.voxel[idx], image=obs.image[idx],
         signal=obs.signal[idx].astype(np.float64), factor=obs.factor[idx].astype(np.float64),
@@ -185,9 +186,11 @@ def refine_scales(obs, params) -> ScalingResult:
         model.smoother_q.size * n_img if sm.enable else 0
     )
     reject = params.outlier_sigma is not None and params.outlier_sigma > 0
+    intensity = np.nan_to_num(merge_intensities(obs, model, use)[0])
     for iteration in range(1, params.max_iterations + 1):
         old_scale = model.scale.copy()
-        intensity = np.nan_to_num(merge_intensities(obs, model, use)[0])
+        # I_v from the end of the previous iteration (one pass fewer per
+        # iteration; it only lags the last outlier update)
         _update_scales(obs, model, intensity, use)
         if params.offsets:
             _update_offsets(obs, model, intensity, use)
