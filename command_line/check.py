@@ -61,7 +61,8 @@ import dials.util
 import dials.util.log
 from dials.util import Sorry
 from dials.util.options import ArgumentParser, flatten_experiments
-from dials.util.version import dials_version
+
+from dials_diffuse.command_util import parse_command_line
 
 from dials_diffuse.diagnostics import run_check
 from dials_diffuse.diagnostics.inputs import classify
@@ -133,14 +134,7 @@ def run(args: List[str] = None, phil: libtbx.phil.scope = phil_scope) -> None:
         check_format=False,
         epilog=__doc__,
     )
-    params, options, unhandled = parser.parse_args(
-        args=args, show_diff_phil=False, return_unhandled=True
-    )
-    dials.util.log.config(verbosity=options.verbose, logfile=params.output.log)
-    logger.info(dials_version())
-    diff = parser.diff_phil.as_str()
-    if diff:
-        logger.info("The following parameters have been modified:\n%s", diff)
+    params, options, unhandled = parse_command_line(parser, args, phil, logger)
     for arg in unhandled:
         if "=" in arg and not os.path.exists(arg):
             raise Sorry(f"unknown parameter: {arg}")

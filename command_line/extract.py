@@ -39,10 +39,9 @@ import dials.util
 import dials.util.log
 from dials.util import Sorry
 from dials.util.options import ArgumentParser, flatten_experiments, flatten_reflections
-from dials.util.version import dials_version
 
 from dials_diffuse.extraction import extract
-from dials_diffuse.command_util import check_unhandled, split_preset_files
+from dials_diffuse.command_util import check_unhandled, parse_command_line
 from dials_diffuse.phil_scopes import grid_phil_str
 
 logger = logging.getLogger("dials.diffuse_extract")
@@ -219,17 +218,7 @@ def run(args: List[str] = None, phil: libtbx.phil.scope = phil_scope) -> None:
         check_format=True,
         epilog=__doc__,
     )
-    args, ignored_presets = split_preset_files(args, phil)
-    params, options, unhandled = parser.parse_args(
-        args=args, show_diff_phil=False, return_unhandled=True
-    )
-    dials.util.log.config(verbosity=options.verbose, logfile=params.output.log)
-    for item in ignored_presets:
-        logger.debug("Preset parameter not used by this command: %s", item)
-    logger.info(dials_version())
-    diff = parser.diff_phil.as_str()
-    if diff:
-        logger.info("The following parameters have been modified:\n%s", diff)
+    params, options, unhandled = parse_command_line(parser, args, phil, logger)
     check_unhandled(unhandled)
     if not params.input.experiments:
         parser.print_help()

@@ -130,3 +130,37 @@ def explain_unreadable(path: str):
             if fmt is None:
                 return f"{path}: image {image} is not an image format dxtbx can read"
     return None
+
+
+def parse_command_line(parser, args, phil_scope, logger):
+    """The start every dials.diffuse_* command shares: PHIL parameter-set
+    files filtered to this command, DIALS' parser, the log file, the DIALS
+    version and the modified parameters in the log.
+
+    Returns (params, options, unhandled positional arguments).
+    """
+    import dials.util.log
+    from dials.util.version import dials_version
+
+    args, ignored_presets = split_preset_files(args, phil_scope)
+    params, options, unhandled = parser.parse_args(
+        args=args, show_diff_phil=False, return_unhandled=True
+    )
+    dials.util.log.config(verbosity=options.verbose, logfile=params.output.log)
+    for item in ignored_presets:
+        logger.debug("Preset parameter not used by this command: %s", item)
+    logger.info(dials_version())
+    diff = parser.diff_phil.as_str()
+    if diff:
+        logger.info("The following parameters have been modified:\n%s", diff)
+    return params, options, unhandled
+
+
+def ensure_output_directory(path, parameter="output.directory"):
+    """Create ``path`` if needed; Sorry unless it is a writable directory."""
+    try:
+        os.makedirs(path, exist_ok=True)
+    except OSError as e:
+        raise Sorry(f"cannot create {parameter} {path}: {e.strerror}")
+    if not os.access(path, os.W_OK):
+        raise Sorry(f"{parameter} {path} is not writable")

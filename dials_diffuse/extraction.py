@@ -28,6 +28,7 @@ from dxtbx import flumpy
 
 from dials.util import Sorry
 
+from dials_diffuse.command_util import ensure_output_directory
 from dials_diffuse import corrections, geometry, grid, io, masks
 from dials_diffuse.diffuse_files import (
     MANIFEST_NAME,
@@ -544,12 +545,7 @@ def extract(models, params, images=None, reflections=None, progress=True):
     if params.masking.bragg.method == "spots" and reflections is None:
         raise Sorry("masking.bragg.method=spots needs a reflection table (strong.refl or indexed.refl)")
     out_dir = params.output.directory
-    try:
-        os.makedirs(out_dir, exist_ok=True)
-    except OSError as e:
-        raise Sorry(f"cannot create output.directory {out_dir}: {e.strerror}")
-    if not os.access(out_dir, os.W_OK):
-        raise Sorry(f"output.directory {out_dir} is not writable")
+    ensure_output_directory(out_dir)
     background = load_background(params, tasks[0].experiment.detector)
     # the manifest marks a complete directory: an old one goes before any new
     # file is written, so an interrupted rerun never looks complete

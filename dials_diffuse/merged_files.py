@@ -25,6 +25,7 @@ import numpy as np
 
 from dials.util import Sorry
 
+from dials_diffuse.command_util import ensure_output_directory
 from dials_diffuse import io, symmetry
 
 logger = logging.getLogger("dials.diffuse_merge")
@@ -98,12 +99,7 @@ def scaling_dict(obs, result, params):
 
 
 def write_all(out_dir, grid, obs, result, merged, stats, params, operators):
-    try:
-        os.makedirs(out_dir, exist_ok=True)
-    except OSError as e:
-        raise Sorry(f"cannot create output.directory {out_dir}: {e.strerror}")
-    if not os.access(out_dir, os.W_OK):
-        raise Sorry(f"output.directory {out_dir} is not writable")
+    ensure_output_directory(out_dir)
     from dials_diffuse.merging import radial_profile
 
     centres, means, counts = radial_profile(merged.qmag, merged.intensity)

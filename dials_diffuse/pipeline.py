@@ -36,7 +36,6 @@ scopes, so each parameter has one definition.
 from __future__ import annotations
 
 import contextlib
-import copy
 import datetime
 import hashlib
 import io as _io

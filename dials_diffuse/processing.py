@@ -504,7 +504,7 @@ def refine_shared_detector(experiments, reflections, params_overrides=None):
     "RMSD_DeltaPsi_rad": ..}``) and the time taken.  About 9 s for the 15
     thaumatin stills (8548 reflections) on 2 cores.
     """
-    from dials.command_line.refine import run_dials_refine, working_phil
+    from dials.command_line.refine import working_phil
 
     if len(experiments) == 0:
         raise ValueError("no experiments to refine")
@@ -570,7 +570,7 @@ def index_and_refine_sequence(
     ``dials.algorithms.indexing.DialsIndexError`` if indexing fails.
     """
     from dials.command_line.index import index, working_phil as index_phil
-    from dials.command_line.refine import run_dials_refine, working_phil as refine_phil
+    from dials.command_line.refine import working_phil as refine_phil
 
     if any(e.is_still() for e in experiments):
         raise ValueError("index_and_refine_sequence needs rotation (sequence) experiments")

@@ -14,7 +14,6 @@ from pathlib import Path
 import pytest
 
 from dials.algorithms.spot_prediction import PixelToMillerIndex
-from dials.util import Sorry
 
 from dials_diffuse.command_line import extract as extract_command
 from dials_diffuse.diffuse_files import MANIFEST_NAME, read_image_file

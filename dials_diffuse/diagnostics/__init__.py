@@ -15,7 +15,7 @@ from __future__ import annotations
 import logging
 import os
 
-from dials.util import Sorry
+from dials_diffuse.command_util import ensure_output_directory
 
 logger = logging.getLogger("dials.diffuse_check")
 
@@ -28,12 +28,7 @@ def run_check(found, params, experiments=None):
     if params.output.directory is None:
         params.output.directory = DEFAULT_DIRECTORIES[found.mode]
     out_dir = params.output.directory
-    try:
-        os.makedirs(out_dir, exist_ok=True)
-    except OSError as e:
-        raise Sorry(f"cannot create output.directory {out_dir}: {e.strerror}")
-    if not os.access(out_dir, os.W_OK):
-        raise Sorry(f"output.directory {out_dir} is not writable")
+    ensure_output_directory(out_dir)
     logger.info("%s diagnostics into %s", found.mode.capitalize(), out_dir)
     if found.mode == "extraction":
         from dials_diffuse.diagnostics.extraction_check import run_extraction_check

@@ -11,9 +11,8 @@ from __future__ import annotations
 
 import functools
 import json
-import os
 import pathlib
-from typing import List, Optional
+from typing import List
 
 import numpy as np
 from scipy.special import ndtr
