@@ -844,18 +844,53 @@ def _find_context(contexts, task):
     return None
 
 
-def dynamic_mask(tasks, params):
+def _dynamic_accumulator(tasks, params):
     d = params.masking.dynamic
-    detector = tasks[0].experiment.detector
-    acc = masks.DynamicMaskAccumulator(
-        detector, d.hot_threshold, d.hot_fraction, d.hot_ratio, d.dead_min_expected_counts
+    return masks.DynamicMaskAccumulator(
+        tasks[0].experiment.detector, d.hot_threshold, d.hot_fraction, d.hot_ratio,
+        d.dead_min_expected_counts,
     )
+
+
+def _accumulate_dynamic(tasks, params):
+    """Per-pixel sums of the dynamic-mask pass over some images."""
+    acc = _dynamic_accumulator(tasks, params)
+    detector = tasks[0].experiment.detector
     for task in tasks:
         try:
             raw = read_image(task)
         except ImageError:
             continue
         acc.add(raw, masks.trusted_range_mask(detector, raw))
+    return acc.sums()
+
+
+def _forked_dynamic(indices):
+    return _accumulate_dynamic([_SHARED["tasks"][i] for i in indices], _SHARED["params"])
+
+
+def dynamic_mask(tasks, params):
+    """Hot and dead pixels from a pass over every image (in parallel with
+    mp.method=multiprocessing: each worker sums its share of the images)."""
+    acc = _dynamic_accumulator(tasks, params)
+    nproc = min(_nproc(params), len(tasks))
+    if nproc > 1 and params.mp.method == "multiprocessing":
+        import concurrent.futures
+        import multiprocessing
+
+        shares = [list(range(k, len(tasks), nproc)) for k in range(nproc)]
+        _SHARED.update(tasks=tasks, params=params)
+        try:
+            with concurrent.futures.ProcessPoolExecutor(
+                max_workers=nproc, mp_context=multiprocessing.get_context("fork")
+            ) as pool:
+                for sums in pool.map(_forked_dynamic, shares):
+                    acc.add_sums(sums)
+        finally:
+            _SHARED.pop("tasks", None)
+            _SHARED.pop("params", None)
+    else:
+        acc.add_sums(_accumulate_dynamic(tasks, params))
     result = acc.masks()
     n_bad = sum(int((~m).sum()) for m in result)
     logger.info("Dynamic mask: %d hot or dead pixels", n_bad)

@@ -104,6 +104,17 @@ class DynamicMaskAccumulator:
         self.n_valid = [np.zeros(s, np.int32) for s in shapes]
         self.n_images = 0
 
+    def sums(self):
+        """The accumulated arrays (to combine accumulators of several workers)."""
+        return self.sum_counts, self.n_hot, self.n_valid, self.n_images
+
+    def add_sums(self, sums) -> None:
+        sum_counts, n_hot, n_valid, n_images = sums
+        for mine, theirs in zip(self.sum_counts + self.n_hot + self.n_valid,
+                                sum_counts + n_hot + n_valid):
+            mine += theirs
+        self.n_images += n_images
+
     def add(self, raw_data: Sequence[np.ndarray], trusted: PanelMasks) -> None:
         self.n_images += 1
         for i, (panel, data) in enumerate(zip(self.detector, raw_data)):
