@@ -77,6 +77,12 @@ symmetry
 }
 scaling
 {
+  solver = *gauss_newton alternating
+    .type = choice
+    .help = "gauss_newton: all scales together per iteration (the merged "
+            "intensities eliminated); alternating: closed-form Poisson updates "
+            "of scales and intensities in turn. Offsets or the resolution term "
+            "use the alternating updates."
   max_iterations = 20
     .type = int
   convergence_tolerance = 1e-4

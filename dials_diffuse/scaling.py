@@ -153,6 +153,57 @@ def _update_scales(obs, model, intensity, use):
     model.scale = np.where(den > 0, num / np.where(den > 0, den, 1), model.scale)
 
 
+def _gauss_newton_scales(obs, model, intensity, use):
+    """One Gauss-Newton step for b on the joint problem in (b, I).
+
+    The alternating updates converge slowly when images overlap only with
+    their neighbours (a rotation sweep: a chain of images). Solving for all
+    b_i together, with the I_v eliminated through the Schur complement of the
+    normal equations, moves the whole chain at once. The normal matrix is
+    images x images (dense; fine for thousands of images).
+    """
+    from scipy import sparse
+
+    n_img, n_vox = obs.n_images, obs.n_voxels
+    d_b, d_i = np.zeros(n_img), np.zeros(n_vox)
+    g_b, g_i = np.zeros(n_img), np.zeros(n_vox)
+    couplings = []
+    for ch, u in chunks(obs, use):
+        b = model.scale[ch.image]
+        x = intensity[ch.voxel]
+        W = ch.factor
+        mu = b * W * x
+        w = np.where(u, 1.0 / model_variance(ch, mu), 0.0)
+        r = ch.signal - mu
+        d_b += _bincount(ch.image, w * W * W * x * x, n_img)
+        d_i += _bincount(ch.voxel, w * W * W * b * b, n_vox)
+        g_b += _bincount(ch.image, w * W * x * r, n_img)
+        g_i += _bincount(ch.voxel, w * W * b * r, n_vox)
+        couplings.append(
+            sparse.csr_matrix((w * W * W * b * x, (ch.image, ch.voxel)), shape=(n_img, n_vox))
+        )
+    coupling = couplings[0]
+    for c in couplings[1:]:
+        coupling = coupling + c
+    inv_d_i = np.where(d_i > 0, 1.0 / np.where(d_i > 0, d_i, 1.0), 0.0)
+    scaled = coupling.multiply(inv_d_i[None, :]).tocsr()
+    schur = np.diag(d_b) - (scaled @ coupling.T).toarray()
+    rhs = g_b - scaled @ g_i
+    # the overall factor is free (b -> k b, I -> I / k): pin the mean step
+    gauge = np.trace(schur) / n_img
+    schur += gauge * np.ones((n_img, n_img)) / n_img
+    try:
+        step = np.linalg.solve(schur, rhs)
+    except np.linalg.LinAlgError:
+        step = np.linalg.lstsq(schur, rhs, rcond=None)[0]
+    new = model.scale + step
+    # never let a scale go to or below zero: fall back to a damped step
+    while np.any(new <= 0):
+        step *= 0.5
+        new = model.scale + step
+    model.scale = new
+
+
 def _residual_sample(obs, model, intensity, use, max_samples=1_000_000):
     """Residuals, Poisson variances and expectations of a regular subsample of
     the used observations (for the error-model fit)."""
@@ -191,7 +242,10 @@ def refine_scales(obs, params) -> ScalingResult:
         old_scale = model.scale.copy()
         # I_v from the end of the previous iteration (one pass fewer per
         # iteration; it only lags the last outlier update)
-        _update_scales(obs, model, intensity, use)
+        if params.solver == "gauss_newton" and not params.offsets and not sm.enable:
+            _gauss_newton_scales(obs, model, intensity, use)
+        else:
+            _update_scales(obs, model, intensity, use)
         if params.offsets:
             _update_offsets(obs, model, intensity, use)
         if sm.enable:
