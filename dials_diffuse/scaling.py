@@ -153,42 +153,57 @@ def _update_scales(obs, model, intensity, use):
     model.scale = np.where(den > 0, num / np.where(den > 0, den, 1), model.scale)
 
 
+# Largest number of (image, voxel) couplings held for the Gauss-Newton matrix;
+# beyond it the matrix is estimated from a regular subset of the voxels.
+MAX_COUPLINGS = 20_000_000
+
+
 def _gauss_newton_scales(obs, model, intensity, use):
     """One Gauss-Newton step for b on the joint problem in (b, I).
 
     The alternating updates converge slowly when images overlap only with
     their neighbours (a rotation sweep: a chain of images). Solving for all
     b_i together, with the I_v eliminated through the Schur complement of the
-    normal equations, moves the whole chain at once. The normal matrix is
-    images x images (dense; fine for thousands of images).
+    normal equations, moves the whole chain at once. The gradient is exact;
+    for very large runs the images x images matrix is estimated from every
+    k-th voxel (scaled by k), which keeps memory bounded and the step a good
+    quasi-Newton step.
     """
     from scipy import sparse
 
     n_img, n_vox = obs.n_images, obs.n_voxels
     d_b, d_i = np.zeros(n_img), np.zeros(n_vox)
     g_b, g_i = np.zeros(n_img), np.zeros(n_vox)
-    couplings = []
-    for ch, u in chunks(obs, use):
+
+    def terms(ch, u):
         b = model.scale[ch.image]
         x = intensity[ch.voxel]
         W = ch.factor
         mu = b * W * x
         w = np.where(u, 1.0 / model_variance(ch, mu), 0.0)
-        r = ch.signal - mu
+        return b, x, W, w, ch.signal - mu
+
+    for ch, u in chunks(obs, use):
+        b, x, W, w, r = terms(ch, u)
         d_b += _bincount(ch.image, w * W * W * x * x, n_img)
         d_i += _bincount(ch.voxel, w * W * W * b * b, n_vox)
         g_b += _bincount(ch.image, w * W * x * r, n_img)
         g_i += _bincount(ch.voxel, w * W * b * r, n_vox)
-        couplings.append(
-            sparse.csr_matrix((w * W * W * b * x, (ch.image, ch.voxel)), shape=(n_img, n_vox))
-        )
-    coupling = couplings[0]
-    for c in couplings[1:]:
-        coupling = coupling + c
     inv_d_i = np.where(d_i > 0, 1.0 / np.where(d_i > 0, d_i, 1.0), 0.0)
-    scaled = coupling.multiply(inv_d_i[None, :]).tocsr()
-    schur = np.diag(d_b) - (scaled @ coupling.T).toarray()
-    rhs = g_b - scaled @ g_i
+    every = max(1, -(-obs.n_obs // MAX_COUPLINGS))
+    rhs = g_b.copy()
+    coupling_matrix = sparse.csr_matrix((n_img, n_vox))
+    for ch, u in chunks(obs, use):
+        b, x, W, w, _ = terms(ch, u)
+        coupling = w * W * W * b * x
+        rhs -= _bincount(ch.image, coupling * (g_i * inv_d_i)[ch.voxel], n_img)
+        sub = (ch.voxel % every) == 0
+        # a voxel's observations may sit in different chunks: sum C first
+        coupling_matrix = coupling_matrix + sparse.csr_matrix(
+            (coupling[sub], (ch.image[sub], ch.voxel[sub])), shape=(n_img, n_vox)
+        )
+    scaled = coupling_matrix.multiply(inv_d_i[None, :]).tocsr()
+    schur = np.diag(d_b) - every * (scaled @ coupling_matrix.T).toarray()
     # the overall factor is free (b -> k b, I -> I / k): pin the mean step
     gauge = np.trace(schur) / n_img
     schur += gauge * np.ones((n_img, n_img)) / n_img
