@@ -229,8 +229,15 @@ def run(args: List[str] = None, phil: libtbx.phil.scope = phil_scope) -> None:
         images = flatten_experiments(params.input.experiments[1:])
     reflections = flatten_reflections(params.input.reflections)
     reflections = reflections[0] if reflections else None
+    models_file = params.input.experiments[0].filename
     if len(models) == 0:
-        raise Sorry(f"{params.input.experiments[0].filename} contains no experiments")
+        raise Sorry(f"{models_file} contains no experiments")
+    without_crystal = [i for i, e in enumerate(models) if e.crystal is None]
+    if without_crystal:
+        raise Sorry(
+            f"{models_file}: experiment {without_crystal[0]} has no crystal "
+            "(give indexed or refined experiments first, e.g. refined.expt)"
+        )
     manifest = extract(models, params, images=images, reflections=reflections)
     logger.info(
         "Extracted %d of %d images to %s",
