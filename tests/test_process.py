@@ -351,6 +351,17 @@ def test_thaumatin_subset(tmp_path):
     assert (base / "diffuse_merged" / "voxel_data_relative.npz").is_file()
     assert s["merge"]["n_images"] == 2
     assert "thau_3_2_0017.cbf.bz2" in proc.stdout  # listed in the log's summary
+    # both diagnostics modes ran on the real data
+    for directory, names in (
+        ("extraction_diagnostics", ["diffuse_pixel_overlay.png", "q_projection_qx_qy.png",
+                                    "extraction_diagnostics_summary.txt"]),
+        ("phase3_diagnostics", ["merged_intensity_slice_L0.png", "merged_cc_half.png",
+                                "voxel_occupancy_slice_K0.png", "phase3_diagnostics_summary.txt"]),
+    ):
+        for name in names + ["dials.diffuse_check.html"]:
+            assert (base / directory / name).stat().st_size > 500, (directory, name)
+    summary = (base / "extraction_diagnostics" / "extraction_diagnostics_summary.txt").read_text()
+    assert "kept" in summary.lower()
 
 
 # --------------------------------------------------------------------------
