@@ -17,7 +17,6 @@ About 90 s on 2 cores.
 from __future__ import annotations
 
 import json
-import os
 import subprocess
 import sys
 from pathlib import Path
