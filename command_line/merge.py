@@ -113,6 +113,13 @@ statistics
     .type = int
     .help = "Seed of the random split of images into halves for CC1/2."
 }
+mp
+{
+  nproc = Auto
+    .type = int(value_min=1)
+    .help = "Processes reading the extracted files (ASU mapping per file); "
+            "Auto: the available cores."
+}
 output
 {
   directory = diffuse_merged

@@ -12,6 +12,7 @@ import dataclasses
 import logging
 import time
 
+import libtbx
 import numpy as np
 
 from dials.util import Sorry
@@ -255,7 +256,8 @@ def merge_run(experiments, inputs, params):
         symmetry.check_ndiv(grid.ndiv, operators)
     except ValueError as e:
         raise Sorry(f"symmetry.merge={params.symmetry.merge}: {e}")
-    obs = load_observations(files, grid, operators, params.d_min, params.d_max)
+    obs = load_observations(files, grid, operators, params.d_min, params.d_max,
+                            nproc=_nproc(params))
     n_expt = len(experiments)
     for meta in obs.metadata:
         if meta["experiment_id"] >= n_expt:
@@ -283,6 +285,15 @@ def merge_run(experiments, inputs, params):
         t_read - t0, t_merge - t_read, time.time() - t_merge,
     )
     return {"grid": grid, "observations": obs, "scaling": result, "merged": merged, "statistics": stats}
+
+
+def _nproc(params):
+    from dials.util.mp import available_cores
+
+    nproc = params.mp.nproc
+    if nproc is None or nproc is libtbx.Auto:
+        nproc = available_cores()
+    return max(1, int(nproc))
 
 
 def _select_images(obs, keep_images):

@@ -105,12 +105,77 @@ def _unpack(keys):
     return (np.stack([rest // _KEY_WIDTH, rest % _KEY_WIDTH, gl], axis=1) - _KEY_OFFSET).astype(np.int32)
 
 
-def load_observations(files, grid, operators, d_min=None, d_max=None) -> ObservationSet:
+def read_one(path, ndiv, operators, d_min=None, d_max=None):
+    """One extraction file as (ASU keys, S, W, V, n_pixels, metadata)."""
+    arrays, meta = read_image_file(path)
+    if list(meta.get("ndiv", [])) != list(ndiv):
+        raise Sorry(
+            f"{path} was extracted with grid ndiv {meta.get('ndiv')}, "
+            f"this merge uses {list(ndiv)}: files from another grid"
+        )
+    keep = np.ones(len(arrays["voxel_indices"]), bool)
+    if d_min is not None or d_max is not None:
+        q = arrays["voxel_mean_qmag"]
+        if d_min is not None:
+            keep &= q <= 1.0 / d_min
+        if d_max is not None:
+            keep &= q >= 1.0 / d_max
+    keep &= arrays["voxel_sum_factor"] > 0
+    g = arrays["voxel_indices"][keep]
+    if g.size and np.abs(g).max() >= _KEY_OFFSET:
+        raise Sorry(f"{path}: voxel indices beyond +-{_KEY_OFFSET}: grid too fine")
+    return (
+        _pack(symmetry.map_to_asu(g, np.asarray(ndiv), operators)),
+        arrays["voxel_sum_signal"][keep].astype(np.float32),
+        arrays["voxel_sum_factor"][keep].astype(np.float32),
+        arrays["voxel_sum_variance"][keep].astype(np.float32),
+        arrays["voxel_n_pixels"][keep].astype(np.int32),
+        meta,
+    )
+
+
+_READ_ARGS = {}
+
+
+def _forked_read(path):
+    try:
+        return read_one(path, **_READ_ARGS)
+    except Sorry as e:
+        # Sorry does not pickle across processes: hand the message back
+        return ("sorry", str(e))
+
+
+def _read_all(files, ndiv, operators, d_min, d_max, nproc):
+    """Results of read_one for every file, in file order (forked workers when
+    nproc > 1: reading and the ASU mapping are per file)."""
+    kwargs = dict(ndiv=tuple(ndiv), operators=operators, d_min=d_min, d_max=d_max)
+    if nproc <= 1 or len(files) < 2:
+        for path in files:
+            yield read_one(path, **kwargs)
+        return
+    import concurrent.futures
+    import multiprocessing
+
+    _READ_ARGS.update(kwargs)
+    try:
+        with concurrent.futures.ProcessPoolExecutor(
+            max_workers=nproc, mp_context=multiprocessing.get_context("fork")
+        ) as pool:
+            for result in pool.map(_forked_read, files, chunksize=4):
+                if len(result) == 2 and result[0] == "sorry":
+                    raise Sorry(result[1])
+                yield result
+    finally:
+        _READ_ARGS.clear()
+
+
+def load_observations(files, grid, operators, d_min=None, d_max=None, nproc=1) -> ObservationSet:
     """Read every file, check it belongs to this grid, map voxels to the ASU.
 
-    Files are read one at a time; the observed voxels are collected as a
-    sorted union of keys, and each observation keeps only a compact int32
-    voxel index and float32 sums (24 bytes per observation in all).
+    Files are read one at a time (by ``nproc`` forked workers); the observed
+    voxels are collected as a sorted union of keys, and each observation keeps
+    only a compact int32 voxel index and float32 sums (24 bytes per
+    observation in all).
     """
     ndiv = np.array(grid.ndiv)
     per_image = []
@@ -119,39 +184,15 @@ def load_observations(files, grid, operators, d_min=None, d_max=None) -> Observa
     gains = []
     voxel_keys = np.zeros(0, np.int64)
     pending, n_pending = [], 0  # keys not yet in the union (merged in batches)
-    for path in files:
-        arrays, meta = read_image_file(path)
-        if list(meta.get("ndiv", [])) != list(grid.ndiv):
-            raise Sorry(
-                f"{path} was extracted with grid ndiv {meta.get('ndiv')}, "
-                f"this merge uses {list(grid.ndiv)}: files from another grid"
-            )
-        keep = np.ones(len(arrays["voxel_indices"]), bool)
-        if d_min is not None or d_max is not None:
-            q = arrays["voxel_mean_qmag"]
-            if d_min is not None:
-                keep &= q <= 1.0 / d_min
-            if d_max is not None:
-                keep &= q >= 1.0 / d_max
-        keep &= arrays["voxel_sum_factor"] > 0
-        g = arrays["voxel_indices"][keep]
-        if g.size and np.abs(g).max() >= _KEY_OFFSET:
-            raise Sorry(f"{path}: voxel indices beyond +-{_KEY_OFFSET}: grid too fine")
-        keys = _pack(symmetry.map_to_asu(g, ndiv, operators))
+    for keys, signal, factor, variance, npix, meta in _read_all(
+        files, grid.ndiv, operators, d_min, d_max, nproc
+    ):
         pending.append(keys)
         n_pending += keys.size
         if n_pending > 10_000_000:
             voxel_keys = np.union1d(voxel_keys, np.concatenate(pending))
             pending, n_pending = [], 0
-        per_image.append(
-            (
-                keys,
-                arrays["voxel_sum_signal"][keep].astype(np.float32),
-                arrays["voxel_sum_factor"][keep].astype(np.float32),
-                arrays["voxel_sum_variance"][keep].astype(np.float32),
-                arrays["voxel_n_pixels"][keep].astype(np.int32),
-            )
-        )
+        per_image.append((keys, signal, factor, variance, npix))
         metadata.append(meta)
         ids.append(int(meta["still_id"]))
         gains.append(float(meta.get("gain", 1.0)))

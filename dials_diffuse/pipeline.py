@@ -1110,6 +1110,16 @@ def _strong_for(models, strong):
     return refl
 
 
+def _inherit_nproc(sub, params):
+    """The command's mp.nproc reaches a step whose own mp.nproc is unset."""
+    if (
+        hasattr(sub, "mp")
+        and params.mp.nproc not in (None, libtbx_auto())
+        and sub.mp.nproc in (None, libtbx_auto())
+    ):
+        sub.mp.nproc = params.mp.nproc
+
+
 def run_extraction(run: _Run, models, strong, upstream_signature):
     from dials_diffuse.command_line import extract as extract_cmd
     from dials_diffuse.diffuse_files import MANIFEST_NAME
@@ -1119,12 +1129,7 @@ def run_extraction(run: _Run, models, strong, upstream_signature):
     sub = _sub_params(params, "extract", extract_cmd.phil_scope)
     out_dir = _in_base(run.base, params.extract.output.directory)
     sub.output.directory = str(out_dir)
-    if (
-        hasattr(sub, "mp")
-        and params.mp.nproc not in (None, libtbx_auto())
-        and sub.mp.nproc in (None, libtbx_auto())
-    ):
-        sub.mp.nproc = params.mp.nproc
+    _inherit_nproc(sub, params)
     signature = _signature(
         "extract/1", upstream_signature, _scope_text(params, ("extract", "grid")),
         [e.identifier for e in models],
@@ -1167,6 +1172,7 @@ def run_merge(run: _Run, models, extract_dir, manifest, upstream_signature):
 
     params = run.params
     sub = _sub_params(params, "merge", merge_cmd.phil_scope)
+    _inherit_nproc(sub, params)
     out_dir = _in_base(run.base, params.merge.output.directory)
     sub.output.directory = str(out_dir)
     signature = _signature("merge/1", upstream_signature, _scope_text(params, ("merge", "grid")))
