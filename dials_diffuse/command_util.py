@@ -164,3 +164,14 @@ def ensure_output_directory(path, parameter="output.directory"):
         raise Sorry(f"cannot create {parameter} {path}: {e.strerror}")
     if not os.access(path, os.W_OK):
         raise Sorry(f"{parameter} {path} is not writable")
+
+
+def resolve_nproc(params):
+    """params.mp.nproc as a number: Auto (or unset) means the available cores."""
+    import libtbx
+    from dials.util.mp import available_cores
+
+    nproc = params.mp.nproc
+    if nproc is None or nproc is libtbx.Auto:
+        nproc = available_cores()
+    return max(1, int(nproc))

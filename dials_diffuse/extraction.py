@@ -28,7 +28,7 @@ from dxtbx import flumpy
 
 from dials.util import Sorry
 
-from dials_diffuse.command_util import ensure_output_directory
+from dials_diffuse.command_util import ensure_output_directory, resolve_nproc
 from dials_diffuse import corrections, geometry, grid, io, masks
 from dials_diffuse.diffuse_files import (
     MANIFEST_NAME,
@@ -572,7 +572,7 @@ def extract(models, params, images=None, reflections=None, progress=True):
     logger.info(
         "Extracted %d images in %.1f s (%.2f s per image, %d process(es), %s)",
         len(jobs), time.time() - t1, (time.time() - t1) / max(len(jobs), 1),
-        _nproc(params), params.mp.method,
+        resolve_nproc(params), params.mp.method,
     )
 
     manifest = {
@@ -687,15 +687,6 @@ def extract_one(job: ImageJob, background, dynamic) -> dict:
     return entry
 
 
-def _nproc(params):
-    from dials.util.mp import available_cores
-
-    nproc = params.mp.nproc
-    if nproc is None or nproc is libtbx.Auto:
-        nproc = available_cores()
-    return max(1, int(nproc))
-
-
 def _forked_job(index):
     try:
         return extract_one(_SHARED["jobs"][index], _SHARED["background"], _SHARED["dynamic"])
@@ -739,7 +730,7 @@ def run_jobs(jobs, params, background, dynamic, show_progress=True):
     """Manifest entries of all jobs, in job order, on 1..n processes or Dask."""
     from dials.util import progress
 
-    nproc = min(_nproc(params), len(jobs))
+    nproc = min(resolve_nproc(params), len(jobs))
     method = params.mp.method
     if method == "dask":
         return _run_dask(jobs, params, dynamic, nproc)
@@ -873,7 +864,7 @@ def dynamic_mask(tasks, params):
     """Hot and dead pixels from a pass over every image (in parallel with
     mp.method=multiprocessing: each worker sums its share of the images)."""
     acc = _dynamic_accumulator(tasks, params)
-    nproc = min(_nproc(params), len(tasks))
+    nproc = min(resolve_nproc(params), len(tasks))
     if nproc > 1 and params.mp.method == "multiprocessing":
         import concurrent.futures
         import multiprocessing

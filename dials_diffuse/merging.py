@@ -12,7 +12,6 @@ import dataclasses
 import logging
 import time
 
-import libtbx
 import numpy as np
 
 from dials.util import Sorry
@@ -20,6 +19,7 @@ from dials.util import Sorry
 from dials_diffuse import grid as grid_module
 from dials_diffuse import merged_files, scaling, symmetry
 from dials_diffuse.observations import find_extraction_files, load_observations
+from dials_diffuse.command_util import resolve_nproc
 from dials_diffuse.phil_scopes import check_grid_params
 
 logger = logging.getLogger("dials.diffuse_merge")
@@ -257,7 +257,7 @@ def merge_run(experiments, inputs, params):
     except ValueError as e:
         raise Sorry(f"symmetry.merge={params.symmetry.merge}: {e}")
     obs = load_observations(files, grid, operators, params.d_min, params.d_max,
-                            nproc=_nproc(params))
+                            nproc=resolve_nproc(params))
     n_expt = len(experiments)
     for meta in obs.metadata:
         if meta["experiment_id"] >= n_expt:
@@ -285,15 +285,6 @@ def merge_run(experiments, inputs, params):
         t_read - t0, t_merge - t_read, time.time() - t_merge,
     )
     return {"grid": grid, "observations": obs, "scaling": result, "merged": merged, "statistics": stats}
-
-
-def _nproc(params):
-    from dials.util.mp import available_cores
-
-    nproc = params.mp.nproc
-    if nproc is None or nproc is libtbx.Auto:
-        nproc = available_cores()
-    return max(1, int(nproc))
 
 
 def _select_images(obs, keep_images):
