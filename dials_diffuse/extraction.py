@@ -210,38 +210,19 @@ def load_background(params, detector):
     path = bg.map
     if not os.path.isfile(path):
         raise Sorry(f"background map {path} does not exist")
-    try:
-        if path.endswith(".npy"):
-            data = np.load(path, allow_pickle=False)
-            panels = [data] if data.ndim == 2 else list(data)
-        else:
-            import pickle
-
-            with open(path, "rb") as fh:
-                obj = pickle.load(fh)
-            objs = obj if isinstance(obj, (tuple, list)) else [obj]
-            panels = [
-                flumpy.to_numpy(p) if not isinstance(p, np.ndarray) else p for p in objs
-            ]
-    except Exception as e:
-        raise Sorry(f"background map {path} cannot be read: {e}")
+    panels = io.read_background_map(path)
     if len(panels) != len(detector):
         raise Sorry(
             f"background map {path} has {len(panels)} panels, the detector {len(detector)}"
         )
-    result = []
     for i, (data, panel) in enumerate(zip(panels, detector)):
-        data = np.asarray(data, dtype=np.float64)
         expected = tuple(reversed(panel.get_image_size()))
         if data.shape != expected:
             raise Sorry(
                 f"background map {path} panel {i} has shape {data.shape}, "
                 f"the detector panel {expected} (slow, fast)"
             )
-        if not np.all(np.isfinite(data)):
-            raise Sorry(f"background map {path} panel {i} contains NaN or infinite values")
-        result.append(data)
-    return result
+    return panels
 
 
 def check_params(params):

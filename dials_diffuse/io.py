@@ -97,3 +97,32 @@ def _json_default(obj):
     if isinstance(obj, np.ndarray):
         return obj.tolist()
     raise TypeError(f"cannot write {type(obj).__name__} to JSON")
+
+
+def read_background_map(path: str):
+    """Background per panel as float64 arrays (slow, fast): a .npy of shape
+    (slow, fast) or (panel, slow, fast), or a pickle of per-panel arrays.
+    Sorry unless readable, 2-D per panel and finite."""
+    import pickle
+
+    from dxtbx import flumpy
+
+    from dials.util import Sorry
+
+    try:
+        if path.lower().endswith(".npy"):
+            data = np.load(path, allow_pickle=False)
+            panels = [data] if data.ndim == 2 else list(data)
+        else:
+            with open(path, "rb") as fh:
+                obj = pickle.load(fh)
+            objs = obj if isinstance(obj, (tuple, list)) else [obj]
+            panels = [p if isinstance(p, np.ndarray) else flumpy.to_numpy(p) for p in objs]
+    except Exception as e:
+        raise Sorry(f"background map {path} cannot be read: {e}")
+    panels = [np.asarray(p, dtype=np.float64) for p in panels]
+    if any(p.ndim != 2 for p in panels):
+        raise Sorry(f"background map {path} is not 2-D per panel")
+    if not all(np.all(np.isfinite(p)) for p in panels):
+        raise Sorry(f"background map {path} contains NaN or infinite values")
+    return panels

@@ -9,6 +9,26 @@ import numpy as np
 from dials_diffuse.command_line import extract as extract_command
 
 
+def set_params(params, **overrides):
+    """Set dotted-name values (``{"scaling.offsets": True}``) on a PHIL extract."""
+    for key, value in overrides.items():
+        obj = params
+        *path, last = key.split(".")
+        for p in path:
+            obj = getattr(obj, p)
+        setattr(obj, last, value)
+    return params
+
+
+def merge_params(directory, **overrides):
+    """dials.diffuse_merge parameters writing to ``directory``."""
+    from dials_diffuse.command_line import merge as merge_command
+
+    params = merge_command.phil_scope.fetch().extract()
+    params.output.directory = str(directory)
+    return set_params(params, **overrides)
+
+
 def extraction_params(truth, directory, **overrides):
     """Extraction parameters for a simulated dataset: its beamstop and background."""
     params = extract_command.phil_scope.fetch().extract()
@@ -31,12 +51,6 @@ def extraction_params(truth, directory, **overrides):
     # the simulated spots have a 0.05 deg mosaic spread: 0.3 deg covers them
     # with margin (the default 1.0 deg is for real crystals)
     params.masking.bragg.max_delpsi = max(0.3, 6 * truth.data["bragg"]["mosaicity_deg"])
-    for key, value in overrides.items():
-        obj = params
-        *path, last = key.split(".")
-        for p in path:
-            obj = getattr(obj, p)
-        setattr(obj, last, value)
-    return params
+    return set_params(params, **overrides)
 
 

@@ -11,27 +11,14 @@ import numpy as np
 import pytest
 
 from dials_diffuse import merged_files, symmetry
-from dials_diffuse.command_line import merge as merge_command
 from dials_diffuse.extraction import extract
 from dials_diffuse.merging import merge_run
 from dials_diffuse.simulate import load_truth, params_from, simulate_dataset
 
-from diffuse_helpers import extraction_params
+from diffuse_helpers import extraction_params, merge_params
 
 VENV_BIN = os.path.dirname(sys.executable)
 NDIV = 4
-
-
-def merge_params(directory, **overrides):
-    params = merge_command.phil_scope.fetch().extract()
-    params.output.directory = str(directory)
-    for key, value in overrides.items():
-        obj = params
-        *path, last = key.split(".")
-        for p in path:
-            obj = getattr(obj, p)
-        setattr(obj, last, value)
-    return params
 
 
 def simulate_and_extract(tmp_path_factory, name, **sim):

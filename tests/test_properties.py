@@ -22,9 +22,10 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 from dials_diffuse import geometry, symmetry
-from dials_diffuse.command_line import merge as merge_command
 from dials_diffuse.diffuse_files import read_image_file, write_image_file
 from dials_diffuse.merging import merge_run
+
+import diffuse_helpers as helpers
 
 SLOW = settings(max_examples=6, deadline=None,
                 suppress_health_check=[HealthCheck.function_scoped_fixture, HealthCheck.too_slow])
@@ -130,16 +131,7 @@ def extraction(tmp_path_factory):
 
 
 def merge_params(directory, **overrides):
-    params = merge_command.phil_scope.fetch().extract()
-    params.output.directory = str(directory)
-    params.output.ccp4_maps = False
-    for key, value in overrides.items():
-        obj = params
-        *path, last = key.split(".")
-        for p in path:
-            obj = getattr(obj, p)
-        setattr(obj, last, value)
-    return params
+    return helpers.merge_params(directory, **{"output.ccp4_maps": False, **overrides})
 
 
 @pytest.fixture(scope="module")

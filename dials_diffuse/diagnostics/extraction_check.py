@@ -17,6 +17,7 @@ import numpy as np
 
 from dials.util import Sorry
 
+from dials_diffuse.io import read_background_map
 from dials_diffuse import diffuse_files
 from dials_diffuse.diagnostics import extraction_plots as plots
 from dials_diffuse.diagnostics import inputs as inp
@@ -299,7 +300,7 @@ def run_extraction_check(found: inp.Inputs, params, experiments=None) -> Invento
         raw, raw_desc = None, "does not match the detector"
     background = None
     if found.background_map:
-        background = inp.load_background_map(found.background_map)
+        background = read_background_map(found.background_map)
         problem = inp.check_panel_shapes(background, shapes, f"background map {found.background_map}")
         if problem:
             raise Sorry(problem)

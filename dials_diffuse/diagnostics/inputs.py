@@ -194,29 +194,6 @@ def load_mask(path: str, kind: str) -> List[np.ndarray]:
     return panels
 
 
-def load_background_map(path: str) -> List[np.ndarray]:
-    """Background per panel: .npy (slow, fast) or (panel, slow, fast), or a pickle."""
-    from dxtbx import flumpy
-
-    try:
-        if path.lower().endswith(".npy"):
-            data = np.load(path, allow_pickle=False)
-            panels = [data] if data.ndim == 2 else list(data)
-        else:
-            with open(path, "rb") as fh:
-                obj = pickle.load(fh)
-            objs = obj if isinstance(obj, (tuple, list)) else [obj]
-            panels = [p if isinstance(p, np.ndarray) else flumpy.to_numpy(p) for p in objs]
-    except Exception as e:
-        raise Sorry(f"background map {path} cannot be read: {e}")
-    panels = [np.asarray(p, dtype=np.float64) for p in panels]
-    if any(p.ndim != 2 for p in panels):
-        raise Sorry(f"background map {path} is not 2-D per panel")
-    if not all(np.all(np.isfinite(p)) for p in panels):
-        raise Sorry(f"background map {path} contains NaN or infinite values")
-    return panels
-
-
 def check_panel_shapes(panels, shapes, what) -> Optional[str]:
     """None if the per-panel arrays match the detector shapes, else why not."""
     if shapes is None:
