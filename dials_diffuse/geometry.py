@@ -52,11 +52,7 @@ def panel_geometry(panel, panel_id: int = 0, pixel_step: int = 1) -> PanelGeomet
     slow, fast = np.meshgrid(slow_1d, fast_1d, indexing="ij")
     slow = slow.ravel()
     fast = fast.ravel()
-    xy_px = np.empty((slow.size, 2), dtype=np.float64)
-    xy_px[:, 0] = fast + 0.5
-    xy_px[:, 1] = slow + 0.5
-    mm = panel.pixel_to_millimeter(flumpy.vec_from_numpy(xy_px))
-    lab = flumpy.to_numpy(panel.get_lab_coord(mm)).copy()
+    lab = pixel_lab_coordinates(panel, fast + 0.5, slow + 0.5)
     distance = np.sqrt(np.einsum("ij,ij->i", lab, lab))
     unit_s1 = lab / distance[:, None]
     normal = np.array(panel.get_normal(), dtype=np.float64)
@@ -73,6 +69,43 @@ def panel_geometry(panel, panel_id: int = 0, pixel_step: int = 1) -> PanelGeomet
         cos_incidence=cos_incidence,
         pixel_area_mm2=px * py,
     )
+
+
+def pixel_lab_coordinates(panel, x_px: np.ndarray, y_px: np.ndarray) -> np.ndarray:
+    """(n, 3) lab coordinates (mm) of pixel positions: dxtbx's
+    ``get_lab_coord(pixel_to_millimeter(xy))``.
+
+    The simple and the parallax-corrected px->mm strategies are evaluated here
+    in numpy with dxtbx's formulas (parallax_correction.h: the inverse
+    correction xy - (s1.f, s1.s) * attenuation length), about ten times faster
+    than dxtbx's per-pixel calls on a Pilatus 6M; any other strategy goes
+    through dxtbx itself.
+    """
+    fast_axis, slow_axis, origin = (
+        np.array(v, dtype=np.float64)
+        for v in (panel.get_fast_axis(), panel.get_slow_axis(), panel.get_origin())
+    )
+    size_x, size_y = panel.get_pixel_size()
+    strategy = panel.get_px_mm_strategy().name()
+    if strategy not in ("SimplePxMmStrategy", "ParallaxCorrectedPxMmStrategy"):
+        xy = np.stack([x_px, y_px], axis=1).astype(np.float64)
+        mm = panel.pixel_to_millimeter(flumpy.vec_from_numpy(xy))
+        return flumpy.to_numpy(panel.get_lab_coord(mm)).copy()
+    x = np.asarray(x_px, dtype=np.float64) * size_x
+    y = np.asarray(y_px, dtype=np.float64) * size_y
+    if strategy == "ParallaxCorrectedPxMmStrategy":
+        px_mm = panel.get_px_mm_strategy()
+        mu, t0 = px_mm.mu(), px_mm.t0()
+        ray = origin + x[:, None] * fast_axis + y[:, None] * slow_axis
+        ray /= np.sqrt(np.einsum("ij,ij->i", ray, ray))[:, None]
+        normal = np.cross(fast_axis, slow_axis)
+        if origin @ normal < 0:
+            normal = -normal
+        cos_t = ray @ normal
+        depth = (1.0 / mu) - (t0 / cos_t + 1.0 / mu) * np.exp(-mu * t0 / cos_t)
+        x = x - (ray @ fast_axis) * depth
+        y = y - (ray @ slow_axis) * depth
+    return origin + x[:, None] * fast_axis + y[:, None] * slow_axis
 
 
 def detector_geometry(detector, pixel_step: int = 1) -> List[PanelGeometry]:
