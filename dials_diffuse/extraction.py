@@ -58,18 +58,44 @@ class ImageTask:
 
 @dataclasses.dataclass
 class PanelPixels:
-    """The pixels of one panel that pass the static mask and resolution limits,
-    with everything about them that is the same on every image."""
+    """One panel's pixel raster (every ``step``-th pixel along slow and fast)
+    with everything about it that is the same on every image.
+
+    Per-image work runs over the whole raster in raster order, never gathering
+    the kept pixels: pixels that are not kept get a sentinel voxel key, so
+    the runs of equal keys along a row are contiguous ranges of kept pixels,
+    and the per-run sums of the static columns (factor, q) are differences of
+    running sums computed here once.
+    """
 
     panel_id: int
-    flat: np.ndarray  # index into the raveled (slow, fast) panel
-    slow: np.ndarray
-    fast: np.ndarray
-    q: np.ndarray  # (n, 3) lab-frame q, 1/Angstrom
-    factor: np.ndarray  # P * Omega * eta * T_air (exposure applied per image)
-    parts: dict  # each correction factor separately (for the correction sample)
-    n_total: int  # pixels on the pixel_step grid
-    n_static: int  # ... passing the static mask
+    step: int
+    shape: tuple  # raster (n_slow, n_fast)
+    selected: np.ndarray  # (n,) bool: passes the static mask and the resolution limits
+    q_t: np.ndarray  # (3, n) float32 lab-frame q (1/Angstrom) of every raster pixel
+    factor: np.ndarray  # (n,) float32 P * Omega * eta * T_air (exposure applied per image)
+    parts: dict  # each correction factor separately, float32 (for the correction sample)
+    running: dict  # (n + 1,) float64 running sums of factor, qx, qy, qz over selected pixels
+    n_static: int  # raster pixels passing the static mask
+
+    @property
+    def n_total(self):
+        return self.selected.size
+
+    @property
+    def n_selected(self):
+        return int(np.count_nonzero(self.selected))
+
+    def raster(self, image: np.ndarray) -> np.ndarray:
+        """A full-resolution (slow, fast) panel array on this raster, flattened."""
+        if self.step == 1:
+            return image.reshape(-1)
+        return np.ascontiguousarray(image[:: self.step, :: self.step]).reshape(-1)
+
+    def slow_fast(self, index: np.ndarray):
+        """Full-resolution (slow, fast) pixel coordinates of raster indices."""
+        slow, fast = np.divmod(index, self.shape[1])
+        return (slow * self.step).astype(np.int32), (fast * self.step).astype(np.int32)
 
 
 @dataclasses.dataclass
@@ -79,6 +105,21 @@ class DetectorContext:
     panels: List[PanelPixels]
     static_full: List[np.ndarray]  # static mask of every pixel (for mask output)
     predictions: dict  # cache of Bragg predictions of rotation experiments
+    q_max: float  # largest |q| of a selected pixel (bounds the voxel key box)
+    dynamic_cache: dict = dataclasses.field(default_factory=dict)
+
+    def usable(self, dynamic_mask):
+        """Per panel: selected pixels that the dynamic mask keeps, and their number
+        (computed once per dynamic mask)."""
+        if dynamic_mask is None:
+            return [(pp.selected, pp.n_selected) for pp in self.panels]
+        if self.dynamic_cache.get("source") is not dynamic_mask:
+            usable = [pp.selected & pp.raster(dynamic_mask[pp.panel_id]) for pp in self.panels]
+            self.dynamic_cache = {
+                "source": dynamic_mask,
+                "usable": [(u, int(np.count_nonzero(u))) for u in usable],
+            }
+        return self.dynamic_cache["usable"]
 
 
 def plan_tasks(models, images=None) -> (List[ImageTask], List[dict]):
@@ -158,6 +199,7 @@ def detector_context(experiment, imageset, params, static_mask) -> DetectorConte
     c = params.corrections
     f = params.filter
     panels = []
+    q_max = 0.0
     for g in geometry.detector_geometry(detector, params.filter.pixel_step):
         parts = corrections.correction_factors(
             g,
@@ -174,30 +216,40 @@ def detector_context(experiment, imageset, params, static_mask) -> DetectorConte
         q = geometry.scattering_vectors(g.unit_s1, beam.get_s0())
         qmag = np.sqrt(np.einsum("ij,ij->i", q, q))
         static = static_mask[g.panel_id][g.slow, g.fast]
-        keep = static.copy()
+        selected = static.copy()
         if f.d_min is not None:
-            keep &= qmag <= 1.0 / f.d_min
+            selected &= qmag <= 1.0 / f.d_min
         if f.d_max is not None:
-            keep &= qmag >= 1.0 / f.d_max
-        sel = np.flatnonzero(keep)
-        n_fast = g.image_shape[1]
+            selected &= qmag >= 1.0 / f.d_max
+        if selected.any():
+            q_max = max(q_max, float(qmag[selected].max()))
+        # running sums in float64: a difference of two gives a run's sum exactly
+        # enough (|q| < 1, 1e7 pixels: error ~1e-9); unselected pixels add 0
+        # so that a non-finite value there cannot spread
+        running = {}
+        for name, values in (("factor", parts.total), ("qx", q[:, 0]), ("qy", q[:, 1]),
+                             ("qz", q[:, 2])):
+            running[name] = np.zeros(g.n_pixels + 1)
+            np.cumsum(np.where(selected, values, 0.0), out=running[name][1:])
+        step = params.filter.pixel_step
+        n_slow, n_fast = g.image_shape
         panels.append(
             PanelPixels(
                 panel_id=g.panel_id,
-                flat=(g.slow[sel].astype(np.int64) * n_fast + g.fast[sel]),
-                slow=g.slow[sel],
-                fast=g.fast[sel],
-                # float32 halves the memory traffic of the per-image gathers;
+                step=step,
+                shape=(-(-n_slow // step), -(-n_fast // step)),
+                selected=selected,
+                # float32 halves the memory traffic of the per-image passes;
                 # 7 digits are ample for binning and for the factors
-                q=np.ascontiguousarray(q[sel], dtype=np.float32),
-                factor=parts.total[sel].astype(np.float32),
-                parts={k: getattr(parts, k)[sel] for k in
+                q_t=np.ascontiguousarray(q.T, dtype=np.float32),
+                factor=parts.total.astype(np.float32),
+                parts={k: getattr(parts, k).astype(np.float32) for k in
                        ("polarization", "solid_angle", "efficiency", "air")},
-                n_total=g.n_pixels,
+                running=running,
                 n_static=int(static.sum()),
             )
         )
-    return DetectorContext(panels=panels, static_full=static_mask, predictions={})
+    return DetectorContext(panels=panels, static_full=static_mask, predictions={}, q_max=q_max)
 
 
 def load_background(params, detector):
@@ -344,94 +396,67 @@ def extract_image(task, context: DetectorContext, params, ndiv, background=None,
     gain = params.corrections.gain
     t_exp = exposure if exposure is not None else exposure_time(task, params)
     setting = geometry.setting_matrix(task.experiment, task.scan_image_index)
-    setting_inv_t = np.linalg.inv(setting).T
+    setting_inv = np.linalg.inv(setting)
+    lower, extent = grid.key_box(setting_inv, ndiv, context.q_max)
     f = params.filter
     bg_constant = params.corrections.background.constant or 0.0
 
     stages = dict.fromkeys(
         ["total", "static", "resolution", "dynamic", "trusted", "bragg", "intensity"], 0
     )
-    pieces = {k: [] for k in ("counts", "background", "factor", "q", "panel", "index")}
-    for pp in context.panels:
+    runs = []
+    for pp, (usable, n_usable) in zip(context.panels, context.usable(dynamic_mask)):
         pid = pp.panel_id
-        counts = raw[pid].ravel()[pp.flat]
+        counts = pp.raster(raw[pid])
         stages["total"] += pp.n_total
         stages["static"] += pp.n_static
-        stages["resolution"] += pp.flat.size
-        keep = np.ones(pp.flat.size, bool)
-        if dynamic_mask is not None:
-            keep &= dynamic_mask[pid].ravel()[pp.flat]
-        stages["dynamic"] += int(keep.sum())
-        low, high = detector[pid].get_trusted_range()
-        keep &= (counts > low) & (counts < high)
-        stages["trusted"] += int(keep.sum())
-        keep &= bragg[pid].ravel()[pp.flat]
-        stages["bragg"] += int(keep.sum())
-        if background is None:
-            bg = None
-        else:
-            bg = background[pid].ravel()[pp.flat]
+        stages["resolution"] += pp.n_selected
+        stages["dynamic"] += n_usable
+        keep = masks.trusted_range_mask([detector[pid]], [counts])[0]
+        keep &= usable
+        stages["trusted"] += int(np.count_nonzero(keep))
+        keep &= pp.raster(bragg[pid])
+        stages["bragg"] += int(np.count_nonzero(keep))
+        bg = None if background is None else pp.raster(background[pid])
         if f.min_intensity is not None or f.max_intensity is not None:
             signal = counts * gain - (bg_constant if bg is None else bg)
-            intensity = signal / (pp.factor * t_exp)
+            with np.errstate(divide="ignore", invalid="ignore"):
+                intensity = signal / (pp.factor * t_exp)
             if f.min_intensity is not None:
                 keep &= intensity >= f.min_intensity
             if f.max_intensity is not None:
                 keep &= intensity <= f.max_intensity
-        sel = np.flatnonzero(keep)
-        stages["intensity"] += sel.size
-        pieces["counts"].append(counts[sel])
-        if bg is not None:
-            pieces["background"].append(bg[sel])
-        pieces["factor"].append(pp.factor[sel])
-        pieces["q"].append(pp.q[sel])
-        pieces["panel"].append(np.full(sel.size, pid, np.int16))
-        pieces["index"].append(sel)
-    cat = {k: (v[0] if len(v) == 1 else np.concatenate(v)) for k, v in pieces.items() if v}
-    stages["kept"] = int(cat["counts"].size)
-    if "background" not in cat:
-        cat["background"] = np.full(cat["counts"].size, bg_constant, np.float32)
+        stages["intensity"] += int(np.count_nonzero(keep))
+        runs.append(_panel_runs(pp, counts, bg, keep, setting_inv, ndiv, lower, extent))
+    stages["kept"] = stages["intensity"]
     if stages["kept"] == 0:
         raise ImageError(f"{task.image_path}: no pixels left after masking and filters")
 
-    hkl = cat["q"] @ setting_inv_t.astype(np.float32)
-    # sums of what varies per pixel; constants (gain, exposure) applied per voxel
-    columns = {"counts": cat["counts"], "factor": cat["factor"], "hkl": hkl}
-    if background is not None:
-        columns["background"] = cat["background"]
-    vox, n_pix, sums = grid.bin_by_hkl(hkl, ndiv, columns)
-    if background is None:
-        sums["background"] = n_pix * bg_constant
-    mean_hkl = sums["hkl"] / n_pix[:, None]
+    run_sums = {
+        name: np.concatenate([r[name] for r in runs])
+        for name in runs[0] if name not in ("keys", "n", "start")
+    }
+    vox, n_pix, sums = grid.bin_runs(
+        np.concatenate([r["keys"] for r in runs]),
+        np.concatenate([r["n"] for r in runs]),
+        run_sums, lower, extent,
+    )
+    bg_sum = n_pix * bg_constant if background is None else sums["background"]
+    mean_q = np.stack([sums["qx"], sums["qy"], sums["qz"]], axis=1) / n_pix[:, None]
     arrays = {
         "voxel_indices": vox,
         # float32 keeps 7 digits of a per-image sum; merging accumulates in float64
-        "voxel_sum_signal": (gain * sums["counts"] - sums["background"]).astype(np.float32),
+        "voxel_sum_signal": (gain * sums["counts"] - bg_sum).astype(np.float32),
         "voxel_sum_factor": (sums["factor"] * t_exp).astype(np.float32),
         "voxel_sum_variance": (gain * gain * sums["counts"]).astype(np.float32),
         "voxel_n_pixels": n_pix.astype(np.int32),
-        # |q| of the mean hkl: equal to the mean |q| of the pixels to second
-        # order in the voxel size
-        "voxel_mean_qmag": np.linalg.norm(mean_hkl @ setting.T, axis=1).astype(np.float32),
-        "voxel_mean_hkl": mean_hkl.astype(np.float32),
+        "voxel_mean_qmag": np.linalg.norm(mean_q, axis=1).astype(np.float32),
+        "voxel_mean_hkl": (mean_q @ setting_inv.T).astype(np.float32),
     }
     if params.output.save_pixels:
-        signal = cat["counts"] * gain - cat["background"]
-        factor = cat["factor"] * np.float64(t_exp)
-        slow = np.concatenate([pp.slow[i] for pp, i in zip(context.panels, pieces["index"])])
-        fast = np.concatenate([pp.fast[i] for pp, i in zip(context.panels, pieces["index"])])
-        arrays.update(
-            {
-                "q_vectors": cat["q"].astype(np.float32),
-                "intensities": (signal / factor).astype(np.float32),
-                "sigmas": (gain * np.sqrt(cat["counts"]) / factor).astype(np.float32),
-                "original_panel_ids": cat["panel"],
-                "original_fast_coords": fast.astype(np.int32),
-                "original_slow_coords": slow.astype(np.int32),
-                "hkl": hkl.astype(np.float32),
-            }
-        )
-    arrays.update(_correction_sample(context, pieces["index"], cat, t_exp, gain))
+        arrays.update(_pixel_arrays(context, runs, raw, background, bg_constant,
+                                    setting_inv, t_exp, gain))
+    arrays.update(_correction_sample(context, runs, raw, background, bg_constant, t_exp, gain))
     image_masks = None
     if params.output.masks:
         pixel = [
@@ -446,38 +471,130 @@ def extract_image(task, context: DetectorContext, params, ndiv, background=None,
     return ImageResult(arrays=arrays, stages=stages, masks=image_masks)
 
 
-def _correction_sample(context, kept_index, cat, t_exp, gain):
-    """A deterministic sample of kept pixels with every correction factor, for
-    the diagnostics' correction summary."""
-    n = cat["counts"].size
-    pick = np.unique(np.linspace(0, n - 1, min(CORRECTION_SAMPLE_SIZE, n)).astype(int))
-    # position of each picked pixel in its panel's static selection
-    offsets = np.cumsum([0] + [i.size for i in kept_index])
-    out = {k: np.zeros(pick.size) for k in ("polarization", "solid_angle", "efficiency", "air")}
-    slow = np.zeros(pick.size, np.int32)
-    fast = np.zeros(pick.size, np.int32)
-    for k, (pp, index) in enumerate(zip(context.panels, kept_index)):
-        sel = (pick >= offsets[k]) & (pick < offsets[k + 1])
-        rows = index[pick[sel] - offsets[k]]
-        slow[sel], fast[sel] = pp.slow[rows], pp.fast[rows]
-        for name in out:
-            out[name][sel] = pp.parts[name][rows]
-    counts = cat["counts"][pick]
-    background = cat["background"][pick]
-    factor = cat["factor"][pick] * t_exp
+def _panel_runs(pp: PanelPixels, counts, background, keep, setting_inv, ndiv, lower, extent):
+    """Runs of equal voxel keys among the kept pixels of one panel's raster.
+
+    Returns per run: key, first raster index, pixel count and the sums of
+    counts, factor, q (and background); no per-pixel array is gathered.
+    """
+    key_type = np.int32 if np.prod(extent) < 2**31 else np.int64
+    strides = np.array([extent[1] * extent[2], extent[2], 1])
+    # key = sum_a (rint(ndiv_a hkl_a) - lower_a) * stride_a, hkl = M^-1 q
+    to_grid = (np.asarray(ndiv, float)[:, None] * setting_inv).astype(np.float32)
+    keys = None
+    for axis in range(3):
+        g = to_grid[axis] @ pp.q_t
+        np.rint(g, out=g)
+        g -= np.float32(lower[axis])
+        term = g.astype(key_type)
+        if strides[axis] != 1:
+            term *= key_type(strides[axis])
+        if keys is None:
+            keys = term
+        else:
+            keys += term
+    np.copyto(keys, key_type(-1), where=~keep)
+
+    n = keys.size
+    start = np.flatnonzero(keys[1:] != keys[:-1])
+    start += 1
+    start = np.concatenate([[0], start])
+    end = np.append(start[1:], n)
+    valid = keys[start] >= 0
+    count_type = np.int64 if np.issubdtype(counts.dtype, np.integer) else np.float64
+    runs = {"counts": np.add.reduceat(counts, start, dtype=count_type)[valid]}
+    if background is not None:
+        runs["background"] = np.add.reduceat(background, start, dtype=np.float64)[valid]
+    start, end = start[valid], end[valid]
+    runs.update(keys=keys[start], start=start, n=end - start)
+    for name, running in pp.running.items():
+        runs[name] = running.take(end) - running.take(start)
+    return runs
+
+
+def _kept_pixels(runs):
+    """Raster indices of the kept pixels of each panel, in raster order."""
+    out = []
+    for r in runs:
+        # expand each run [start, start + n) without a Python loop
+        offsets = np.arange(int(r["n"].sum())) - np.repeat(np.cumsum(r["n"]) - r["n"], r["n"])
+        out.append(np.repeat(r["start"], r["n"]) + offsets)
+    return out
+
+
+def _pixel_arrays(context, runs, raw, background, bg_constant, setting_inv, t_exp, gain):
+    """The per-pixel arrays of the guide (output.save_pixels)."""
+    pieces = {k: [] for k in ("q", "counts", "bg", "factor", "panel", "slow", "fast")}
+    for pp, index in zip(context.panels, _kept_pixels(runs)):
+        pieces["q"].append(pp.q_t[:, index].T)
+        pieces["counts"].append(pp.raster(raw[pp.panel_id])[index])
+        pieces["bg"].append(
+            np.full(index.size, bg_constant, np.float32) if background is None
+            else pp.raster(background[pp.panel_id])[index]
+        )
+        pieces["factor"].append(pp.factor[index])
+        pieces["panel"].append(np.full(index.size, pp.panel_id, np.int16))
+        slow, fast = pp.slow_fast(index)
+        pieces["slow"].append(slow)
+        pieces["fast"].append(fast)
+    cat = {k: np.concatenate(v) for k, v in pieces.items()}
+    signal = cat["counts"] * gain - cat["bg"]
+    factor = cat["factor"] * np.float64(t_exp)
+    q = np.ascontiguousarray(cat["q"])
+    return {
+        "q_vectors": q,
+        "intensities": (signal / factor).astype(np.float32),
+        "sigmas": (gain * np.sqrt(cat["counts"]) / factor).astype(np.float32),
+        "original_panel_ids": cat["panel"],
+        "original_fast_coords": cat["fast"],
+        "original_slow_coords": cat["slow"],
+        "hkl": (q @ setting_inv.T.astype(np.float32)).astype(np.float32),
+    }
+
+
+def _correction_sample(context, runs, raw, background, bg_constant, t_exp, gain):
+    """A deterministic sample of kept pixels (evenly spaced in raster order over
+    all panels) with every correction factor, for the diagnostics' correction
+    summary."""
+    n_kept = np.array([int(r["n"].sum()) for r in runs])
+    n = int(n_kept.sum())
+    pick = np.unique(np.linspace(0, n - 1, min(CORRECTION_SAMPLE_SIZE, n)).astype(np.int64))
+    panel_first = np.cumsum(n_kept) - n_kept
+    keys = ("panel", "slow", "fast", "counts", "background", "factor", "q",
+            "polarization", "solid_angle", "efficiency", "air")
+    cols = {k: [] for k in keys}
+    for k, (pp, r) in enumerate(zip(context.panels, runs)):
+        mine = pick[(pick >= panel_first[k]) & (pick < panel_first[k] + n_kept[k])] - panel_first[k]
+        run_first = np.cumsum(r["n"]) - r["n"]
+        which = np.searchsorted(run_first, mine, side="right") - 1
+        index = r["start"][which] + (mine - run_first[which])
+        slow, fast = pp.slow_fast(index)
+        cols["panel"].append(np.full(index.size, pp.panel_id, np.int16))
+        cols["slow"].append(slow)
+        cols["fast"].append(fast)
+        cols["counts"].append(raw[pp.panel_id][slow, fast])
+        cols["background"].append(
+            np.full(index.size, bg_constant) if background is None
+            else background[pp.panel_id][slow, fast]
+        )
+        cols["factor"].append(pp.factor[index] * np.float64(t_exp))
+        cols["q"].append(pp.q_t[:, index].T.astype(np.float64))
+        for name in ("polarization", "solid_angle", "efficiency", "air"):
+            cols[name].append(pp.parts[name][index].astype(np.float64))
+    c = {k: np.concatenate(v) for k, v in cols.items()}
     sample = {
-        "sample_panel": cat["panel"][pick],
-        "sample_fast": fast,
-        "sample_slow": slow,
-        "sample_raw_counts": counts,
-        "sample_background": background,
+        "sample_panel": c["panel"],
+        "sample_fast": c["fast"],
+        "sample_slow": c["slow"],
+        "sample_raw_counts": c["counts"],
+        "sample_background": c["background"],
         "sample_gain": np.full(pick.size, gain),
         "sample_exposure_time": np.full(pick.size, t_exp),
-        "sample_intensity": (counts * gain - background) / factor,
-        "sample_sigma": gain * np.sqrt(counts) / factor,
-        "sample_q": cat["q"][pick],
+        "sample_intensity": (c["counts"] * gain - c["background"]) / c["factor"],
+        "sample_sigma": gain * np.sqrt(c["counts"]) / c["factor"],
+        "sample_q": c["q"],
     }
-    sample.update({f"sample_{k}": v for k, v in out.items()})
+    sample.update({f"sample_{k}": c[k] for k in ("polarization", "solid_angle", "efficiency", "air")})
     return sample
 
 
@@ -725,8 +842,10 @@ def run_jobs(jobs, params, background, dynamic, show_progress=True):
     import concurrent.futures
     import multiprocessing
 
-    # compute the shared context once before forking: the workers inherit it
+    # compute the shared context (and scan predictions) once before forking:
+    # the workers inherit them
     context_for(jobs[0].task, params)
+    _predict_scans(jobs, params)
     _SHARED.update(jobs=jobs, background=background, dynamic=dynamic)
     try:
         with concurrent.futures.ProcessPoolExecutor(
@@ -742,6 +861,25 @@ def run_jobs(jobs, params, background, dynamic, show_progress=True):
             return entries
     finally:
         _SHARED.pop("jobs", None)
+
+
+def _predict_scans(jobs, params):
+    """Fill the Bragg prediction cache of every rotation scan of the jobs."""
+    bragg = params.masking.bragg
+    if bragg.method != "predicted":
+        return
+    seen = set()
+    for job in jobs:
+        expt = job.task.experiment
+        if expt.is_still() or expt.scan is None or id(expt) in seen:
+            continue
+        seen.add(id(expt))
+        d_min = bragg.d_min or _detector_d_min(expt)
+        masks.predicted_bragg_positions(
+            expt, d_min, max_delpsi_deg(expt.crystal, bragg, d_min),
+            image_index=job.task.scan_image_index,
+            cache=context_for(job.task, params).predictions,
+        )
 
 
 def _run_dask(jobs, params, dynamic, nproc):
@@ -833,7 +971,7 @@ def _accumulate_dynamic(tasks, params):
             raw = read_image(task)
         except ImageError:
             continue
-        acc.add(raw, masks.trusted_range_mask(detector, raw))
+        acc.add(raw)
     return acc.sums()
 
 

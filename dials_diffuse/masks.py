@@ -80,7 +80,13 @@ def trusted_range_mask(detector, raw_data: Sequence[np.ndarray]) -> PanelMasks:
     masks = []
     for panel, data in zip(detector, raw_data):
         low, high = panel.get_trusted_range()
-        masks.append((data > low) & (data < high))
+        if np.issubdtype(data.dtype, np.integer):
+            # for integers low < v < high <=> floor(low) < v < ceil(high),
+            # compared without converting the image to float64
+            low, high = int(np.floor(low)), int(np.ceil(high))
+        mask = data > low
+        mask &= data < high
+        masks.append(mask)
     return masks
 
 
@@ -99,7 +105,8 @@ class DynamicMaskAccumulator:
         self.hot_ratio = hot_ratio
         self.dead_min_expected_counts = dead_min_expected_counts
         shapes = [tuple(reversed(p.get_image_size())) for p in detector]
-        self.sum_counts = [np.zeros(s, np.float64) for s in shapes]
+        # integer counts are summed exactly (int64); float images in float64
+        self.sum_counts = [np.zeros(s, np.int64) for s in shapes]
         self.n_hot = [np.zeros(s, np.int32) for s in shapes]
         self.n_valid = [np.zeros(s, np.int32) for s in shapes]
         self.n_images = 0
@@ -110,23 +117,32 @@ class DynamicMaskAccumulator:
 
     def add_sums(self, sums) -> None:
         sum_counts, n_hot, n_valid, n_images = sums
-        for mine, theirs in zip(self.sum_counts + self.n_hot + self.n_valid,
-                                sum_counts + n_hot + n_valid):
+        for i, theirs in enumerate(sum_counts):
+            if theirs.dtype != self.sum_counts[i].dtype:
+                self.sum_counts[i] = self.sum_counts[i].astype(np.float64)
+            self.sum_counts[i] += theirs
+        for mine, theirs in zip(self.n_hot + self.n_valid, n_hot + n_valid):
             mine += theirs
         self.n_images += n_images
 
-    def add(self, raw_data: Sequence[np.ndarray], trusted: PanelMasks) -> None:
+    def add(self, raw_data: Sequence[np.ndarray], trusted: Optional[PanelMasks] = None) -> None:
+        """Add one image; ``trusted`` defaults to dxtbx's trusted-range rule."""
         self.n_images += 1
         for i, (panel, data) in enumerate(zip(self.detector, raw_data)):
-            threshold = (
-                self.hot_threshold
-                if self.hot_threshold is not None
-                else panel.get_trusted_range()[1]
-            )
-            self.n_hot[i] += data >= threshold
-            valid = trusted[i]
+            low, high = panel.get_trusted_range()
+            threshold = self.hot_threshold if self.hot_threshold is not None else high
+            if np.issubdtype(data.dtype, np.integer):
+                # integer comparisons (no float64 temporaries); same rule
+                threshold = int(np.ceil(threshold))
+            elif self.sum_counts[i].dtype != np.float64:
+                self.sum_counts[i] = self.sum_counts[i].astype(np.float64)
+            if trusted is None:
+                valid = trusted_range_mask([panel], [data])[0]
+            else:
+                valid = trusted[i]
+            self.n_hot[i][data >= threshold] += 1
             self.n_valid[i] += valid
-            self.sum_counts[i] += np.where(valid, data, 0)
+            self.sum_counts[i] += data * valid
 
     def masks(self) -> PanelMasks:
         from scipy.ndimage import median_filter
@@ -179,9 +195,8 @@ def predicted_bragg_positions(experiment, d_min: float, max_delpsi_deg: float,
         ) & (rlen > 0)
         if not keep.any():
             return np.zeros(0, int), np.zeros(0), np.zeros(0)
-        indices = cctbx_flex.miller_index(
-            [tuple(int(v) for v in h) for h in hkl[keep]]
-        )
+        columns = np.ascontiguousarray(hkl[keep].T, dtype=np.int32)
+        indices = cctbx_flex.miller_index(*(flumpy.from_numpy(c) for c in columns))
         predictor = StillsReflectionPredictor(experiment, dmin=d_min)
         table = predictor(indices)
         delpsi = flumpy.to_numpy(table["delpsical.rad"])
