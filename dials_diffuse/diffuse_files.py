@@ -60,8 +60,11 @@ def mask_file_name(kind: str, still_id: int) -> str:
 
 
 def write_image_file(path, arrays: dict, metadata: dict) -> None:
-    # fast deflate: the sorted voxel indices and the sums compress well
-    io.write_npz(path, compress_level=1, metadata_json=np.array(json.dumps(metadata)), **arrays)
+    # fast deflate of the integer arrays (sorted voxel indices, pixel counts
+    # and coordinates shrink 3-5x); float sums are stored: deflating them took
+    # 2/3 of the write time of a Pilatus 6M image for 25 % of its size
+    io.write_npz(path, compress_level=1, deflate_floats=False,
+                 metadata_json=np.array(json.dumps(metadata)), **arrays)
 
 
 def read_image_file(path, keys=VOXEL_KEYS, require=VOXEL_KEYS):

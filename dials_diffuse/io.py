@@ -56,28 +56,31 @@ def write_json(path: str, data: Any) -> None:
             fh.write("\n")
 
 
-def write_npz(path: str, compress_level: int = 6, **arrays) -> None:
+def write_npz(path: str, compress_level: int = 6, deflate_floats: bool = True,
+              **arrays) -> None:
     """An .npz that ``np.load`` reads; ``compress_level`` 0 stores, 1 is fast
-    deflate, 9 smallest."""
+    deflate, 9 smallest. ``deflate_floats=False`` stores floating-point arrays
+    uncompressed (deflate gains little on noisy floats and costs the most)."""
     import zipfile
 
-    method = zipfile.ZIP_STORED if compress_level == 0 else zipfile.ZIP_DEFLATED
+    # ZipInfo's level is private before Python 3.13
+    level_slot = (
+        "compress_level" if "compress_level" in zipfile.ZipInfo.__slots__ else "_compresslevel"
+    )
     with atomic_path(path) as tmp:
-        kwargs = {} if compress_level == 0 else {"compresslevel": compress_level}
-        with zipfile.ZipFile(tmp, "w", compression=method, allowZip64=True, **kwargs) as zf:
+        with zipfile.ZipFile(tmp, "w", allowZip64=True) as zf:
             for name, value in arrays.items():
+                value = np.asanyarray(value)
+                deflate = compress_level > 0 and (
+                    deflate_floats or value.dtype.kind not in "fc"
+                )
                 # a fixed timestamp: the same arrays give the same bytes
                 info = zipfile.ZipInfo(name + ".npy", date_time=(1980, 1, 1, 0, 0, 0))
-                info.compress_type = method
-                if compress_level:
-                    # ZipInfo's level is private before Python 3.13
-                    level_slot = (
-                        "compress_level" if "compress_level" in zipfile.ZipInfo.__slots__
-                        else "_compresslevel"
-                    )
+                info.compress_type = zipfile.ZIP_DEFLATED if deflate else zipfile.ZIP_STORED
+                if deflate:
                     setattr(info, level_slot, compress_level)
                 with zf.open(info, "w", force_zip64=True) as fh:
-                    np.lib.format.write_array(fh, np.asanyarray(value), allow_pickle=False)
+                    np.lib.format.write_array(fh, value, allow_pickle=False)
 
 
 def write_pickle(path: str, obj: Any) -> None:
