@@ -118,7 +118,44 @@ def write_files(n_images, voxels_per_image, n_voxels_total, cycle):
     print(f"  written in {time.time() - t0:.0f} s", flush=True)
 
 
-def child(n_images, out_dir):
+class TreeMemory:
+    """Peak memory of this process and its forked workers, polled: the sum of
+    the proportional set sizes (PSS: shared pages split between the processes
+    that map them, so the observation columns in shared memory count once)
+    and, as an upper bound, the sum of the resident sizes."""
+
+    def __init__(self, interval=0.2):
+        import threading
+
+        import psutil
+
+        self.me = psutil.Process()
+        self.peak_pss = self.peak_rss = 0
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._run, daemon=True)
+        self._thread.start()
+
+    def _run(self):
+        import psutil
+
+        while not self._stop.is_set():
+            pss = rss = 0
+            for p in [self.me] + self.me.children(recursive=True):
+                try:
+                    info = p.memory_full_info()
+                except psutil.Error:
+                    continue
+                pss += info.pss
+                rss += info.rss
+            self.peak_pss, self.peak_rss = max(self.peak_pss, pss), max(self.peak_rss, rss)
+            self._stop.wait(self.interval)
+
+    def stop(self):
+        self._stop.set()
+        self._thread.join()
+
+
+def child(n_images, out_dir, nproc=None):
     """merge_run on the first n_images files; prints a JSON line."""
     from dials_diffuse.command_line import merge as merge_cmd
     from dials_diffuse.merging import merge_run
@@ -134,10 +171,14 @@ def child(n_images, out_dir):
     log.addHandler(Capture())
     params = merge_cmd.phil_scope.fetch().extract()
     params.output.directory = str(out_dir)
+    if nproc:
+        params.mp.nproc = nproc
     files = [str(FILES / f"image_{i:06d}.npz") for i in range(n_images)]
+    memory = TreeMemory()
     t0 = time.perf_counter()
     result = merge_run(experiments(), files, params)
     wall = time.perf_counter() - t0
+    memory.stop()
     stages = {}
     for line in lines:
         m = re.search(r"Read ([\d.]+) s, scale and merge ([\d.]+) s, write ([\d.]+) s", line)
@@ -156,6 +197,9 @@ def child(n_images, out_dir):
         "converged": bool(result["scaling"].converged),
         "cc_half": result["statistics"]["overall"].get("cc_half_total"),
         "vmhwm_mb": round(hwm, 1),
+        "tree_pss_peak_mb": round(memory.peak_pss / 2**20, 1),
+        "tree_rss_sum_peak_mb": round(memory.peak_rss / 2**20, 1),
+        "nproc": nproc or "Auto",
     }))
 
 
@@ -170,10 +214,11 @@ def main():
     ap.add_argument("--repeats", type=int, default=1)
     ap.add_argument("--output", default="merge.json")
     ap.add_argument("--keep-files", action="store_true", help="keep bench/data/merge_synthetic")
-    ap.add_argument("--child", nargs=2, metavar=("N_IMAGES", "OUT"), help=argparse.SUPPRESS)
+    ap.add_argument("--nproc", type=int, default=0, help="mp.nproc of the merge (0: Auto)")
+    ap.add_argument("--child", nargs=3, metavar=("N_IMAGES", "OUT", "NPROC"), help=argparse.SUPPRESS)
     args = ap.parse_args()
     if args.child:
-        return child(int(args.child[0]), args.child[1])
+        return child(int(args.child[0]), args.child[1], int(args.child[2]))
 
     common.bootstrap()
     meta = common.stamp()
@@ -190,12 +235,15 @@ def main():
             out = common.DATA / f"merge_out_{n_images}"
             common.rmtree(out)
             load = common.loadavg()
-            proc = subprocess.run([sys.executable, __file__, "--child", str(n_images), str(out)],
+            proc = subprocess.run([sys.executable, __file__, "--child", str(n_images), str(out), str(args.nproc)],
                                   capture_output=True, text=True, env=common.one_core_env())
             if proc.returncode != 0:
                 raise RuntimeError(proc.stderr[-3000:])
             r = json.loads(proc.stdout.strip().splitlines()[-1])
             r["load_at_start"] = load
+            # the whole process tree (workers included), never below the
+            # merging process's own high-water mark
+            r["peak_mb"] = max(r["vmhwm_mb"], r["tree_pss_peak_mb"])
             r["output_mb"] = round(common.dir_size(out) / 1e6, 1)
             common.rmtree(out)
             reps.append(r)
@@ -204,10 +252,10 @@ def main():
         best["input_mb"] = round(sum(
             (FILES / f"image_{i:06d}.npz").stat().st_size for i in range(n_images)) / 1e6, 1)
         best["obs_per_s"] = round(best["n_observations"] / best["wall_s"])
-        best["bytes_per_obs_peak"] = round(best["vmhwm_mb"] * 2**20 / best["n_observations"], 1)
+        best["bytes_per_obs_peak"] = round(best["peak_mb"] * 2**20 / best["n_observations"], 1)
         runs.append(best)
         print(f"{best['n_observations']:.2e} obs: {best['wall_s']:.1f} s, "
-              f"{best['vmhwm_mb']:.0f} MB peak", flush=True)
+              f"{best['peak_mb']:.0f} MB peak (process tree)", flush=True)
 
     # linear model t = a + b n, memory = m0 + m1 n from the two largest runs
     extrapolation = None
@@ -215,12 +263,12 @@ def main():
         r1, r2 = runs[-2], runs[-1]
         dn = r2["n_observations"] - r1["n_observations"]
         b = (r2["wall_s"] - r1["wall_s"]) / dn
-        m1 = (r2["vmhwm_mb"] - r1["vmhwm_mb"]) / dn
+        m1 = (r2["peak_mb"] - r1["peak_mb"]) / dn
         extrapolation = {
             "n_observations": 1e8,
             "from_sizes": [r1["n_observations"], r2["n_observations"]],
             "wall_s": round(r2["wall_s"] + b * (1e8 - r2["n_observations"]), 0),
-            "peak_mb": round(r2["vmhwm_mb"] + m1 * (1e8 - r2["n_observations"]), 0),
+            "peak_mb": round(r2["peak_mb"] + m1 * (1e8 - r2["n_observations"]), 0),
             "seconds_per_1e6_obs": round(b * 1e6, 3),
             "mb_per_1e6_obs": round(m1 * 1e6, 1),
             "note": "linear in the number of observations, fitted to the two largest runs",
@@ -230,14 +278,14 @@ def main():
               "target": {"n_observations": 1e8, "wall_s": 60, "peak_gb": 4}}
     rows = [[f"{r['n_observations']:.2e}", r["n_images"], r["n_voxels_asu"], r["input_mb"],
              f"{r.get('read_s', 0):.1f}", f"{r.get('scale_merge_s', 0):.1f}", f"{r.get('write_s', 0):.1f}",
-             f"{r['wall_s']:.1f}", f"{r['obs_per_s'] / 1e6:.2f}", f"{r['vmhwm_mb']:.0f}",
-             r["scaling_iterations"]] for r in runs]
+             f"{r['wall_s']:.1f}", f"{r['obs_per_s'] / 1e6:.2f}", f"{r['peak_mb']:.0f}",
+             r["scaling_iterations"], r["load_at_start"][0]] for r in runs]
     if extrapolation:
         rows.append(["1e8 (extrap.)", 1000, "", "", "", "", "", f"{extrapolation['wall_s']:.0f}",
-                     "", f"{extrapolation['peak_mb']:.0f}", ""])
+                     "", f"{extrapolation['peak_mb']:.0f}", "", ""])
     print(f"\nmerge_run on synthetic extraction files ({meta['uptime']})")
     print(common.table(rows, ["observations", "images", "ASU voxels", "input MB", "read s",
-                              "scale+merge s", "write s", "total s", "Mobs/s", "peak MB", "iter"]))
+                              "scale+merge s", "write s", "total s", "Mobs/s", "peak MB", "iter", "load"]))
     common.write_result(args.output, result)
     if not args.keep_files:
         common.rmtree(FILES)

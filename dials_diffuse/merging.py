@@ -78,20 +78,22 @@ def _pearson(x, y):
     return float((xm * ym).sum() / denom) if denom > 0 else float("nan")
 
 
-def cc_half(obs, model, use, on_bragg, n_shells=10, seed=0, n_bins=50):
-    """Half-dataset correlations per resolution shell (random halves by image)."""
+def image_halves(n_images, seed=0):
+    """The random half of the images (a bool per image) of the CC1/2 maps."""
     rng = np.random.default_rng(seed)
-    in_first_half = np.zeros(obs.n_images, bool)
-    in_first_half[rng.permutation(obs.n_images)[: obs.n_images // 2]] = True
-    halves = []
-    for h in (True, False):
-        # a bool lookup: 1 byte per observation for the selection
-        sel = in_first_half[obs.image]
-        if not h:
-            np.logical_not(sel, out=sel)
-        sel &= use
-        intensity, _, n = scaling.merge_intensities(obs, model, sel)
-        halves.append((intensity, n))
+    in_first_half = np.zeros(n_images, bool)
+    in_first_half[rng.permutation(n_images)[: n_images // 2]] = True
+    return in_first_half
+
+
+def cc_half(obs, model, use, on_bragg, n_shells=10, seed=0, n_bins=50, half_maps=None):
+    """Half-dataset correlations per resolution shell (random halves by image).
+
+    ``half_maps``: the (I, sigma, n) of each half when the scaling made them
+    already (in its last pass); otherwise both are merged in one pass."""
+    if half_maps is None:
+        half_maps = scaling.merge_intensities(obs, model, use, halves=image_halves(obs.n_images, seed))
+    halves = [(intensity, n) for intensity, _, n in half_maps]
     both = (halves[0][1] > 0) & (halves[1][1] > 0)
     maps = {}
     for name in ("total", "anisotropic"):
@@ -218,8 +220,9 @@ def extracted_ndiv(path):
 
 
 def merge_map(obs, result, grid) -> MergedMap:
-    use = ~result.rejected
-    intensity, sigma, n_obs = scaling.merge_intensities(obs, result.model, use)
+    intensity, sigma, n_obs = result.intensity, result.sigma, result.n_observations
+    if sigma is None:
+        intensity, sigma, n_obs = scaling.merge_intensities(obs, result.model, ~result.rejected)
     n_rej = np.bincount(obs.voxel[result.rejected], minlength=obs.n_voxels)
     keep = n_obs > 0
     ndiv = np.array(grid.ndiv)
@@ -270,12 +273,16 @@ def merge_run(experiments, inputs, params):
         keep_images = np.array([m["experiment_id"] not in excluded for m in obs.metadata])
         obs = _select_images(obs, keep_images)
     t_read = time.time()
-    result = scaling.refine_scales(obs, params.scaling)
+    # one set of forked workers for every pass over the observations
+    with scaling.ObservationPasses(obs, resolve_nproc(params)) as passes:
+        result = scaling.refine_scales(
+            obs, params.scaling, passes, halves=image_halves(obs.n_images, params.statistics.seed))
     if not result.converged and params.scaling.fail_if_not_converged:
         raise Sorry("scaling did not converge: raise scaling.max_iterations or check the data")
     merged = merge_map(obs, result, grid)
-    stats = cc_half(obs, result.model, ~result.rejected, np.all(obs.voxel_grid % np.array(grid.ndiv) == 0, axis=1),
-                    n_shells=params.statistics.n_shells, seed=params.statistics.seed)
+    on_bragg = np.all(obs.voxel_grid % np.array(grid.ndiv) == 0, axis=1)
+    stats = cc_half(obs, result.model, ~result.rejected, on_bragg, n_shells=params.statistics.n_shells,
+                    seed=params.statistics.seed, half_maps=result.half_maps)
     _log_cc_half(stats)
     t_merge = time.time()
     out = params.output.directory
@@ -290,8 +297,8 @@ def merge_run(experiments, inputs, params):
 def _select_images(obs, keep_images):
     keep_obs = keep_images[obs.image]
     new_index = np.cumsum(keep_images) - 1
-    obs.voxel, obs.signal, obs.factor, obs.variance, obs.n_pixels = (
-        a[keep_obs] for a in (obs.voxel, obs.signal, obs.factor, obs.variance, obs.n_pixels)
+    obs.voxel, obs.signal, obs.factor, obs.variance = (
+        a[keep_obs] for a in (obs.voxel, obs.signal, obs.factor, obs.variance)
     )
     obs.image = new_index[obs.image[keep_obs]].astype(np.int32)
     obs.image_ids = obs.image_ids[keep_images]

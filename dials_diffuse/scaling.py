@@ -54,7 +54,11 @@ class ScalingModel:
         v = self.smoother_values
         return (1 - t) * v[image, j] + t * v[image, j + 1]
 
-    def observation_factor(self, obs) -> np.ndarray:
+    def observation_factor(self, obs):
+        """a_i(|q_v|) of each row; the number 1 without a smoother (no
+        per-row array)."""
+        if self.smoother_q is None:
+            return 1.0
         return self.resolution_factor(obs.voxel_qmag[obs.voxel], obs.image)
 
 
@@ -65,11 +69,18 @@ class ScalingResult:
     rejected: np.ndarray  # bool per observation
     history: List[dict]
     converged: bool
+    sigma: Optional[np.ndarray] = None  # sigma of I_v, with the final model and rejections
+    n_observations: Optional[np.ndarray] = None  # used observations per voxel
+    half_maps: Optional[list] = None  # (I_v, sigma_v, n) of each half of the images
 
 
 # Observations are processed in chunks of this many rows, so that the float64
 # temporaries of a pass stay small whatever the number of observations.
-CHUNK_ROWS = 2_000_000
+CHUNK_ROWS = 1_000_000
+# A pass sums over at most this many row partitions (whole chunks each), in
+# partition order: the partitions, and so every floating-point sum, are the
+# same whatever the number of processes.
+MAX_PARTITIONS = 16
 
 
 @dataclasses.dataclass
@@ -77,133 +88,332 @@ class ObservationChunk:
     """A slice of an ObservationSet, in float64, with the per-voxel and
     per-image arrays of the whole set (what the model functions need)."""
 
-    voxel: np.ndarray
+    voxel: np.ndarray  # intp (what bincount and fancy indexing use)
     image: np.ndarray
     signal: np.ndarray
     factor: np.ndarray
     variance: np.ndarray
     voxel_qmag: np.ndarray
     image_gain: np.ndarray
+    gain: object = None  # gain of each row, or one number when every image has the same
 
 
-def chunks(obs, use=None, rows=None):
-    """(chunk, use of its rows) for consecutive slices of the observations."""
-    rows = rows or CHUNK_ROWS
-    for start in range(0, obs.n_obs, rows):
-        sl = slice(start, min(start + rows, obs.n_obs))
+def row_gain(image_gain, image):
+    """Gain of each row; a plain number when all images share one (the usual
+    case: no per-row lookup)."""
+    if image_gain.size and np.all(image_gain == image_gain[0]):
+        return float(image_gain[0])
+    return image_gain[image]
+
+
+def chunks(obs, use=None, start=0, stop=None):
+    """(chunk, use of its rows, its slice) for consecutive slices of the rows
+    start:stop (chunk boundaries at multiples of CHUNK_ROWS)."""
+    stop = obs.n_obs if stop is None else stop
+    for a in range(start, stop, CHUNK_ROWS):
+        sl = slice(a, min(a + CHUNK_ROWS, stop))
+        image = obs.image[sl].astype(np.intp)
         yield ObservationChunk(
-            voxel=obs.voxel[sl],
-            image=obs.image[sl],
+            voxel=obs.voxel[sl].astype(np.intp),
+            image=image,
             signal=obs.signal[sl].astype(np.float64),
             factor=obs.factor[sl].astype(np.float64),
             variance=obs.variance[sl].astype(np.float64),
             voxel_qmag=obs.voxel_qmag,
             image_gain=obs.image_gain,
-        ), (None if use is None else use[sl])
+            gain=row_gain(obs.image_gain, image),
+        ), (None if use is None else use[sl]), sl
+
+
+def partition_bounds(n_obs):
+    """Row ranges of the partitions: whole chunks, at most MAX_PARTITIONS,
+    a function of the number of rows only."""
+    n_chunks = max(1, -(-n_obs // CHUNK_ROWS))
+    rows = CHUNK_ROWS * -(-n_chunks // MAX_PARTITIONS)
+    return [(a, min(a + rows, n_obs)) for a in range(0, max(n_obs, 1), rows)]
+
+
+# The observations and the use mask of the running ObservationPasses, set
+# before its workers are forked (they inherit them: no copy, no pickling).
+_FORKED = {}
+
+
+def _run_partition(task):
+    func, start, stop, args = task
+    return func(_FORKED["obs"], start, stop, _FORKED["use"], *args)
+
+
+class ObservationPasses:
+    """Sums over all observations, partition by partition, in ``nproc``
+    forked workers that read the observation columns they inherited.
+
+    A pass is a function ``func(obs, start, stop, use, *args)`` returning a
+    tuple of arrays for its rows; ``reduce`` adds them up in partition order
+    (or concatenates the outputs named in ``concat``), so that the result is
+    byte-identical for any nproc. ``use`` (the rows kept by outlier
+    rejection) lives in shared memory: passes may rewrite their own rows.
+    """
+
+    def __init__(self, obs, nproc=1):
+        from dials_diffuse.observations import keep_freed_memory, shared_array
+
+        keep_freed_memory()
+        self.obs = obs
+        self.use = shared_array(obs.n_obs, bool)
+        self.use[:] = True
+        self.bounds = partition_bounds(obs.n_obs)
+        self._pool = None
+        if nproc > 1 and len(self.bounds) > 1:
+            import multiprocessing
+
+            _FORKED.update(obs=obs, use=self.use)
+            self._pool = multiprocessing.get_context("fork").Pool(min(nproc, len(self.bounds)))
+
+    def reduce(self, func, *args, concat=()):
+        tasks = [(func, a, b, args) for a, b in self.bounds]
+        if self._pool is None:
+            results = (func(self.obs, a, b, self.use, *args) for a, b in self.bounds)
+        else:
+            results = self._pool.imap(_run_partition, tasks)
+        total = None
+        for result in results:
+            if total is None:
+                total = [[r] if i in concat else r for i, r in enumerate(result)]
+                continue
+            for i, r in enumerate(result):
+                if i in concat:
+                    total[i].append(r)
+                else:
+                    total[i] += r
+        return [np.concatenate(t) if i in concat else t for i, t in enumerate(total)]
+
+    def close(self):
+        if self._pool is not None:
+            self._pool.terminate()
+            self._pool.join()
+            self._pool = None
+            _FORKED.clear()
+
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *exc):
+        self.close()
 
 
 def _bincount(index, weights, n):
     return np.bincount(index, weights=weights, minlength=n)
 
 
-def merge_intensities(obs, model: ScalingModel, use: np.ndarray):
-    """I_v, sigma_v and the number of observations per voxel for a given model."""
-    n = obs.n_voxels
-    numerator, denominator, variance, n_obs = (np.zeros(n) for _ in range(4))
-    for ch, u in chunks(obs, use):
-        a = model.observation_factor(ch)
-        b = model.scale[ch.image]
-        c = model.offset[ch.image]
-        gain = ch.image_gain[ch.image]
-        # Poisson ML in counts (S / gain): images weigh by their expected
-        # counts, whatever their gain (the unit of S)
-        numerator += _bincount(ch.voxel, np.where(u, (ch.signal - c * ch.factor) / gain, 0.0), n)
-        denominator += _bincount(ch.voxel, np.where(u, b * a * ch.factor / gain, 0.0), n)
-        # variance of S with a one-count floor per observation, so that no
-        # merged sigma is zero even where every pixel counted nothing
-        variance += _bincount(
-            ch.voxel, np.where(u, np.maximum(ch.variance, gain * gain) / (gain * gain), 0.0), n)
-        n_obs += _bincount(ch.voxel, u.astype(np.float64), n)
+def _used_index(index, u, n):
+    """index where u, else n: rows not used go to an extra bin that the sums
+    drop (one integer select instead of one float select per sum)."""
+    return np.where(u, index, n)
+
+
+def _used_sum(index, weights, n):
+    """Sums over bins 0..n-1 of an index made by _used_index."""
+    return np.bincount(index, weights=weights, minlength=n + 1)[:n]
+
+
+def _image_selections(u, image, halves):
+    """The rows of a chunk each sum is over: the used rows, or those of each
+    half of the images (CC1/2)."""
+    if halves is None:
+        return [u]
+    first = halves[image]
+    return [u & first, u & ~first]
+
+
+def _add_merge_sums(sums, ch, u, model, halves=None):
+    """Add a chunk's per-voxel merge sums (numerator, denominator, variance,
+    count) to sums[0], or those of each half of the images to sums[0:2]."""
+    n = sums.shape[-1]
+    a = model.observation_factor(ch)
+    b = model.scale[ch.image]
+    c = model.offset[ch.image]
+    gain = ch.gain
+    # Poisson ML in counts (S / gain): images weigh by their expected
+    # counts, whatever their gain (the unit of S)
+    numerator = ch.signal - c * ch.factor
+    denominator = b * ch.factor if model.smoother_q is None else b * a * ch.factor
+    # variance of S with a one-count floor per observation, so that no
+    # merged sigma is zero even where every pixel counted nothing
+    variance = np.maximum(ch.variance, gain * gain)
+    if not (np.isscalar(gain) and gain == 1.0):  # x / 1 is x: skip three passes
+        numerator /= gain
+        denominator /= gain
+        variance /= gain * gain
+    for s, sel in enumerate(_image_selections(u, ch.image, halves)):
+        voxel = _used_index(ch.voxel, sel, n)
+        for k, values in enumerate((numerator, denominator, variance)):
+            sums[s, k] += _used_sum(voxel, values, n)
+        sums[s, 3] += _used_sum(voxel, None, n)
+
+
+def _merge_partition(obs, start, stop, use, model, halves=None):
+    """Per-voxel merge sums of the partition's rows (see _add_merge_sums)."""
+    sums = np.zeros((1 if halves is None else 2, 4, obs.n_voxels))
+    for ch, u, _ in chunks(obs, use, start, stop):
+        _add_merge_sums(sums, ch, u, model, halves)
+    return (sums,)
+
+
+def _intensities(sums):
+    numerator, denominator, variance, n_obs = sums
     with np.errstate(invalid="ignore", divide="ignore"):
         intensity = np.where(denominator > 0, numerator / denominator, np.nan)
         sigma = np.where(denominator > 0, np.sqrt(variance) / denominator, np.nan)
     return intensity, sigma, n_obs.astype(np.int64)
 
 
+def merge_intensities(obs, model: ScalingModel, use: np.ndarray = None, passes=None, halves=None):
+    """I_v, sigma_v and the number of observations per voxel for a given model
+    (over ``passes.use``, or ``use`` without passes); with ``halves`` (a bool
+    per image), one such triple for each half of the images."""
+    if passes is None:
+        sums = _merge_partition(obs, 0, obs.n_obs, use, model, halves)[0]
+    else:
+        sums = passes.reduce(_merge_partition, model, halves)[0]
+    merged = [_intensities(s) for s in sums]
+    return merged[0] if halves is None else merged
+
+
 def model_prediction(obs, model: ScalingModel, intensity):
     """E[S] for the rows of ``obs`` (an ObservationChunk or a whole set)."""
-    a = model.observation_factor(obs)
-    return obs.factor * (model.scale[obs.image] * a * intensity[obs.voxel] + model.offset[obs.image])
+    return _prediction(obs, model, intensity)[2]
+
+
+def _prediction(obs, model, intensity):
+    """b_i, a_i I_v and E[S] = W (b_i a_i I_v + c_i) of each row (the
+    factors the Gauss-Newton sums reuse)."""
+    b = model.scale[obs.image]
+    x = intensity[obs.voxel]
+    if model.smoother_q is not None:
+        x *= model.observation_factor(obs)
+    expected = b * x
+    if model.offset.any():
+        expected += model.offset[obs.image]
+    expected *= obs.factor
+    return b, x, expected
 
 
 def model_variance(obs, expected):
-    """var(S) for Poisson counts: gain * E[S], with a one-count floor."""
-    gain = obs.image_gain[obs.image]
-    return np.maximum(gain * np.maximum(expected, 0.0), gain * gain)
+    """var(S) for Poisson counts: gain * E[S], with a one-count floor
+    (gain * max(E, gain) = max(gain * max(E, 0), gain^2) for gain > 0)."""
+    gain = obs.gain if obs.gain is not None else obs.image_gain[obs.image]
+    return gain * np.maximum(expected, gain)
 
 
-def _update_scales(obs, model, intensity, use):
-    """b_i = sum_v (S - c W) / sum_v W a I_v (Poisson maximum likelihood)."""
+def _scale_partition(obs, start, stop, use, model, intensity):
     n = obs.n_images
     num, den = np.zeros(n), np.zeros(n)
-    for ch, u in chunks(obs, use):
+    for ch, u, _ in chunks(obs, use, start, stop):
         x = model.observation_factor(ch) * intensity[ch.voxel]
         num += _bincount(ch.image, np.where(u, ch.signal - model.offset[ch.image] * ch.factor, 0.0), n)
         den += _bincount(ch.image, np.where(u, ch.factor * x, 0.0), n)
+    return num, den
+
+
+def _update_scales(passes, model, intensity):
+    """b_i = sum_v (S - c W) / sum_v W a I_v (Poisson maximum likelihood)."""
+    num, den = passes.reduce(_scale_partition, model, intensity)
     model.scale = np.where(den > 0, num / np.where(den > 0, den, 1), model.scale)
 
 
-# Largest number of (image, voxel) couplings held for the Gauss-Newton matrix;
-# beyond it the matrix is estimated from a regular subset of the voxels.
+# Largest number of (image, voxel) couplings sampled for the Gauss-Newton
+# matrix, and largest cost (multiply-adds) of the images x images product:
+# beyond either, the matrix is estimated from every k-th voxel.
 MAX_COUPLINGS = 20_000_000
+MAX_SCHUR_MACS = 1e10
+# Columns of the dense images x voxels block are made this many entries at a
+# time (memory).
+DENSE_BLOCK = 10_000_000
 
 
-def _gauss_newton_scales(obs, model, intensity, use):
+def _gauss_newton_sums(ch, u, b, x, w, r, n_img, n_vox):
+    """Diagonals and gradients of the normal equations of the joint least
+    squares in (b, I), for one chunk: b, I, weights and residuals per row."""
+    image, voxel = _used_index(ch.image, u, n_img), _used_index(ch.voxel, u, n_vox)
+    wW = w * ch.factor
+    wWb = wW * b
+    wWx = wW * x
+    return (
+        _used_sum(image, wWx * ch.factor * x, n_img),
+        _used_sum(voxel, wWb * ch.factor * b, n_vox),
+        _used_sum(image, wWx * r, n_img),
+        _used_sum(voxel, wWb * r, n_vox),
+    )
+
+
+def _gauss_newton_chunk(ch, u, model, intensity, n_img, n_vox):
+    b, x, mu = _prediction(ch, model, intensity)
+    return _gauss_newton_sums(ch, u, b, x, 1.0 / model_variance(ch, mu), ch.signal - mu, n_img, n_vox)
+
+
+def _gauss_newton_partition(obs, start, stop, use, model, intensity):
+    sums = [np.zeros(obs.n_images), np.zeros(obs.n_voxels), np.zeros(obs.n_images), np.zeros(obs.n_voxels)]
+    for ch, u, _ in chunks(obs, use, start, stop):
+        for total, part in zip(sums, _gauss_newton_chunk(ch, u, model, intensity, obs.n_images, obs.n_voxels)):
+            total += part
+    return sums
+
+
+def _coupling_partition(obs, start, stop, use, model, intensity, g_over_d, every):
+    """The coupling term of the reduced gradient, and the couplings
+    C_iv = w W^2 b I of every k-th voxel (for the images x images matrix)."""
+    rhs = np.zeros(obs.n_images)
+    images, sampled, couplings = [], [], []
+    for ch, u, _ in chunks(obs, use, start, stop):
+        b, x, mu = _prediction(ch, model, intensity)
+        coupling = ch.factor * ch.factor * b * x / model_variance(ch, mu)
+        image = _used_index(ch.image, u, obs.n_images)
+        rhs += _used_sum(image, coupling * g_over_d[ch.voxel], obs.n_images)
+        sub = u & ((ch.voxel % every) == 0)
+        images.append(ch.image[sub].astype(np.int32))
+        sampled.append((ch.voxel[sub] // every).astype(np.int32))
+        couplings.append(coupling[sub])
+    return rhs, np.concatenate(images), np.concatenate(sampled), np.concatenate(couplings)
+
+
+def _schur_matrix(d_b, images, sampled, couplings, inv_d_sampled, every):
+    """diag(d_b) - k C D^-1 C^T from the sampled voxels' couplings, by dense
+    blocks of voxel columns (BLAS; a voxel is seen by a large fraction of
+    the images, so dense blocks lose little to the sparsity)."""
+    n_img, n_sub = d_b.size, inv_d_sampled.size
+    schur = np.diag(d_b)
+    block = max(1, DENSE_BLOCK // n_img)
+    for s0 in range(0, n_sub, block):
+        nb = min(block, n_sub - s0)
+        sel = (sampled >= s0) & (sampled < s0 + nb) if nb < n_sub else slice(None)
+        dense = _bincount(images[sel].astype(np.intp) * nb + (sampled[sel] - s0),
+                          couplings[sel], n_img * nb).reshape(n_img, nb)
+        schur -= every * ((dense * inv_d_sampled[s0:s0 + nb]) @ dense.T)
+    return schur
+
+
+def _gauss_newton_scales(passes, model, intensity, gn_sums):
     """One Gauss-Newton step for b on the joint problem in (b, I).
 
     The alternating updates converge slowly when images overlap only with
     their neighbours (a rotation sweep: a chain of images). Solving for all
     b_i together, with the I_v eliminated through the Schur complement of the
-    normal equations, moves the whole chain at once. The gradient is exact;
-    for very large runs the images x images matrix is estimated from every
-    k-th voxel (scaled by k), which keeps memory bounded and the step a good
-    quasi-Newton step.
+    normal equations, moves the whole chain at once. ``gn_sums`` are the
+    diagonals and gradients (a pass that the caller fuses with the outlier
+    rejection). The gradient is exact; for large runs the images x images
+    matrix is estimated from every k-th voxel (scaled by k), which bounds
+    memory and time and keeps the step a good quasi-Newton step.
     """
-    from scipy import sparse
-
+    obs = passes.obs
     n_img, n_vox = obs.n_images, obs.n_voxels
-    d_b, d_i = np.zeros(n_img), np.zeros(n_vox)
-    g_b, g_i = np.zeros(n_img), np.zeros(n_vox)
-
-    def terms(ch, u):
-        b = model.scale[ch.image]
-        x = intensity[ch.voxel]
-        W = ch.factor
-        mu = b * W * x
-        w = np.where(u, 1.0 / model_variance(ch, mu), 0.0)
-        return b, x, W, w, ch.signal - mu
-
-    for ch, u in chunks(obs, use):
-        b, x, W, w, r = terms(ch, u)
-        d_b += _bincount(ch.image, w * W * W * x * x, n_img)
-        d_i += _bincount(ch.voxel, w * W * W * b * b, n_vox)
-        g_b += _bincount(ch.image, w * W * x * r, n_img)
-        g_i += _bincount(ch.voxel, w * W * b * r, n_vox)
+    d_b, d_i, g_b, g_i = gn_sums
     inv_d_i = np.where(d_i > 0, 1.0 / np.where(d_i > 0, d_i, 1.0), 0.0)
-    every = max(1, -(-obs.n_obs // MAX_COUPLINGS))
-    rhs = g_b.copy()
-    coupling_matrix = sparse.csr_matrix((n_img, n_vox))
-    for ch, u in chunks(obs, use):
-        b, x, W, w, _ = terms(ch, u)
-        coupling = w * W * W * b * x
-        rhs -= _bincount(ch.image, coupling * (g_i * inv_d_i)[ch.voxel], n_img)
-        sub = (ch.voxel % every) == 0
-        # a voxel's observations may sit in different chunks: sum C first
-        coupling_matrix = coupling_matrix + sparse.csr_matrix(
-            (coupling[sub], (ch.image[sub], ch.voxel[sub])), shape=(n_img, n_vox)
-        )
-    scaled = coupling_matrix.multiply(inv_d_i[None, :]).tocsr()
-    schur = np.diag(d_b) - every * (scaled @ coupling_matrix.T).toarray()
+    every = int(max(1, -(-obs.n_obs // MAX_COUPLINGS),
+                    np.ceil(float(n_img) ** 2 * n_vox / MAX_SCHUR_MACS)))
+    coupling_rhs, images, sampled, couplings = passes.reduce(
+        _coupling_partition, model, intensity, g_i * inv_d_i, every, concat=(1, 2, 3))
+    rhs = g_b - coupling_rhs
+    schur = _schur_matrix(d_b, images, sampled, couplings, inv_d_i[::every], every)
     # the overall factor is free (b -> k b, I -> I / k): pin the mean step
     gauge = np.trace(schur) / n_img
     schur += gauge * np.ones((n_img, n_img)) / n_img
@@ -227,17 +437,62 @@ def _residual_sample(obs, model, intensity, use, max_samples=1_000_000):
     idx = np.arange(0, obs.n_obs, step)
     idx = idx[use[::step]]
     sample = ObservationChunk(
-        voxel=obs.voxel[idx], image=obs.image[idx],
+        voxel=obs.voxel[idx].astype(np.intp), image=obs.image[idx].astype(np.intp),
         signal=obs.signal[idx].astype(np.float64), factor=obs.factor[idx].astype(np.float64),
         variance=obs.variance[idx].astype(np.float64),
         voxel_qmag=obs.voxel_qmag, image_gain=obs.image_gain,
     )
+    sample.gain = row_gain(obs.image_gain, sample.image)
     expected = model_prediction(sample, model, intensity)
     return sample.signal - expected, model_variance(sample, expected), expected
 
 
-def refine_scales(obs, params) -> ScalingResult:
-    """Alternating refinement of b_i (and optionally c_i, a_i(|q|)) and I_v."""
+def _rejection_partition(obs, start, stop, use, model, intensity, error_k, outlier_sigma,
+                         then=None, halves=None):
+    """Outlier rejection of the partition's rows (rewrites their ``use``) and
+    the R / chi^2 sums over the rows kept. In the same sweep (same model, so
+    one pass instead of two): then="gauss_newton", the next iteration's
+    Gauss-Newton sums; then="merge", the final merge sums (for each half of
+    the images if ``halves``)."""
+    totals = np.zeros(3)  # sum |resid|, sum |S|, sum z^2 over the rows kept
+    if then == "gauss_newton":
+        sums = [np.zeros(obs.n_images), np.zeros(obs.n_voxels), np.zeros(obs.n_images), np.zeros(obs.n_voxels)]
+    elif then == "merge":
+        sums = [np.zeros((1 if halves is None else 2, 4, obs.n_voxels))]
+    else:
+        sums = []
+    for ch, u, sl in chunks(obs, use, start, stop):
+        b, x, expected = _prediction(ch, model, intensity)
+        resid = ch.signal - expected
+        variance = model_variance(ch, expected)
+        z2 = resid * resid
+        z2 /= variance + (error_k * expected) ** 2 if error_k else variance
+        if outlier_sigma is not None:
+            u = z2 <= outlier_sigma * outlier_sigma
+            use[sl] = u
+        totals += (np.sum(np.abs(resid), where=u), np.sum(np.abs(ch.signal), where=u),
+                   np.sum(z2, where=u))
+        if then == "gauss_newton":
+            w = np.reciprocal(variance, out=variance)
+            gn = _gauss_newton_sums(ch, u, b, x, w, resid, obs.n_images, obs.n_voxels)
+            for total, part in zip(sums, gn):
+                total += part
+        elif then == "merge":
+            _add_merge_sums(sums[0], ch, u, model, halves)
+    return [totals] + sums
+
+
+def refine_scales(obs, params, passes=None, halves=None) -> ScalingResult:
+    """Refinement of b_i (and optionally c_i, a_i(|q|)) and I_v.
+
+    ``passes`` (an ObservationPasses) runs the sums over the observations,
+    possibly in parallel; its ``use`` holds the rows kept at the end. With
+    ``halves`` (a bool per image) the result also has the two half-dataset
+    maps (CC1/2), from the same last pass.
+    """
+    if passes is None:
+        with ObservationPasses(obs) as passes:
+            return refine_scales(obs, params, passes, halves)
     n_img = obs.n_images
     model = ScalingModel(scale=np.ones(n_img), offset=np.zeros(n_img))
     sm = params.resolution_smoother
@@ -245,48 +500,45 @@ def refine_scales(obs, params) -> ScalingResult:
         q_lo, q_hi = float(obs.voxel_qmag.min()), float(obs.voxel_qmag.max())
         model.smoother_q = np.linspace(q_lo, q_hi, max(sm.n_control_points, 2))
         model.smoother_values = np.ones((n_img, model.smoother_q.size))
-    use = np.ones(obs.n_obs, bool)
+    passes.use[:] = True
     history = []
     converged = False
     n_params = n_img + (n_img if params.offsets else 0) + (
         model.smoother_q.size * n_img if sm.enable else 0
     )
     reject = params.outlier_sigma is not None and params.outlier_sigma > 0
-    intensity = np.nan_to_num(merge_intensities(obs, model, use)[0])
+    gauss_newton = params.solver == "gauss_newton" and not params.offsets and not sm.enable
+    intensity = np.nan_to_num(merge_intensities(obs, model, passes=passes)[0])
+    gn_sums = passes.reduce(_gauss_newton_partition, model, intensity) if gauss_newton else None
     for iteration in range(1, params.max_iterations + 1):
         old_scale = model.scale.copy()
         # I_v from the end of the previous iteration (one pass fewer per
         # iteration; it only lags the last outlier update)
-        if params.solver == "gauss_newton" and not params.offsets and not sm.enable:
-            _gauss_newton_scales(obs, model, intensity, use)
+        if gauss_newton:
+            _gauss_newton_scales(passes, model, intensity, gn_sums)
         else:
-            _update_scales(obs, model, intensity, use)
+            _update_scales(passes, model, intensity)
         if params.offsets:
-            _update_offsets(obs, model, intensity, use)
+            _update_offsets(passes, model, intensity)
         if sm.enable:
-            _update_smoother(obs, model, intensity, use)
+            _update_smoother(passes, model, intensity)
         # fix the free overall factor: mean scale 1
         mean_scale = model.scale.mean()
         if mean_scale > 0:
             model.scale /= mean_scale
-        intensity = np.nan_to_num(merge_intensities(obs, model, use)[0])
-        error_k = fit_error_model(*_residual_sample(obs, model, intensity, use))
-        sum_abs_resid = sum_abs_signal = chi2_sum = 0.0
-        new_use = np.empty_like(use)
-        for start, (ch, u) in zip(range(0, obs.n_obs, CHUNK_ROWS), chunks(obs, use)):
-            expected = model_prediction(ch, model, intensity)
-            resid = ch.signal - expected
-            z = resid / np.sqrt(model_variance(ch, expected) + (error_k * expected) ** 2)
-            u_new = np.abs(z) <= params.outlier_sigma if reject else u
-            new_use[start : start + u.size] = u_new
-            sum_abs_resid += np.abs(resid[u_new]).sum()
-            sum_abs_signal += np.abs(ch.signal[u_new]).sum()
-            chi2_sum += (z[u_new] ** 2).sum()
-        use = new_use
-        n_use = int(use.sum())
+        intensity = np.nan_to_num(merge_intensities(obs, model, passes=passes)[0])
+        error_k = fit_error_model(*_residual_sample(obs, model, intensity, passes.use))
+        shift = float(np.max(np.abs(model.scale - old_scale) / np.maximum(old_scale, 1e-12)))
+        last = shift < params.convergence_tolerance or iteration == params.max_iterations
+        then = "merge" if last else ("gauss_newton" if gauss_newton else None)
+        totals, *sums = passes.reduce(
+            _rejection_partition, model, intensity, error_k,
+            params.outlier_sigma if reject else None, then, halves)
+        gn_sums = sums if then == "gauss_newton" else None
+        sum_abs_resid, sum_abs_signal, chi2_sum = totals
+        n_use = int(np.count_nonzero(passes.use))
         r_factor = float(sum_abs_resid / max(sum_abs_signal, 1e-300))
         chi2 = float(chi2_sum / max(n_use - n_params - obs.n_voxels, 1))
-        shift = float(np.max(np.abs(model.scale - old_scale) / np.maximum(old_scale, 1e-12)))
         history.append(
             {
                 "iteration": iteration,
@@ -302,9 +554,12 @@ def refine_scales(obs, params) -> ScalingResult:
             converged = True
             break
     _log_history(history, converged)
-    intensity, _, _ = merge_intensities(obs, model, use)
-    return ScalingResult(model=model, intensity=intensity, rejected=~use,
-                         history=history, converged=converged)
+    # the last rejection pass made the merge sums with the final use
+    merge_sums = sums[0]
+    intensity, sigma, n_obs = _intensities(merge_sums.sum(axis=0))
+    return ScalingResult(model=model, intensity=intensity, rejected=~passes.use,
+                         history=history, converged=converged, sigma=sigma, n_observations=n_obs,
+                         half_maps=None if halves is None else [_intensities(h) for h in merge_sums])
 
 
 CHI2_1_MEDIAN = 0.45493642311957  # median of chi-squared with one degree of freedom
@@ -337,21 +592,24 @@ def fit_error_model(resid, poisson_var, expected):
     return float(hi)
 
 
-def _update_offsets(obs, model, intensity, use):
-    """Per-image weighted least squares for (b_i, c_i) given I_v."""
+def _offset_partition(obs, start, stop, use, model, intensity):
+    """Per-image sums of the 2x2 normal equations of (b_i, c_i)."""
     n = obs.n_images
-    sxx, sx1, s11, sxs, s1s = (np.zeros(n) for _ in range(5))
-    for ch, u in chunks(obs, use):
+    sums = np.zeros((5, n))
+    for ch, u, _ in chunks(obs, use, start, stop):
         x = model.observation_factor(ch) * intensity[ch.voxel]
         expected = ch.factor * (model.scale[ch.image] * x + model.offset[ch.image])
         w = np.where(u, 1.0 / model_variance(ch, expected), 0.0)
         W, S = ch.factor, ch.signal
         # minimise sum w (S - W (b x + c))^2 -> 2x2 normal equations per image
-        sxx += _bincount(ch.image, w * W * W * x * x, n)
-        sx1 += _bincount(ch.image, w * W * W * x, n)
-        s11 += _bincount(ch.image, w * W * W, n)
-        sxs += _bincount(ch.image, w * W * x * S, n)
-        s1s += _bincount(ch.image, w * W * S, n)
+        for k, values in enumerate((w * W * W * x * x, w * W * W * x, w * W * W, w * W * x * S, w * W * S)):
+            sums[k] += _bincount(ch.image, values, n)
+    return (sums,)
+
+
+def _update_offsets(passes, model, intensity):
+    """Per-image weighted least squares for (b_i, c_i) given I_v."""
+    sxx, sx1, s11, sxs, s1s = passes.reduce(_offset_partition, model, intensity)[0]
     det = sxx * s11 - sx1 * sx1
     ok = np.abs(det) > 1e-12 * np.maximum(sxx * s11, 1e-300)
     b = np.where(ok, (sxs * s11 - s1s * sx1) / np.where(ok, det, 1), model.scale)
@@ -359,13 +617,13 @@ def _update_offsets(obs, model, intensity, use):
     model.scale, model.offset = b, c
 
 
-def _update_smoother(obs, model, intensity, use):
-    """Per-image weighted least squares for the control-point values of a_i."""
+def _smoother_partition(obs, start, stop, use, model, intensity):
+    """Per-image normal equations of the control-point values of a_i."""
     k = model.smoother_q.size
     n = obs.n_images
     normal = np.zeros(n * k * k)
     rhs = np.zeros(n * k)
-    for ch, u in chunks(obs, use):
+    for ch, u, _ in chunks(obs, use, start, stop):
         j, t = model.interpolation(ch.voxel_qmag[ch.voxel])
         base = ch.factor * model.scale[ch.image] * intensity[ch.voxel]
         offset = ch.factor * model.offset[ch.image]
@@ -379,6 +637,14 @@ def _update_smoother(obs, model, intensity, use):
                 normal += np.bincount(
                     (ch.image * k + ja) * k + jb, weights=w * va * vb, minlength=n * k * k
                 )
+    return normal, rhs
+
+
+def _update_smoother(passes, model, intensity):
+    """Per-image weighted least squares for the control-point values of a_i."""
+    k = model.smoother_q.size
+    n = passes.obs.n_images
+    normal, rhs = passes.reduce(_smoother_partition, model, intensity)
     normal = normal.reshape(n, k, k)
     rhs = rhs.reshape(n, k)
     # a light ridge towards the current values keeps empty ranges defined
