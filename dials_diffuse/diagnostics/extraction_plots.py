@@ -13,6 +13,7 @@ from matplotlib.patches import Patch
 from dials_diffuse.diagnostics.plotting import (
     histogram_panel,
     new_figure,
+    radial_scatter_figure,
 )
 
 AXIS_NAMES = ("qx", "qy", "qz")
@@ -129,27 +130,12 @@ def plot_q_projection(q, intensity, axes=(0, 1), n_total=None):
 
 def plot_radial(qmag_sample, intensity_sample, profile, n_total=None):
     """I vs |q| scatter (subsample) with the binned mean of all pixels."""
-    fig, ax = new_figure(width=7, height=5)
-    ax = ax[0, 0]
-    ax.scatter(qmag_sample, intensity_sample, s=1, alpha=0.3, color="C0", rasterized=True,
-               linewidths=0, label=f"pixels ({len(qmag_sample)}"
-               + (f" of {n_total})" if n_total and n_total > len(qmag_sample) else ")"))
     centres, means, counts = profile
-    ok = counts > 0
-    ax.plot(centres[ok], means[ok], "-", color="C3", lw=2, label="mean in |q| bins (all pixels)")
-    if intensity_sample.size:
-        lo, hi = np.percentile(intensity_sample, [0.5, 99.5])
-        pad = 0.1 * (hi - lo if hi > lo else 1)
-        ax.set_ylim(lo - pad, hi + pad)
-    ax.set_xlabel("|q| (1/Å)")
-    ax.set_ylabel("corrected intensity")
-    if qmag_sample.size:
-        from dials_diffuse.diagnostics.merged_plots import add_d_axis
-
-        add_d_axis(ax, max(float(qmag_sample.min()), 1e-3), float(qmag_sample.max()))
-    ax.legend(fontsize=8)
-    ax.set_title("Radial distribution", fontsize=10)
-    return fig
+    return radial_scatter_figure(
+        qmag_sample, intensity_sample, centres, np.where(counts > 0, means, np.nan), n_total,
+        sample_name="pixels", mean_label="mean in |q| bins (all pixels)",
+        ylabel="corrected intensity", title="Radial distribution",
+    )
 
 
 def plot_intensity_histogram(intensity, label="corrected intensity", unit="pixels"):

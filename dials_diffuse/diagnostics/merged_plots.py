@@ -8,36 +8,13 @@ from matplotlib.colors import LogNorm, Normalize, TwoSlopeNorm
 from matplotlib.ticker import MaxNLocator
 
 from dials_diffuse.diagnostics.plotting import (
+    add_d_axis,
     histogram_panel,
     new_figure,
     positive_log_limits,
+    radial_scatter_figure,
     symmetric_limit,
 )
-
-D_TICKS = (100, 50, 30, 20, 15, 10, 7, 5, 4, 3, 2.5, 2, 1.7, 1.5, 1.3, 1.2, 1.1, 1.0, 0.9, 0.8)
-
-
-def add_d_axis(ax, q_lo, q_hi):
-    """A top axis with resolution d = 1/|q| at round values."""
-    top = ax.secondary_xaxis("top", functions=(inverse, inverse))
-    # round d values, at least 7 % of the |q| range apart, none in the first 7 %
-    gap = 0.07 * (q_hi - q_lo)
-    ticks, last = [], q_lo
-    for d in D_TICKS:
-        if 1.0 / d - last >= gap and 1.0 / d <= q_hi:
-            ticks.append(d)
-            last = 1.0 / d
-    top.set_xticks(ticks)
-    top.xaxis.set_major_formatter("{x:g}")
-    top.set_xlabel("d (Å)")
-    return top
-
-
-def inverse(x):
-    x = np.asarray(x, dtype=float)
-    safe = np.where(x != 0, x, np.inf)
-    return 1.0 / safe
-
 
 def section_norm(values, scale):
     """Colour normalisation for a section: log, linear (1-99 %) or diverging about 0."""
@@ -183,23 +160,11 @@ def plot_smoother(control_q, values_per_still):
 
 
 def plot_radial_average(centres, means, qmag_sample, intensity_sample, n_total):
-    fig, ax = new_figure(width=7, height=5)
-    ax = ax[0, 0]
-    ax.scatter(qmag_sample, intensity_sample, s=1, alpha=0.25, rasterized=True, linewidths=0,
-               label=f"voxels ({len(qmag_sample)}" + (f" of {n_total})" if n_total > len(qmag_sample) else ")"))
-    ok = np.isfinite(means)
-    ax.plot(centres[ok], means[ok], "-", color="C3", lw=2, label="radial average")
-    if intensity_sample.size:
-        lo, hi = np.percentile(intensity_sample, [0.5, 99.5])
-        pad = 0.1 * (hi - lo if hi > lo else 1)
-        ax.set_ylim(lo - pad, hi + pad)
-    ax.set_xlabel("|q| (1/Å)")
-    ax.set_ylabel("merged intensity")
-    ax.legend(fontsize=8)
-    if qmag_sample.size:
-        add_d_axis(ax, max(float(np.min(qmag_sample)), 1e-3), float(np.max(qmag_sample)))
-    ax.set_title("Merged radial average", fontsize=10)
-    return fig
+    return radial_scatter_figure(
+        qmag_sample, intensity_sample, centres, means, n_total,
+        sample_name="voxels", mean_label="radial average",
+        ylabel="merged intensity", title="Merged radial average", alpha=0.25,
+    )
 
 
 def plot_cc_half(shells, overall):

@@ -29,6 +29,56 @@ logger = logging.getLogger("dials.diffuse_check")
 DPI = 110
 
 
+D_TICKS = (100, 50, 30, 20, 15, 10, 7, 5, 4, 3, 2.5, 2, 1.7, 1.5, 1.3, 1.2, 1.1, 1.0, 0.9, 0.8)
+
+
+def add_d_axis(ax, q_lo, q_hi):
+    """A top axis with resolution d = 1/|q| at round values."""
+    top = ax.secondary_xaxis("top", functions=(inverse, inverse))
+    # round d values, at least 7 % of the |q| range apart, none in the first 7 %
+    gap = 0.07 * (q_hi - q_lo)
+    ticks, last = [], q_lo
+    for d in D_TICKS:
+        if 1.0 / d - last >= gap and 1.0 / d <= q_hi:
+            ticks.append(d)
+            last = 1.0 / d
+    top.set_xticks(ticks)
+    top.xaxis.set_major_formatter("{x:g}")
+    top.set_xlabel("d (Å)")
+    return top
+
+
+def inverse(x):
+    x = np.asarray(x, dtype=float)
+    safe = np.where(x != 0, x, np.inf)
+    return 1.0 / safe
+
+
+def radial_scatter_figure(qmag_sample, intensity_sample, centres, means, n_total,
+                          sample_name, mean_label, ylabel, title, alpha=0.3):
+    """Intensity against |q|: a scatter of a subsample (n_total in all) and the
+    binned means as a line, with a resolution axis on top."""
+    fig, ax = new_figure(width=7, height=5)
+    ax = ax[0, 0]
+    n = len(qmag_sample)
+    of_total = f" of {n_total})" if n_total and n_total > n else ")"
+    ax.scatter(qmag_sample, intensity_sample, s=1, alpha=alpha, color="C0", rasterized=True,
+               linewidths=0, label=f"{sample_name} ({n}" + of_total)
+    ok = np.isfinite(means)
+    ax.plot(centres[ok], means[ok], "-", color="C3", lw=2, label=mean_label)
+    if intensity_sample.size:
+        lo, hi = np.percentile(intensity_sample, [0.5, 99.5])
+        pad = 0.1 * (hi - lo if hi > lo else 1)
+        ax.set_ylim(lo - pad, hi + pad)
+    ax.set_xlabel("|q| (1/Å)")
+    ax.set_ylabel(ylabel)
+    if n:
+        add_d_axis(ax, max(float(np.min(qmag_sample)), 1e-3), float(np.max(qmag_sample)))
+    ax.legend(fontsize=8)
+    ax.set_title(title, fontsize=10)
+    return fig
+
+
 def new_figure(nrows=1, ncols=1, width=7.0, height=5.5, **kwargs):
     """A Figure (not attached to pyplot) and its axes."""
     fig = Figure(figsize=(width, height), dpi=DPI)

@@ -98,26 +98,8 @@ def write_minicbf(path: str, data: np.ndarray, header: tuple) -> None:
     cbf.new_datablock(b"image_1")
     cbf.add_category("array_data", ["header_convention", "header_contents", "data"])
     cbf.add_row([convention, contents])
-    slow, fast = data.shape
-    cbf.set_integerarray_wdims_fs(
-        pycbf.CBF_BYTE_OFFSET,
-        1,
-        data.tobytes(),
-        4,
-        1,
-        data.size,
-        b"little_endian",
-        fast,
-        slow,
-        1,
-        0,
-    )
-    cbf.write_widefile(
-        str(path).encode(),
-        pycbf.CBF,
-        pycbf.MIME_HEADERS | pycbf.MSG_DIGEST | pycbf.PAD_4K,
-        0,
-    )
+    _set_int32_array(cbf, pycbf.CBF_BYTE_OFFSET, 1, data)
+    _write_cbf(cbf, path)
 
 
 class _FakeReader:
@@ -165,25 +147,22 @@ def write_multipanel_cbf(path: str, detector, beam, data) -> None:
     for i, (name, panel_data) in enumerate(zip(names, data)):
         arr = np.ascontiguousarray(panel_data, dtype=np.int32)
         cbf.add_row([name, str(i + 1)])
-        slow, fast = arr.shape
-        cbf.set_integerarray_wdims_fs(
-            pycbf.CBF_PACKED,
-            i + 1,
-            arr.tobytes(),
-            4,
-            1,
-            arr.size,
-            b"little_endian",
-            fast,
-            slow,
-            1,
-            0,
-        )
+        _set_int32_array(cbf, pycbf.CBF_PACKED, i + 1, arr)
+    _write_cbf(cbf, path)
+
+
+def _set_int32_array(cbf, compression, binary_id: int, arr: np.ndarray) -> None:
+    """Store a signed little-endian int32 (slow, fast) array in the current row."""
+    slow, fast = arr.shape
+    cbf.set_integerarray_wdims_fs(
+        compression, binary_id, arr.tobytes(), 4, 1, arr.size, b"little_endian",
+        fast, slow, 1, 0,
+    )
+
+
+def _write_cbf(cbf, path) -> None:
     cbf.write_widefile(
-        str(path).encode(),
-        pycbf.CBF,
-        pycbf.MIME_HEADERS | pycbf.MSG_DIGEST | pycbf.PAD_4K,
-        0,
+        str(path).encode(), pycbf.CBF, pycbf.MIME_HEADERS | pycbf.MSG_DIGEST | pycbf.PAD_4K, 0
     )
 
 
