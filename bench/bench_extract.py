@@ -70,8 +70,10 @@ def child_full_run(directory, n, out_dir):
     from dials_diffuse.extraction import extract
 
     models = ExperimentListFactory.from_json_file(str(Path(directory) / "truth.expt"))
-    paths = [models[0].imageset.get_path(k) for k in range(n)]
-    images = ExperimentListFactory.from_filenames(paths)
+    images = None  # all of the models' own images
+    if len(models[0].imageset) != n:
+        paths = [models[0].imageset.get_path(k) for k in range(n)]
+        images = ExperimentListFactory.from_filenames(paths)
     params = extract_params(out_dir)
     t0 = time.perf_counter()
     manifest = extract(models, params, images=images, progress=False)
@@ -110,7 +112,7 @@ def cycled_dataset(source, n):
     expt = models[0]
     scan = ScanFactory.make_scan(
         (1, n), expt.scan.get_exposure_times()[0], expt.scan.get_oscillation(),
-        [float(k) for k in range(n)],
+        {k + 1: float(k) for k in range(n)},
     )
     if expt.crystal.num_scan_points:
         expt.crystal.reset_scan_points()
