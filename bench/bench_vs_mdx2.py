@@ -107,7 +107,7 @@ def ours(directory, work, ndiv, nproc, mp_supported):
     if mp_supported:
         extract.append(f"mp.nproc={nproc}")
     merge = [str(common.VENV_BIN / "dials.diffuse_merge"), str(expt), "extracted",
-             "output.directory=merged"]
+             "output.directory=merged", f"mp.nproc={nproc}"]
     common.rmtree(work)
     r = run_stages(f"ours nproc={nproc}", [("extract", extract), ("merge", merge)], work)
     if r["ok"]:
