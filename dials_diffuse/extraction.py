@@ -410,7 +410,8 @@ def extract_image(task, context: DetectorContext, params, ndiv, background=None,
         ["total", "static", "resolution", "dynamic", "trusted", "bragg", "intensity"], 0
     )
     key_maker = VoxelKeys(setting_inv, ndiv, lower, extent)
-    runs = []
+    runs = []  # per panel: first raster index and length of each run of kept pixels
+    block_voxels = []  # per block: (keys, pixel counts, sums) of its voxels
     for pp, (usable, n_usable) in zip(context.panels, context.usable(dynamic_mask)):
         pid = pp.panel_id
         panel_counts = pp.raster(raw[pid])
@@ -440,20 +441,19 @@ def extract_image(task, context: DetectorContext, params, ndiv, background=None,
                 if f.max_intensity is not None:
                     keep &= intensity <= f.max_intensity
             stages["intensity"] += int(np.count_nonzero(keep))
-            pieces.append(_block_runs(pp, block, counts, bg, keep, key_maker))
+            layout, voxels = _block_runs(pp, block, counts, bg, keep, key_maker)
+            pieces.append(layout)
+            block_voxels.append(voxels)
         runs.append({k: np.concatenate([r[k] for r in pieces]) for k in pieces[0]})
     stages["kept"] = stages["intensity"]
     if stages["kept"] == 0:
         raise ImageError(f"{task.image_path}: no pixels left after masking and filters")
 
-    run_sums = {
-        name: np.concatenate([r[name] for r in runs])
-        for name in runs[0] if name not in ("keys", "n", "start")
-    }
     vox, n_pix, sums = grid.bin_runs(
-        np.concatenate([r["keys"] for r in runs]),
-        np.concatenate([r["n"] for r in runs]),
-        run_sums, lower, extent,
+        np.concatenate([v[0] for v in block_voxels]),
+        np.concatenate([v[1] for v in block_voxels]),
+        {name: np.concatenate([v[2][name] for v in block_voxels]) for name in block_voxels[0][2]},
+        lower, extent,
     )
     bg_sum = n_pix * bg_constant if background is None else sums["background"]
     mean_q = np.stack([sums["qx"], sums["qy"], sums["qz"]], axis=1) / n_pix[:, None]
@@ -514,10 +514,11 @@ class VoxelKeys:
 
 def _block_runs(pp: PanelPixels, block: slice, counts, background, keep, key_maker):
     """Runs of equal voxel keys among the kept pixels of a block of a panel's
-    raster.
+    raster, and the block's voxel sums.
 
-    Returns per run: key, first raster index, pixel count and the sums of
-    counts, factor, q (and background); no per-pixel array is gathered.
+    Returns ({first raster index, length} of each run, (voxel keys, pixel
+    counts, dict of sums of counts, factor, q and background)); no per-pixel
+    array is gathered.
     """
     keys = key_maker(pp.q_t[:, block])
     np.copyto(keys, keys.dtype.type(-1), where=~keep)
@@ -529,17 +530,19 @@ def _block_runs(pp: PanelPixels, block: slice, counts, background, keep, key_mak
     end = np.append(start[1:], n)
     valid = keys[start] >= 0
     count_type = np.int64 if np.issubdtype(counts.dtype, np.integer) else np.float64
-    runs = {"counts": np.add.reduceat(counts, start, dtype=count_type)[valid]}
+    sums = {"counts": np.add.reduceat(counts, start, dtype=count_type)[valid]}
     if background is not None:
-        runs["background"] = np.add.reduceat(background, start, dtype=np.float64)[valid]
+        sums["background"] = np.add.reduceat(background, start, dtype=np.float64)[valid]
     start, end = start[valid], end[valid]
-    runs.update(keys=keys[start], n=end - start)
+    run_keys = keys[start]
     start += block.start
     end += block.start
-    runs["start"] = start
     for name, running in pp.running.items():
-        runs[name] = running.take(end) - running.take(start)
-    return runs
+        sums[name] = running.take(end) - running.take(start)
+    layout = {"start": start, "n": end - start}
+    # merging the block's runs here, while they are in the cache, leaves
+    # ~1/10 of them for the image-wide sort (each voxel spans ~11 rows)
+    return layout, grid.combine_runs(run_keys, layout["n"], sums)
 
 
 def _kept_pixels(runs):

@@ -113,9 +113,15 @@ def bin_runs(run_keys, run_counts, run_sums, lower, extent):
     ``run_sums``: dict of per-run sums, 1-D or (m, k). Returns (voxel indices
     sorted by key, counts, summed columns) as ``bin_by_voxel``.
     """
+    keys, counts, sums = combine_runs(run_keys, run_counts, run_sums)
+    return decode(keys, lower, extent).reshape(-1, 3), counts, sums
+
+
+def combine_runs(run_keys, run_counts, run_sums):
+    """(unique keys sorted, counts, summed columns) of runs sharing a key."""
     if len(run_keys) == 0:
         return (
-            np.zeros((0, 3), np.int32),
+            np.zeros(0, run_keys.dtype),
             np.zeros(0, np.int64),
             {k: np.zeros((0,) + v.shape[1:], v.dtype) for k, v in run_sums.items()},
         )
@@ -127,7 +133,7 @@ def bin_runs(run_keys, run_counts, run_sums, lower, extent):
         name: np.add.reduceat(values[order], starts, axis=0)
         for name, values in run_sums.items()
     }
-    return decode(sorted_keys[starts], lower, extent), counts, sums
+    return sorted_keys[starts], counts, sums
 
 
 def sort_keys(keys: np.ndarray) -> np.ndarray:
