@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import logging
 import os
 from typing import List, Tuple
 
@@ -164,6 +165,13 @@ def ensure_output_directory(path, parameter="output.directory"):
         raise Sorry(f"cannot create {parameter} {path}: {e.strerror}")
     if not os.access(path, os.W_OK):
         raise Sorry(f"{parameter} {path} is not writable")
+    from dials_diffuse import io
+
+    removed = io.remove_stale_parts(path)
+    if removed:
+        logging.getLogger("dials.diffuse").info(
+            "Removed %d partial file(s) of an interrupted run from %s", removed, path
+        )
 
 
 def resolve_nproc(params):

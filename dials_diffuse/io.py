@@ -12,6 +12,8 @@ import contextlib
 import json
 import os
 import pickle
+import re
+import socket
 import tempfile
 from typing import Any
 
@@ -26,10 +28,12 @@ def atomic_path(path: str):
     path = os.fspath(path)
     directory = os.path.dirname(os.path.abspath(path))
     base = os.path.basename(path)
-    # keep the extension: some writers (ExperimentList.as_file) choose by it
+    # keep the extension: some writers (ExperimentList.as_file) choose by it;
+    # host and pid name the writer, so that a later run can tell a part file
+    # left by a killed process from one still being written
     suffix = ".part" + os.path.splitext(base)[1]
     try:
-        fd, tmp = tempfile.mkstemp(prefix=f".{base}.", suffix=suffix, dir=directory)
+        fd, tmp = tempfile.mkstemp(prefix=f".{base}.{_WRITER}.", suffix=suffix, dir=directory)
     except OSError as e:
         raise Sorry(f"cannot write {path}: {e.strerror or e}") from e
     os.close(fd)
@@ -47,6 +51,44 @@ def atomic_path(path: str):
             # disk full, file size limit (EFBIG), I/O error: one line, no partial file
             raise Sorry(f"cannot write {path}: {e.strerror or e}") from e
         raise
+
+
+def _host() -> str:
+    return socket.gethostname().replace(".", "_")
+
+
+_WRITER = f"{_host()}-{os.getpid()}"
+
+
+def remove_stale_parts(directory: str) -> int:
+    """Delete temporary files of ``atomic_path`` in ``directory`` whose writer
+    was a process of this host that no longer exists (killed mid-write).
+    Returns how many were removed."""
+    host = _host()
+    pattern = re.compile(r"^\..+\.(?P<host>[^.]+)-(?P<pid>\d+)\.[^.]+\.part(\.[^.]*)?$")
+    removed = 0
+    try:
+        names = os.listdir(directory)
+    except OSError:
+        return 0
+    for name in names:
+        m = pattern.match(name)
+        if not m or m.group("host") != host or _process_exists(int(m.group("pid"))):
+            continue
+        with contextlib.suppress(OSError):
+            os.unlink(os.path.join(directory, name))
+            removed += 1
+    return removed
+
+
+def _process_exists(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+    return True
 
 
 def write_json(path: str, data: Any) -> None:

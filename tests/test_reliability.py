@@ -21,6 +21,7 @@ import os
 import pickle
 import shutil
 import signal
+import socket
 import subprocess
 import sys
 import time
@@ -357,8 +358,18 @@ def test_sigkill_during_extraction_then_rerun(fifty, tmp_path):
     assert r.returncode == 1 and "no extraction_manifest.json" in r.stderr
     # a stale temporary file as an interrupted write leaves it: never read
     (out / ".image_000010.npz.abcd1234.part.npz").write_bytes(b"PK\x03\x04 half a file")
+    # part files of this host: a dead writer's is removed, a live writer's kept
+    host = socket.gethostname().replace(".", "_")
+    dead = subprocess.Popen(["true"])
+    dead.wait()
+    stale = out / f".image_000011.npz.{host}-{dead.pid}.abcd1234.part.npz"
+    live = out / f".image_000012.npz.{host}-{os.getpid()}.abcd1234.part.npz"
+    for part in (stale, live):
+        part.write_bytes(b"PK\x03\x04 half a file")
     r = run("extract", args, tmp_path)
     assert r.returncode == 0, r.stderr
+    assert not stale.exists() and live.exists()
+    assert "Removed 1 partial file(s)" in (tmp_path / "dials.diffuse_extract.log").read_text()
     # every output byte-identical to the uninterrupted run (mp.nproc=2 there)
     assert_same_tree(out, fifty["ex"], ignore_hidden_parts=True)
 
