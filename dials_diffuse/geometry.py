@@ -91,21 +91,31 @@ def pixel_lab_coordinates(panel, x_px: np.ndarray, y_px: np.ndarray) -> np.ndarr
         xy = np.stack([x_px, y_px], axis=1).astype(np.float64)
         mm = panel.pixel_to_millimeter(flumpy.vec_from_numpy(xy))
         return flumpy.to_numpy(panel.get_lab_coord(mm)).copy()
-    x = np.asarray(x_px, dtype=np.float64) * size_x
-    y = np.asarray(y_px, dtype=np.float64) * size_y
+    x_px = np.asarray(x_px, dtype=np.float64)
+    y_px = np.asarray(y_px, dtype=np.float64)
+    parallax = None
     if strategy == "ParallaxCorrectedPxMmStrategy":
         px_mm = panel.get_px_mm_strategy()
-        mu, t0 = px_mm.mu(), px_mm.t0()
-        ray = origin + x[:, None] * fast_axis + y[:, None] * slow_axis
-        ray /= np.sqrt(np.einsum("ij,ij->i", ray, ray))[:, None]
         normal = np.cross(fast_axis, slow_axis)
         if origin @ normal < 0:
             normal = -normal
-        cos_t = ray @ normal
-        depth = (1.0 / mu) - (t0 / cos_t + 1.0 / mu) * np.exp(-mu * t0 / cos_t)
-        x = x - (ray @ fast_axis) * depth
-        y = y - (ray @ slow_axis) * depth
-    return origin + x[:, None] * fast_axis + y[:, None] * slow_axis
+        parallax = (px_mm.mu(), px_mm.t0(), normal)
+    lab = np.empty((x_px.size, 3))
+    # chunks of 2**16 pixels keep the (n, 3) temporaries in the CPU cache
+    for begin in range(0, x_px.size, 2**16):
+        chunk = slice(begin, begin + 2**16)
+        x = x_px[chunk] * size_x
+        y = y_px[chunk] * size_y
+        if parallax is not None:
+            mu, t0, normal = parallax
+            ray = origin + x[:, None] * fast_axis + y[:, None] * slow_axis
+            ray /= np.sqrt(np.einsum("ij,ij->i", ray, ray))[:, None]
+            cos_t = ray @ normal
+            depth = (1.0 / mu) - (t0 / cos_t + 1.0 / mu) * np.exp(-mu * t0 / cos_t)
+            x = x - (ray @ fast_axis) * depth
+            y = y - (ray @ slow_axis) * depth
+        lab[chunk] = origin + x[:, None] * fast_axis + y[:, None] * slow_axis
+    return lab
 
 
 def detector_geometry(detector, pixel_step: int = 1) -> List[PanelGeometry]:
