@@ -130,6 +130,7 @@ class TreeMemory:
         import psutil
 
         self.me = psutil.Process()
+        self.interval = interval
         self.peak_pss = self.peak_rss = 0
         self._stop = threading.Event()
         self._thread = threading.Thread(target=self._run, daemon=True)

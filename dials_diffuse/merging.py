@@ -277,6 +277,7 @@ def merge_run(experiments, inputs, params):
     with scaling.ObservationPasses(obs, resolve_nproc(params)) as passes:
         result = scaling.refine_scales(
             obs, params.scaling, passes, halves=image_halves(obs.n_images, params.statistics.seed))
+        passes.log_timings()
     if not result.converged and params.scaling.fail_if_not_converged:
         raise Sorry("scaling did not converge: raise scaling.max_iterations or check the data")
     merged = merge_map(obs, result, grid)

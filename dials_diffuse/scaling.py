@@ -25,6 +25,7 @@ from __future__ import annotations
 
 import dataclasses
 import logging
+import time
 from typing import List, Optional
 
 import numpy as np
@@ -118,7 +119,7 @@ def chunks(obs, use=None, start=0, stop=None):
             image=image,
             signal=obs.signal[sl].astype(np.float64),
             factor=obs.factor[sl].astype(np.float64),
-            variance=obs.variance[sl].astype(np.float64),
+            variance=obs.variance[sl],  # float32: only the merge uses it
             voxel_qmag=obs.voxel_qmag,
             image_gain=obs.image_gain,
             gain=row_gain(obs.image_gain, image),
@@ -133,25 +134,34 @@ def partition_bounds(n_obs):
     return [(a, min(a + rows, n_obs)) for a in range(0, max(n_obs, 1), rows)]
 
 
-# The observations and the use mask of the running ObservationPasses, set
-# before its workers are forked (they inherit them: no copy, no pickling).
+@dataclasses.dataclass
+class SharedRows:
+    """What every pass reads: the observations, and per-row arrays in shared
+    memory that a pass may rewrite for its own rows."""
+
+    obs: object
+    use: np.ndarray  # bool: kept by the outlier rejection
+    coupling: np.ndarray  # float32: C = w W^2 b I of the last Gauss-Newton sums (0 if not used)
+
+
+# The SharedRows of the running ObservationPasses, set before its workers are
+# forked (they inherit them: no copy, no pickling).
 _FORKED = {}
 
 
 def _run_partition(task):
     func, start, stop, args = task
-    return func(_FORKED["obs"], start, stop, _FORKED["use"], *args)
+    return func(_FORKED["rows"], start, stop, *args)
 
 
 class ObservationPasses:
     """Sums over all observations, partition by partition, in ``nproc``
     forked workers that read the observation columns they inherited.
 
-    A pass is a function ``func(obs, start, stop, use, *args)`` returning a
-    tuple of arrays for its rows; ``reduce`` adds them up in partition order
-    (or concatenates the outputs named in ``concat``), so that the result is
-    byte-identical for any nproc. ``use`` (the rows kept by outlier
-    rejection) lives in shared memory: passes may rewrite their own rows.
+    A pass is a function ``func(rows, start, stop, *args)`` (rows: the
+    SharedRows) returning a tuple of arrays for its rows; ``reduce`` adds
+    them up in partition order (or concatenates the outputs named in
+    ``concat``), so that the result is byte-identical for any nproc.
     """
 
     def __init__(self, obs, nproc=1):
@@ -159,20 +169,33 @@ class ObservationPasses:
 
         keep_freed_memory()
         self.obs = obs
-        self.use = shared_array(obs.n_obs, bool)
+        # untouched pages of shared memory cost nothing: the coupling column
+        # takes memory only when the Gauss-Newton solver writes it
+        self.rows = SharedRows(obs=obs, use=shared_array(obs.n_obs, bool),
+                               coupling=shared_array(obs.n_obs, np.float32))
+        self.use = self.rows.use
         self.use[:] = True
         self.bounds = partition_bounds(obs.n_obs)
+        self.timings = {}  # pass name: (count, seconds)
         self._pool = None
         if nproc > 1 and len(self.bounds) > 1:
             import multiprocessing
 
-            _FORKED.update(obs=obs, use=self.use)
+            _FORKED.update(rows=self.rows)
             self._pool = multiprocessing.get_context("fork").Pool(min(nproc, len(self.bounds)))
 
     def reduce(self, func, *args, concat=()):
+        t0 = time.perf_counter()
+        total = self._reduce(func, args, concat)
+        name = func.__name__.strip("_").replace("_partition", "")
+        count, seconds = self.timings.get(name, (0, 0.0))
+        self.timings[name] = (count + 1, seconds + time.perf_counter() - t0)
+        return total
+
+    def _reduce(self, func, args, concat):
         tasks = [(func, a, b, args) for a, b in self.bounds]
         if self._pool is None:
-            results = (func(self.obs, a, b, self.use, *args) for a, b in self.bounds)
+            results = (func(self.rows, a, b, *args) for a, b in self.bounds)
         else:
             results = self._pool.imap(_run_partition, tasks)
         total = None
@@ -186,6 +209,11 @@ class ObservationPasses:
                 else:
                     total[i] += r
         return [np.concatenate(t) if i in concat else t for i, t in enumerate(total)]
+
+    def log_timings(self):
+        logger.info("Passes over the observations (%d partitions, %s): %s", len(self.bounds),
+                    f"{self._pool._processes} processes" if self._pool else "1 process",
+                    ", ".join(f"{name} {n}x {t:.1f} s" for name, (n, t) in self.timings.items()))
 
     def close(self):
         if self._pool is not None:
@@ -239,7 +267,7 @@ def _add_merge_sums(sums, ch, u, model, halves=None):
     denominator = b * ch.factor if model.smoother_q is None else b * a * ch.factor
     # variance of S with a one-count floor per observation, so that no
     # merged sigma is zero even where every pixel counted nothing
-    variance = np.maximum(ch.variance, gain * gain)
+    variance = np.maximum(ch.variance.astype(np.float64), gain * gain)
     if not (np.isscalar(gain) and gain == 1.0):  # x / 1 is x: skip three passes
         numerator /= gain
         denominator /= gain
@@ -251,8 +279,9 @@ def _add_merge_sums(sums, ch, u, model, halves=None):
         sums[s, 3] += _used_sum(voxel, None, n)
 
 
-def _merge_partition(obs, start, stop, use, model, halves=None):
+def _merge_partition(rows, start, stop, model, halves=None):
     """Per-voxel merge sums of the partition's rows (see _add_merge_sums)."""
+    obs, use = rows.obs, rows.use
     sums = np.zeros((1 if halves is None else 2, 4, obs.n_voxels))
     for ch, u, _ in chunks(obs, use, start, stop):
         _add_merge_sums(sums, ch, u, model, halves)
@@ -272,7 +301,8 @@ def merge_intensities(obs, model: ScalingModel, use: np.ndarray = None, passes=N
     (over ``passes.use``, or ``use`` without passes); with ``halves`` (a bool
     per image), one such triple for each half of the images."""
     if passes is None:
-        sums = _merge_partition(obs, 0, obs.n_obs, use, model, halves)[0]
+        rows = SharedRows(obs=obs, use=use, coupling=None)
+        sums = _merge_partition(rows, 0, obs.n_obs, model, halves)[0]
     else:
         sums = passes.reduce(_merge_partition, model, halves)[0]
     merged = [_intensities(s) for s in sums]
@@ -305,7 +335,8 @@ def model_variance(obs, expected):
     return gain * np.maximum(expected, gain)
 
 
-def _scale_partition(obs, start, stop, use, model, intensity):
+def _scale_partition(rows, start, stop, model, intensity):
+    obs, use = rows.obs, rows.use
     n = obs.n_images
     num, den = np.zeros(n), np.zeros(n)
     for ch, u, _ in chunks(obs, use, start, stop):
@@ -326,101 +357,190 @@ def _update_scales(passes, model, intensity):
 # beyond either, the matrix is estimated from every k-th voxel.
 MAX_COUPLINGS = 20_000_000
 MAX_SCHUR_MACS = 1e10
-# Columns of the dense images x voxels block are made this many entries at a
+# Rows of the dense voxels x images block are made this many entries at a
 # time (memory).
 DENSE_BLOCK = 10_000_000
 
 
-def _gauss_newton_sums(ch, u, b, x, w, r, n_img, n_vox):
-    """Diagonals and gradients of the normal equations of the joint least
-    squares in (b, I), for one chunk: b, I, weights and residuals per row."""
+def schur_sample_step(obs):
+    """k: the images x images matrix is estimated from every k-th voxel."""
+    return int(max(1, -(-obs.n_obs // MAX_COUPLINGS),
+                   np.ceil(float(obs.n_images) ** 2 * obs.n_voxels / MAX_SCHUR_MACS)))
+
+
+# Outputs of a Gauss-Newton pass: per-image and per-voxel sums, then the
+# sampled couplings (concatenated in partition order, not added).
+GN_SUMS, GN_SAMPLES = 5, 3
+
+
+def _new_gauss_newton_sums(obs):
+    """d_b, d_I (diagonals), g_b, g_I (gradients), and sum S / gain per voxel
+    (the numerator of the next merge), and lists for the sampled couplings."""
+    n_img, n_vox = obs.n_images, obs.n_voxels
+    return [np.zeros(n_img), np.zeros(n_vox), np.zeros(n_img), np.zeros(n_vox), np.zeros(n_vox)], [[], [], []]
+
+
+def _add_gauss_newton_rows(rows, ch, u, sl, b, x, variance, resid, every, sums, samples):
+    """Add a chunk to the Gauss-Newton sums of the joint least squares in
+    (b, I), store its couplings C = w W^2 b I (for the gradient's coupling
+    term, next pass) and keep those of every k-th voxel (for the matrix)."""
+    n_img, n_vox = sums[0].size, sums[1].size
     image, voxel = _used_index(ch.image, u, n_img), _used_index(ch.voxel, u, n_vox)
-    wW = w * ch.factor
+    wW = ch.factor / variance
     wWb = wW * b
     wWx = wW * x
-    return (
-        _used_sum(image, wWx * ch.factor * x, n_img),
-        _used_sum(voxel, wWb * ch.factor * b, n_vox),
-        _used_sum(image, wWx * r, n_img),
-        _used_sum(voxel, wWb * r, n_vox),
-    )
+    sums[0] += _used_sum(image, wWx * ch.factor * x, n_img)
+    sums[1] += _used_sum(voxel, wWb * ch.factor * b, n_vox)
+    sums[2] += _used_sum(image, wWx * resid, n_img)
+    sums[3] += _used_sum(voxel, wWb * resid, n_vox)
+    # the GN solver runs without offsets: the merge numerator is S / gain
+    sums[4] += _used_sum(voxel, ch.signal if np.isscalar(ch.gain) and ch.gain == 1.0
+                         else ch.signal / ch.gain, n_vox)
+    coupling = wWb
+    coupling *= ch.factor
+    coupling *= x
+    coupling[~u] = 0.0
+    rows.coupling[sl] = coupling
+    sub = u & _sampled_voxels(sums[1].size, every)[ch.voxel]
+    samples[0].append(ch.image[sub].astype(np.int32))
+    samples[1].append((ch.voxel[sub] // every).astype(np.int32))
+    samples[2].append(coupling[sub])
 
 
-def _gauss_newton_chunk(ch, u, model, intensity, n_img, n_vox):
-    b, x, mu = _prediction(ch, model, intensity)
-    return _gauss_newton_sums(ch, u, b, x, 1.0 / model_variance(ch, mu), ch.signal - mu, n_img, n_vox)
+def _samples(first):
+    """Indices of the sampled-coupling outputs of a Gauss-Newton pass whose
+    sums start at output ``first``."""
+    return tuple(range(first + GN_SUMS, first + GN_SUMS + GN_SAMPLES))
 
 
-def _gauss_newton_partition(obs, start, stop, use, model, intensity):
-    sums = [np.zeros(obs.n_images), np.zeros(obs.n_voxels), np.zeros(obs.n_images), np.zeros(obs.n_voxels)]
-    for ch, u, _ in chunks(obs, use, start, stop):
-        for total, part in zip(sums, _gauss_newton_chunk(ch, u, model, intensity, obs.n_images, obs.n_voxels)):
-            total += part
-    return sums
+def _sampled_voxels(n_vox, every):
+    """Bool per voxel: is it one of the every-k-th voxels of the matrix (a
+    byte lookup per row instead of an integer division)."""
+    sampled = np.zeros(n_vox, bool)
+    sampled[::every] = True
+    return sampled
 
 
-def _coupling_partition(obs, start, stop, use, model, intensity, g_over_d, every):
-    """The coupling term of the reduced gradient, and the couplings
-    C_iv = w W^2 b I of every k-th voxel (for the images x images matrix)."""
-    rhs = np.zeros(obs.n_images)
-    images, sampled, couplings = [], [], []
-    for ch, u, _ in chunks(obs, use, start, stop):
+def _gauss_newton_partition(rows, start, stop, model, intensity, every):
+    sums, samples = _new_gauss_newton_sums(rows.obs)
+    for ch, u, sl in chunks(rows.obs, rows.use, start, stop):
         b, x, mu = _prediction(ch, model, intensity)
-        coupling = ch.factor * ch.factor * b * x / model_variance(ch, mu)
-        image = _used_index(ch.image, u, obs.n_images)
-        rhs += _used_sum(image, coupling * g_over_d[ch.voxel], obs.n_images)
-        sub = u & ((ch.voxel % every) == 0)
-        images.append(ch.image[sub].astype(np.int32))
-        sampled.append((ch.voxel[sub] // every).astype(np.int32))
-        couplings.append(coupling[sub])
-    return rhs, np.concatenate(images), np.concatenate(sampled), np.concatenate(couplings)
+        _add_gauss_newton_rows(rows, ch, u, sl, b, x, model_variance(ch, mu), ch.signal - mu,
+                               every, sums, samples)
+    return sums + [np.concatenate(s) for s in samples]
+
+
+def _coupling_partition(rows, start, stop, g_over_d):
+    """sum_v C_iv g_v / d_v per image, from the stored couplings."""
+    obs = rows.obs
+    rhs = np.zeros(obs.n_images)
+    for a in range(start, stop, CHUNK_ROWS):
+        sl = slice(a, min(a + CHUNK_ROWS, stop))
+        rhs += _bincount(obs.image[sl], rows.coupling[sl] * g_over_d[obs.voxel[sl]], obs.n_images)
+    return (rhs,)
+
+
+def _coupling_transpose_partition(rows, start, stop, x):
+    """sum_i C_iv x_i per voxel, from the stored couplings."""
+    obs = rows.obs
+    y = np.zeros(obs.n_voxels)
+    for a in range(start, stop, CHUNK_ROWS):
+        sl = slice(a, min(a + CHUNK_ROWS, stop))
+        y += _bincount(obs.voxel[sl], rows.coupling[sl] * x[obs.image[sl]], obs.n_voxels)
+    return (y,)
+
+
+def _schur_product(passes, d_b, inv_d_i, x):
+    """The exact S x = diag(d_b) x - C D^-1 C^T x (two light passes over the
+    stored couplings)."""
+    y, = passes.reduce(_coupling_transpose_partition, x)
+    z, = passes.reduce(_coupling_partition, y * inv_d_i)
+    return d_b * x - z
+
+
+# Corrections of a Gauss-Newton step solved with the sampled matrix, each
+# against the exact matrix (iterative refinement): the sampled matrix alone
+# leaves ~10-20 % of the step's error, which costs whole iterations.
+REFINEMENT_STEPS = 1
+
+
+def _denominator_partition(rows, start, stop, scale):
+    """sum_i b_i W_iv / gain per voxel (a with no smoother, c = 0): the
+    merge denominator, the only part of the merge that the scales change."""
+    obs, n = rows.obs, rows.obs.n_voxels
+    den = np.zeros(n)
+    for a in range(start, stop, CHUNK_ROWS):
+        sl = slice(a, min(a + CHUNK_ROWS, stop))
+        image = obs.image[sl]
+        values = scale[image] * obs.factor[sl]
+        gain = row_gain(obs.image_gain, image)
+        if not (np.isscalar(gain) and gain == 1.0):
+            values /= gain
+        den += _used_sum(_used_index(obs.voxel[sl], rows.use[sl], n), values, n)
+    return (den,)
 
 
 def _schur_matrix(d_b, images, sampled, couplings, inv_d_sampled, every):
     """diag(d_b) - k C D^-1 C^T from the sampled voxels' couplings, by dense
-    blocks of voxel columns (BLAS; a voxel is seen by a large fraction of
-    the images, so dense blocks lose little to the sparsity)."""
+    blocks of voxels (BLAS syrk; a voxel is seen by a large fraction of the
+    images, so dense blocks lose little to the sparsity)."""
+    from scipy.linalg import blas
+
     n_img, n_sub = d_b.size, inv_d_sampled.size
-    schur = np.diag(d_b)
+    upper = np.zeros((n_img, n_img), order="F")
     block = max(1, DENSE_BLOCK // n_img)
     for s0 in range(0, n_sub, block):
         nb = min(block, n_sub - s0)
         sel = (sampled >= s0) & (sampled < s0 + nb) if nb < n_sub else slice(None)
-        dense = _bincount(images[sel].astype(np.intp) * nb + (sampled[sel] - s0),
-                          couplings[sel], n_img * nb).reshape(n_img, nb)
-        schur -= every * ((dense * inv_d_sampled[s0:s0 + nb]) @ dense.T)
-    return schur
+        # (voxels, images) in C order is (images, voxels) in Fortran order:
+        # what syrk takes without a copy
+        dense = _bincount((sampled[sel] - s0).astype(np.intp) * n_img + images[sel],
+                          couplings[sel], nb * n_img).reshape(nb, n_img)
+        dense *= np.sqrt(inv_d_sampled[s0:s0 + nb])[:, None]
+        upper = blas.dsyrk(float(every), dense.T, beta=1.0, c=upper, overwrite_c=True)
+    product = np.triu(upper) + np.triu(upper, 1).T
+    return np.diag(d_b) - product
 
 
-def _gauss_newton_scales(passes, model, intensity, gn_sums):
+def _solver(matrix):
+    """x -> matrix^-1 x (LU once; least squares if singular)."""
+    import scipy.linalg
+
+    try:
+        lu = scipy.linalg.lu_factor(matrix, check_finite=False)
+    except (np.linalg.LinAlgError, ValueError):
+        return lambda b: np.linalg.lstsq(matrix, b, rcond=None)[0]
+    if not np.all(np.isfinite(lu[0])) or np.any(np.diag(lu[0]) == 0):
+        return lambda b: np.linalg.lstsq(matrix, b, rcond=None)[0]
+    return lambda b: scipy.linalg.lu_solve(lu, b, check_finite=False)
+
+
+def _gauss_newton_scales(passes, model, gn, every):
     """One Gauss-Newton step for b on the joint problem in (b, I).
 
     The alternating updates converge slowly when images overlap only with
     their neighbours (a rotation sweep: a chain of images). Solving for all
     b_i together, with the I_v eliminated through the Schur complement of the
-    normal equations, moves the whole chain at once. ``gn_sums`` are the
-    diagonals and gradients (a pass that the caller fuses with the outlier
-    rejection). The gradient is exact; for large runs the images x images
-    matrix is estimated from every k-th voxel (scaled by k), which bounds
-    memory and time and keeps the step a good quasi-Newton step.
+    normal equations, moves the whole chain at once. ``gn`` are the sums of
+    a Gauss-Newton pass (fused by the caller with the outlier rejection),
+    which also stored the couplings per row. The gradient is exact; for large
+    runs the images x images matrix is estimated from every k-th voxel
+    (scaled by k), which bounds memory and time and keeps the step a good
+    quasi-Newton step.
     """
-    obs = passes.obs
-    n_img, n_vox = obs.n_images, obs.n_voxels
-    d_b, d_i, g_b, g_i = gn_sums
+    n_img = passes.obs.n_images
+    d_b, d_i, g_b, g_i, _, images, sampled, couplings = gn
     inv_d_i = np.where(d_i > 0, 1.0 / np.where(d_i > 0, d_i, 1.0), 0.0)
-    every = int(max(1, -(-obs.n_obs // MAX_COUPLINGS),
-                    np.ceil(float(n_img) ** 2 * n_vox / MAX_SCHUR_MACS)))
-    coupling_rhs, images, sampled, couplings = passes.reduce(
-        _coupling_partition, model, intensity, g_i * inv_d_i, every, concat=(1, 2, 3))
+    coupling_rhs, = passes.reduce(_coupling_partition, g_i * inv_d_i)
     rhs = g_b - coupling_rhs
     schur = _schur_matrix(d_b, images, sampled, couplings, inv_d_i[::every], every)
     # the overall factor is free (b -> k b, I -> I / k): pin the mean step
     gauge = np.trace(schur) / n_img
     schur += gauge * np.ones((n_img, n_img)) / n_img
-    try:
-        step = np.linalg.solve(schur, rhs)
-    except np.linalg.LinAlgError:
-        step = np.linalg.lstsq(schur, rhs, rcond=None)[0]
+    solve = _solver(schur)
+    step = solve(rhs)
+    for _ in range(REFINEMENT_STEPS if every > 1 else 0):
+        step += solve(rhs - _schur_product(passes, d_b, inv_d_i, step))
     new = model.scale + step
     # never let a scale go to or below zero: fall back to a damped step
     while np.any(new <= 0):
@@ -447,20 +567,18 @@ def _residual_sample(obs, model, intensity, use, max_samples=1_000_000):
     return sample.signal - expected, model_variance(sample, expected), expected
 
 
-def _rejection_partition(obs, start, stop, use, model, intensity, error_k, outlier_sigma,
-                         then=None, halves=None):
+def _rejection_partition(rows, start, stop, model, intensity, error_k, outlier_sigma,
+                         then=None, halves=None, every=1):
     """Outlier rejection of the partition's rows (rewrites their ``use``) and
     the R / chi^2 sums over the rows kept. In the same sweep (same model, so
     one pass instead of two): then="gauss_newton", the next iteration's
-    Gauss-Newton sums; then="merge", the final merge sums (for each half of
+    Gauss-Newton pass; then="merge", the final merge sums (for each half of
     the images if ``halves``)."""
+    obs, use = rows.obs, rows.use
     totals = np.zeros(3)  # sum |resid|, sum |S|, sum z^2 over the rows kept
-    if then == "gauss_newton":
-        sums = [np.zeros(obs.n_images), np.zeros(obs.n_voxels), np.zeros(obs.n_images), np.zeros(obs.n_voxels)]
-    elif then == "merge":
+    sums, samples = _new_gauss_newton_sums(obs) if then == "gauss_newton" else ([], [])
+    if then == "merge":
         sums = [np.zeros((1 if halves is None else 2, 4, obs.n_voxels))]
-    else:
-        sums = []
     for ch, u, sl in chunks(obs, use, start, stop):
         b, x, expected = _prediction(ch, model, intensity)
         resid = ch.signal - expected
@@ -473,13 +591,10 @@ def _rejection_partition(obs, start, stop, use, model, intensity, error_k, outli
         totals += (np.sum(np.abs(resid), where=u), np.sum(np.abs(ch.signal), where=u),
                    np.sum(z2, where=u))
         if then == "gauss_newton":
-            w = np.reciprocal(variance, out=variance)
-            gn = _gauss_newton_sums(ch, u, b, x, w, resid, obs.n_images, obs.n_voxels)
-            for total, part in zip(sums, gn):
-                total += part
+            _add_gauss_newton_rows(rows, ch, u, sl, b, x, variance, resid, every, sums, samples)
         elif then == "merge":
             _add_merge_sums(sums[0], ch, u, model, halves)
-    return [totals] + sums
+    return [totals] + sums + [np.concatenate(s) for s in samples]
 
 
 def refine_scales(obs, params, passes=None, halves=None) -> ScalingResult:
@@ -508,14 +623,18 @@ def refine_scales(obs, params, passes=None, halves=None) -> ScalingResult:
     )
     reject = params.outlier_sigma is not None and params.outlier_sigma > 0
     gauss_newton = params.solver == "gauss_newton" and not params.offsets and not sm.enable
-    intensity = np.nan_to_num(merge_intensities(obs, model, passes=passes)[0])
-    gn_sums = passes.reduce(_gauss_newton_partition, model, intensity) if gauss_newton else None
+    every = schur_sample_step(obs) if gauss_newton else 1
+    merge_sums = passes.reduce(_merge_partition, model)[0][0]
+    numerator = merge_sums[0]
+    intensity = np.nan_to_num(_intensities(merge_sums)[0])
+    if gauss_newton:
+        gn = passes.reduce(_gauss_newton_partition, model, intensity, every, concat=_samples(0))
     for iteration in range(1, params.max_iterations + 1):
         old_scale = model.scale.copy()
         # I_v from the end of the previous iteration (one pass fewer per
         # iteration; it only lags the last outlier update)
         if gauss_newton:
-            _gauss_newton_scales(passes, model, intensity, gn_sums)
+            _gauss_newton_scales(passes, model, gn, every)
         else:
             _update_scales(passes, model, intensity)
         if params.offsets:
@@ -526,15 +645,22 @@ def refine_scales(obs, params, passes=None, halves=None) -> ScalingResult:
         mean_scale = model.scale.mean()
         if mean_scale > 0:
             model.scale /= mean_scale
-        intensity = np.nan_to_num(merge_intensities(obs, model, passes=passes)[0])
+        if gauss_newton:
+            # with no offsets or smoother only the merge denominator depends
+            # on the scales (the numerator came with the last rejection)
+            den, = passes.reduce(_denominator_partition, model.scale)
+            intensity = np.where(den > 0, numerator / np.where(den > 0, den, 1.0), 0.0)
+        else:
+            intensity = np.nan_to_num(merge_intensities(obs, model, passes=passes)[0])
         error_k = fit_error_model(*_residual_sample(obs, model, intensity, passes.use))
         shift = float(np.max(np.abs(model.scale - old_scale) / np.maximum(old_scale, 1e-12)))
         last = shift < params.convergence_tolerance or iteration == params.max_iterations
         then = "merge" if last else ("gauss_newton" if gauss_newton else None)
         totals, *sums = passes.reduce(
-            _rejection_partition, model, intensity, error_k,
-            params.outlier_sigma if reject else None, then, halves)
-        gn_sums = sums if then == "gauss_newton" else None
+            _rejection_partition, model, intensity, error_k, params.outlier_sigma if reject else None,
+            then, halves, every, concat=_samples(1) if then == "gauss_newton" else ())
+        if then == "gauss_newton":
+            gn, numerator = sums, sums[4]
         sum_abs_resid, sum_abs_signal, chi2_sum = totals
         n_use = int(np.count_nonzero(passes.use))
         r_factor = float(sum_abs_resid / max(sum_abs_signal, 1e-300))
@@ -592,8 +718,9 @@ def fit_error_model(resid, poisson_var, expected):
     return float(hi)
 
 
-def _offset_partition(obs, start, stop, use, model, intensity):
+def _offset_partition(rows, start, stop, model, intensity):
     """Per-image sums of the 2x2 normal equations of (b_i, c_i)."""
+    obs, use = rows.obs, rows.use
     n = obs.n_images
     sums = np.zeros((5, n))
     for ch, u, _ in chunks(obs, use, start, stop):
@@ -617,8 +744,9 @@ def _update_offsets(passes, model, intensity):
     model.scale, model.offset = b, c
 
 
-def _smoother_partition(obs, start, stop, use, model, intensity):
+def _smoother_partition(rows, start, stop, model, intensity):
     """Per-image normal equations of the control-point values of a_i."""
+    obs, use = rows.obs, rows.use
     k = model.smoother_q.size
     n = obs.n_images
     normal = np.zeros(n * k * k)
