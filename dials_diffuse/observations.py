@@ -201,7 +201,9 @@ def _read_files(task):
     r = _READ
     union, pending, n_pending, kept = np.zeros(0, np.int64), [], 0, []
     try:
-        for i in task:
+        for k, i in enumerate(task):
+            if k + 1 < len(task):
+                _prefetch(r["files"][task[k + 1]])
             keys, signal, factor, variance, _ = read_one(r["files"][i], **r["kwargs"])
             sl = slice(r["offsets"][i], r["offsets"][i] + keys.size)
             r["keys"][sl], r["signal"][sl], r["factor"][sl], r["variance"][sl] = (
@@ -219,6 +221,21 @@ def _read_files(task):
     if pending:
         union = np.union1d(union, np.concatenate(pending))
     return kept, union
+
+
+def _prefetch(path):
+    """Start the kernel reading a file (asynchronously): the disk reads the
+    next file while this worker inflates and maps the current one."""
+    try:
+        fd = os.open(path, os.O_RDONLY)
+    except OSError:
+        return  # read_one reports it
+    try:
+        os.posix_fadvise(fd, 0, 0, os.POSIX_FADV_WILLNEED)
+    except (OSError, AttributeError):
+        pass
+    finally:
+        os.close(fd)
 
 
 def _sorted_unique(keys):
