@@ -92,6 +92,15 @@ scaling
     .type = float
     .help = "Reject observations this many model sigmas from the merged value "
             "(0 or None: no rejection)."
+  scale_model = *per_image smooth
+    .type = choice
+    .help = "per_image: one scale b_i per image (stills and sequences). smooth: "
+            "rotation sequences only, b varies smoothly with the rotation angle "
+            "(piecewise linear through control points every scale_interval "
+            "degrees per sweep): fewer parameters, robust for thin images."
+  scale_interval = 5.0
+    .type = float
+    .help = "Degrees between control points of scale_model=smooth."
   offsets = False
     .type = bool
     .help = "Refine an additive offset per image."

@@ -95,6 +95,22 @@ def scaling_dict(obs, result, params):
             "offsets_refined": bool(params.scaling.offsets),
         },
         "resolution_smoother": smoother,
+        "scale_model": _scale_model_document(model),
+    }
+
+
+def _scale_model_document(model):
+    basis = model.scale_basis
+    if basis is None:
+        return {"type": "per_image"}
+    return {
+        "type": "smooth",
+        "description": "per sweep, b(phi) piecewise linear through the control points; "
+        "multiplicative_scale above is b at each image's centre angle",
+        "interval_deg": basis.interval,
+        "control_phi_deg": basis.control_phi.tolist(),
+        "control_sweep_experiment_id": basis.control_sweep.astype(int).tolist(),
+        "control_values": model.scale_controls.tolist(),
     }
 
 
@@ -135,7 +151,7 @@ def write_all(out_dir, grid, obs, result, merged, stats, params, operators):
                 values = arrays["I_merged_relative"] if kind == "total" else arrays["I_anisotropic"]
                 write_ccp4(path_of(name), grid, merged.voxel_grid, values,
                            operators, params.output, label=f"dials.diffuse_merge {kind} map")
-        io.write_npz(path_of(VOXEL_NAME), **arrays)
+        io.write_npz(path_of(VOXEL_NAME), compress_level=1, deflate_floats=False, **arrays)
         if params.output.hdf5:
             write_hdf5(path_of(VOXEL_H5_NAME), arrays)
         io.write_json(path_of(STATS_NAME), stats)

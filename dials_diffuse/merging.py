@@ -272,11 +272,13 @@ def merge_run(experiments, inputs, params):
     if excluded:
         keep_images = np.array([m["experiment_id"] not in excluded for m in obs.metadata])
         obs = _select_images(obs, keep_images)
+    basis = smooth_scale_basis(experiments, obs, params.scaling)
     t_read = time.time()
     # one set of forked workers for every pass over the observations
     with scaling.ObservationPasses(obs, resolve_nproc(params)) as passes:
         result = scaling.refine_scales(
-            obs, params.scaling, passes, halves=image_halves(obs.n_images, params.statistics.seed))
+            obs, params.scaling, passes, halves=image_halves(obs.n_images, params.statistics.seed),
+            scale_basis=basis)
         passes.log_timings()
     if not result.converged and params.scaling.fail_if_not_converged:
         raise Sorry("scaling did not converge: raise scaling.max_iterations or check the data")
@@ -293,6 +295,32 @@ def merge_run(experiments, inputs, params):
         t_read - t0, t_merge - t_read, time.time() - t_merge,
     )
     return {"grid": grid, "observations": obs, "scaling": result, "merged": merged, "statistics": stats}
+
+
+def smooth_scale_basis(experiments, obs, scaling_params):
+    """The SmoothScaleBasis of scaling.scale_model=smooth (None for per_image):
+    each image's rotation angle at its centre, one smooth function per sweep."""
+    if scaling_params.scale_model != "smooth":
+        return None
+    interval = scaling_params.scale_interval
+    if interval is None or not interval > 0:
+        raise Sorry(f"scaling.scale_interval={interval}: must be > 0 degrees")
+    phi, sweep = [], []
+    for meta in obs.metadata:
+        expt = experiments[meta["experiment_id"]]
+        if meta.get("is_still", expt.is_still()) or expt.scan is None or expt.goniometer is None:
+            raise Sorry(
+                "scaling.scale_model=smooth needs rotation sequences: image "
+                f"{meta['image_path']} is a still (use scale_model=per_image)"
+            )
+        phi.append(expt.scan.get_angle_from_array_index(meta["image_index"] + 0.5, deg=True))
+        sweep.append(meta["experiment_id"])
+    basis = scaling.SmoothScaleBasis.from_angles(phi, sweep, interval)
+    logger.info(
+        "Smooth scales: %d control points (every <= %g deg) for %d images in %d sweep(s)",
+        basis.control_phi.size, interval, obs.n_images, len(set(sweep)),
+    )
+    return basis
 
 
 def _select_images(obs, keep_images):

@@ -39,6 +39,19 @@ class ScalingModel:
     offset: np.ndarray  # c_i (zeros when offsets are off)
     smoother_q: Optional[np.ndarray] = None  # control point |q| (1/Angstrom)
     smoother_values: Optional[np.ndarray] = None  # (n_images, k): a_i at the control points
+    scale_basis: Optional["SmoothScaleBasis"] = None  # b = basis.matrix @ scale_controls
+    scale_controls: Optional[np.ndarray] = None
+
+    def set_scale_controls(self, controls):
+        self.scale_controls = controls
+        self.scale = self.scale_basis.matrix @ controls
+
+    def __getstate__(self):
+        # the workers of a pass need b, not how it is parametrised (the basis
+        # is images x controls: not worth pickling for every partition)
+        state = dict(self.__dict__)
+        state["scale_basis"] = None
+        return state
 
     def interpolation(self, qmag):
         """Control-point index j and weight t: a(q) = (1-t) v_j + t v_{j+1}."""
@@ -61,6 +74,51 @@ class ScalingModel:
         if self.smoother_q is None:
             return 1.0
         return self.resolution_factor(obs.voxel_qmag[obs.voxel], obs.image)
+
+
+@dataclasses.dataclass
+class SmoothScaleBasis:
+    """b_i of rotation images as a smooth function of the rotation angle:
+    per sweep, piecewise linear through control points at most ``interval``
+    degrees apart spanning the sweep's image centres (b = matrix @ controls)."""
+
+    matrix: np.ndarray  # (n_images, n_controls) hat-function weights, rows sum to 1
+    control_phi: np.ndarray  # (n_controls,) degrees
+    control_sweep: np.ndarray  # (n_controls,) sweep (experiment) of each control point
+    interval: float
+
+    @classmethod
+    def from_angles(cls, phi_deg, sweep, interval_deg):
+        phi_deg = np.asarray(phi_deg, float)
+        sweep = np.asarray(sweep)
+        control_phi, control_sweep = [], []
+        matrix_blocks = []
+        for s_id in np.unique(sweep):
+            rows = np.flatnonzero(sweep == s_id)
+            lo, hi = phi_deg[rows].min(), phi_deg[rows].max()
+            n_ctrl = max(2, int(np.ceil((hi - lo) / interval_deg - 1e-9)) + 1)
+            knots = np.linspace(lo, hi, n_ctrl) if hi > lo else np.array([lo, lo + interval_deg])
+            j = np.clip(np.searchsorted(knots, phi_deg[rows], side="right") - 1, 0, n_ctrl - 2)
+            t = np.clip((phi_deg[rows] - knots[j]) / (knots[j + 1] - knots[j]), 0.0, 1.0)
+            matrix_blocks.append((rows, j, t, n_ctrl))
+            control_phi.append(knots)
+            control_sweep.append(np.full(n_ctrl, s_id))
+        n_ctrl_total = sum(b[3] for b in matrix_blocks)
+        matrix = np.zeros((phi_deg.size, n_ctrl_total))
+        first = 0
+        for rows, j, t, n_ctrl in matrix_blocks:
+            matrix[rows, first + j] = 1.0 - t
+            matrix[rows, first + j + 1] += t
+            first += n_ctrl
+        return cls(matrix, np.concatenate(control_phi), np.concatenate(control_sweep),
+                   float(interval_deg))
+
+    def fit(self, values, weights):
+        """Controls c minimising sum_i w_i (values_i - (M c)_i)^2."""
+        m = self.matrix
+        normal = m.T @ (weights[:, None] * m)
+        rhs = m.T @ (weights * values)
+        return _solver(normal + 1e-12 * np.trace(normal) * np.eye(normal.shape[0]))(rhs)
 
 
 @dataclasses.dataclass
@@ -347,9 +405,15 @@ def _scale_partition(rows, start, stop, model, intensity):
 
 
 def _update_scales(passes, model, intensity):
-    """b_i = sum_v (S - c W) / sum_v W a I_v (Poisson maximum likelihood)."""
+    """b_i = sum_v (S - c W) / sum_v W a I_v (Poisson maximum likelihood);
+    smooth scales: the controls whose b is closest to those, weighted by the
+    denominators (the same maximum likelihood to second order)."""
     num, den = passes.reduce(_scale_partition, model, intensity)
-    model.scale = np.where(den > 0, num / np.where(den > 0, den, 1), model.scale)
+    per_image = np.where(den > 0, num / np.where(den > 0, den, 1), model.scale)
+    if model.scale_basis is None:
+        model.scale = per_image
+    else:
+        model.set_scale_controls(model.scale_basis.fit(per_image, den))
 
 
 # Largest number of (image, voxel) couplings sampled for the Gauss-Newton
@@ -481,12 +545,15 @@ def _denominator_partition(rows, start, stop, scale):
 
 
 def _schur_matrix(d_b, images, sampled, couplings, inv_d_sampled, every):
-    """diag(d_b) - k C D^-1 C^T from the sampled voxels' couplings, by dense
-    blocks of voxels (BLAS syrk; a voxel is seen by a large fraction of the
-    images, so dense blocks lose little to the sparsity)."""
+    """diag(d_b) - k C D^-1 C^T from the sampled voxels' couplings: by dense
+    blocks of voxels (BLAS syrk) when a voxel is seen by a large fraction of
+    the images, as a sparse product when by a few (a rotation sweep)."""
     from scipy.linalg import blas
 
     n_img, n_sub = d_b.size, inv_d_sampled.size
+    if _sparse_is_cheaper(sampled, n_img, n_sub):
+        return np.diag(d_b) - _sparse_coupling_product(
+            d_b.size, images, sampled, couplings, inv_d_sampled, every)
     upper = np.zeros((n_img, n_img), order="F")
     block = max(1, DENSE_BLOCK // n_img)
     for s0 in range(0, n_sub, block):
@@ -500,6 +567,24 @@ def _schur_matrix(d_b, images, sampled, couplings, inv_d_sampled, every):
         upper = blas.dsyrk(float(every), dense.T, beta=1.0, c=upper, overwrite_c=True)
     product = np.triu(upper) + np.triu(upper, 1).T
     return np.diag(d_b) - product
+
+
+def _sparse_is_cheaper(sampled, n_img, n_sub):
+    """A sparse product costs sum_v (images seeing v)^2 (times ~20 for the
+    sparse bookkeeping), the dense one n_voxels x n_images^2: a rotation sweep,
+    where each voxel is seen by a few neighbouring images, is sparse."""
+    degree = np.bincount(sampled, minlength=n_sub).astype(np.float64)
+    return 20.0 * float(degree @ degree) < float(n_sub) * n_img * n_img
+
+
+def _sparse_coupling_product(n_img, images, sampled, couplings, inv_d_sampled, every):
+    """k C D^-1 C^T with C the (images x sampled voxels) couplings, sparse."""
+    import scipy.sparse
+
+    weights = couplings * np.sqrt(inv_d_sampled[sampled])
+    c = scipy.sparse.csr_matrix((weights, (images, sampled)),
+                                shape=(n_img, inv_d_sampled.size))
+    return float(every) * (c @ c.T).toarray()
 
 
 def _solver(matrix):
@@ -537,16 +622,24 @@ def _gauss_newton_scales(passes, model, gn, every):
     # the overall factor is free (b -> k b, I -> I / k): pin the mean step
     gauge = np.trace(schur) / n_img
     schur += gauge * np.ones((n_img, n_img)) / n_img
-    solve = _solver(schur)
-    step = solve(rhs)
+    # smooth scales: the same step restricted to b = M c (M^T S M dc = M^T g)
+    basis = None if model.scale_basis is None else model.scale_basis.matrix
+    project = (lambda v: v) if basis is None else (lambda v: basis.T @ v)
+    solve = _solver(schur if basis is None else basis.T @ schur @ basis)
+    step = solve(project(rhs))
+    expand = (lambda v: v) if basis is None else (lambda v: basis @ v)
     for _ in range(REFINEMENT_STEPS if every > 1 else 0):
-        step += solve(rhs - _schur_product(passes, d_b, inv_d_i, step))
-    new = model.scale + step
+        step += solve(project(rhs - _schur_product(passes, d_b, inv_d_i, expand(step))))
+    current = model.scale if basis is None else model.scale_controls
+    new = current + step
     # never let a scale go to or below zero: fall back to a damped step
-    while np.any(new <= 0):
+    while np.any(expand(new) <= 0):
         step *= 0.5
-        new = model.scale + step
-    model.scale = new
+        new = current + step
+    if basis is None:
+        model.scale = new
+    else:
+        model.set_scale_controls(new)
 
 
 def _residual_sample(obs, model, intensity, use, max_samples=1_000_000):
@@ -597,19 +690,24 @@ def _rejection_partition(rows, start, stop, model, intensity, error_k, outlier_s
     return [totals] + sums + [np.concatenate(s) for s in samples]
 
 
-def refine_scales(obs, params, passes=None, halves=None) -> ScalingResult:
+def refine_scales(obs, params, passes=None, halves=None, scale_basis=None) -> ScalingResult:
     """Refinement of b_i (and optionally c_i, a_i(|q|)) and I_v.
 
     ``passes`` (an ObservationPasses) runs the sums over the observations,
     possibly in parallel; its ``use`` holds the rows kept at the end. With
     ``halves`` (a bool per image) the result also has the two half-dataset
-    maps (CC1/2), from the same last pass.
+    maps (CC1/2), from the same last pass. With ``scale_basis`` (a
+    SmoothScaleBasis of the images) b is refined as a smooth function of the
+    rotation angle instead of one value per image.
     """
     if passes is None:
         with ObservationPasses(obs) as passes:
-            return refine_scales(obs, params, passes, halves)
+            return refine_scales(obs, params, passes, halves, scale_basis)
     n_img = obs.n_images
     model = ScalingModel(scale=np.ones(n_img), offset=np.zeros(n_img))
+    if scale_basis is not None:
+        model.scale_basis = scale_basis
+        model.set_scale_controls(np.ones(scale_basis.matrix.shape[1]))
     sm = params.resolution_smoother
     if sm.enable:
         q_lo, q_hi = float(obs.voxel_qmag.min()), float(obs.voxel_qmag.max())
@@ -618,7 +716,8 @@ def refine_scales(obs, params, passes=None, halves=None) -> ScalingResult:
     passes.use[:] = True
     history = []
     converged = False
-    n_params = n_img + (n_img if params.offsets else 0) + (
+    n_scale_params = n_img if scale_basis is None else scale_basis.matrix.shape[1]
+    n_params = n_scale_params + (n_img if params.offsets else 0) + (
         model.smoother_q.size * n_img if sm.enable else 0
     )
     reject = params.outlier_sigma is not None and params.outlier_sigma > 0
@@ -644,7 +743,10 @@ def refine_scales(obs, params, passes=None, halves=None) -> ScalingResult:
         # fix the free overall factor: mean scale 1
         mean_scale = model.scale.mean()
         if mean_scale > 0:
-            model.scale /= mean_scale
+            if model.scale_basis is None:
+                model.scale /= mean_scale
+            else:
+                model.set_scale_controls(model.scale_controls / mean_scale)
         if gauss_newton:
             # with no offsets or smoother only the merge denominator depends
             # on the scales (the numerator came with the last rejection)
@@ -701,21 +803,21 @@ def fit_error_model(resid, poisson_var, expected):
     outlier test would reject good data. The median makes the fit robust to
     the outliers themselves.
     """
-    r2 = resid**2
-    pv = poisson_var
-    e2 = expected**2
-    if r2.size == 0 or np.median(r2 / pv) <= CHI2_1_MEDIAN:
+    # z_j(k) = r_j^2 / (p_j + k^2 e_j^2) <= m  <=>  t_j = (r_j^2 - m p_j) / (m e_j^2) <= k^2,
+    # so median(z) = m where k^2 = median(t): one median, no search
+    m = CHI2_1_MEDIAN
+    if resid.size == 0:
         return 0.0
-    lo, hi = 0.0, 1.0
-    while np.median(r2 / (pv + hi * hi * e2)) > CHI2_1_MEDIAN and hi < 1e3:
-        hi *= 2
-    for _ in range(40):
-        mid = 0.5 * (lo + hi)
-        if np.median(r2 / (pv + mid * mid * e2)) > CHI2_1_MEDIAN:
-            lo = mid
-        else:
-            hi = mid
-    return float(hi)
+    r2, pv, e2 = resid**2, poisson_var, expected**2
+    above = r2 > m * pv
+    with np.errstate(divide="ignore", invalid="ignore"):
+        t = np.where(e2 > 0, (r2 - m * pv) / (m * np.where(e2 > 0, e2, 1.0)),
+                     np.where(above, np.inf, -np.inf))
+    k2 = float(np.median(t))
+    return float(min(np.sqrt(k2), MAX_ERROR_K)) if k2 > 0 else 0.0
+
+
+MAX_ERROR_K = 1024.0
 
 
 def _offset_partition(rows, start, stop, model, intensity):

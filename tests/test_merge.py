@@ -10,6 +10,8 @@ import sys
 import numpy as np
 import pytest
 
+from dials.util import Sorry
+
 from dials_diffuse import merged_files, symmetry
 from dials_diffuse.extraction import extract
 from dials_diffuse.merging import merge_run
@@ -128,6 +130,37 @@ def test_rotation_sequence(tmp_path_factory):
     result = merge_run(truth.experiments, [str(base / "extracted")],
                        merge_params(base / "merged"))
     check_against_truth(truth, result)
+
+
+def test_rotation_smooth_scales(tmp_path_factory):
+    """True scales smooth in phi (1 + 0.2 sin(2 pi phi / 40 deg)):
+    scaling.scale_model=smooth recovers them with a control point every 2 deg
+    (11 parameters for 80 images) as well as per-image scales would."""
+    truth, base = simulate_and_extract(
+        tmp_path_factory, "merge_smooth", mode="rotation", n_images=80, random_seed=24,
+        **{"rotation.oscillation": 0.25, "detector.n_fast": 320, "detector.n_slow": 320,
+           "scale.spread": 0.2, "scale.phi_period": 40.0},
+    )
+    assert truth.scales.max() / truth.scales.min() > 1.15
+    result = merge_run(truth.experiments, [str(base / "extracted")],
+                       merge_params(base / "merged", **{"scaling.scale_model": "smooth",
+                                                        "scaling.scale_interval": 2.0}))
+    check_against_truth(truth, result)
+    model = result["scaling"].model
+    # image centres span 19.75 deg: ceil(19.75 / 2) + 1 control points
+    assert model.scale_controls.size == 11
+    assert np.allclose(model.scale, model.scale_basis.matrix @ model.scale_controls)
+    doc = json.loads((base / "merged" / "refined_scaling_model_params.json").read_text())
+    assert doc["scale_model"]["type"] == "smooth"
+    assert len(doc["scale_model"]["control_values"]) == 11
+    assert len(doc["refined_parameters"]) == 80
+
+
+def test_smooth_scales_refused_for_stills(stills_run, tmp_path):
+    truth, base, _ = stills_run
+    with pytest.raises(Sorry, match="scale_model=smooth needs rotation sequences"):
+        merge_run(truth.experiments, [str(base / "extracted")],
+                  merge_params(tmp_path / "m", **{"scaling.scale_model": "smooth"}))
 
 
 def test_cc_half_pure_noise_is_near_zero(tmp_path_factory):
@@ -250,3 +283,36 @@ def test_parallel_passes_byte_identical(stills_run, tmp_path, monkeypatch, overr
     assert "voxel_data_relative.npz" in names
     for name in names:
         assert filecmp.cmp(outputs[0] / name, outputs[1] / name, shallow=False), name
+
+
+@pytest.mark.parametrize("sparse", [True, False])
+def test_schur_matrix_sparse_and_dense_paths(sparse, monkeypatch):
+    """Both ways of forming diag(d_b) - k C D^-1 C^T equal the explicit product."""
+    from dials_diffuse import scaling
+
+    rng = np.random.default_rng(5)
+    n_img, n_vox, n = 12, 300, 4000
+    images = rng.integers(0, n_img, n)
+    sampled = rng.integers(0, n_vox, n)
+    couplings = rng.random(n)
+    inv_d = rng.random(n_vox)
+    d_b = rng.random(n_img) + 10
+    c = np.zeros((n_img, n_vox))
+    np.add.at(c, (images, sampled), couplings)
+    expected = np.diag(d_b) - 3.0 * (c * inv_d) @ c.T
+    monkeypatch.setattr(scaling, "_sparse_is_cheaper", lambda *a: sparse)
+    got = scaling._schur_matrix(d_b, images, sampled, couplings, inv_d, 3)
+    assert np.allclose(got, expected, rtol=1e-12, atol=1e-9)
+
+
+def test_error_model_k_makes_the_median_chi2():
+    from dials_diffuse.scaling import CHI2_1_MEDIAN, fit_error_model
+
+    rng = np.random.default_rng(6)
+    expected = rng.uniform(10, 1000, 200_001)
+    poisson = expected.copy()
+    resid = rng.normal(0, np.sqrt(poisson + (0.07 * expected) ** 2))
+    k = fit_error_model(resid, poisson, expected)
+    assert abs(k - 0.07) < 0.003
+    assert np.median(resid**2 / (poisson + (k * expected) ** 2)) == pytest.approx(CHI2_1_MEDIAN)
+    assert fit_error_model(rng.normal(0, np.sqrt(poisson)), poisson, expected) == 0.0

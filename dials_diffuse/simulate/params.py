@@ -116,6 +116,11 @@ scale {
   spread = 0.15
     .type = float
     .help = "Sigma of the log-normal per-image scale factors (normalised to mean 1)."
+  phi_period = None
+    .type = float(value_min=0)
+    .help = "Rotation mode: scales vary smoothly with the rotation angle instead, "
+            "1 + spread * sin(2 pi phi / phi_period) at each image's centre "
+            "(phi in degrees), normalised to mean 1."
 }
 diffuse {
   isotropic {

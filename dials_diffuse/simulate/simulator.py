@@ -51,6 +51,19 @@ def _phil_text(params) -> str:
     return phil_scope.format(params).as_str()
 
 
+def _image_scales(params, experiments, rng):
+    """Per-image scale factors, mean 1: log-normal, or smooth in phi."""
+    n = params.n_images
+    period = params.scale.phi_period
+    if period is not None and params.mode == "rotation":
+        scan = experiments[0].scan
+        phi = np.array([scan.get_angle_from_array_index(i + 0.5) for i in range(n)])
+        scales = 1.0 + params.scale.spread * np.sin(2 * np.pi * phi / period)
+    else:
+        scales = rng.lognormal(0.0, params.scale.spread, n)
+    return scales / scales.mean()
+
+
 def _build_experiments(params, beam, detector, rng_orient):
     """In-memory experiments (no imagesets) and the U matrices used."""
     uc, sgi = models.crystal_symmetry(params.crystal.unit_cell, params.crystal.space_group)
@@ -388,8 +401,7 @@ def _simulate_into(params, output, t0):
             params, beam, detector, np.random.default_rng(ss_orient)
         )
         n = params.n_images
-        scales = np.random.default_rng(ss_scale).lognormal(0.0, params.scale.spread, n)
-        scales /= scales.mean()
+        scales = _image_scales(params, experiments, np.random.default_rng(ss_scale))
         data = _truth_dict(params, beam, detector, Us, scales, fmt)
         truth = Truth(data, experiments)
         logger.info("Detector: %d panel(s), %s", len(detector), fmt)
