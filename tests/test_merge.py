@@ -272,6 +272,7 @@ def test_parallel_passes_byte_identical(stills_run, tmp_path, monkeypatch, overr
     truth, base, _ = stills_run
     # small chunks: the run has many partitions, as a large one does
     monkeypatch.setattr(scaling, "CHUNK_ROWS", 3000)
+    monkeypatch.setattr(scaling, "PARALLEL_MIN_OBS", 0)  # workers even for a small run
     outputs = []
     for nproc in (1, 2):
         out = tmp_path / f"n{nproc}"
