@@ -199,13 +199,18 @@ def _frame(imageset, k):
         return k
 
 
-def detector_context(experiment, imageset, params, static_mask) -> DetectorContext:
+def detector_context(experiment, imageset, params, static_mask,
+                     geometries=None) -> DetectorContext:
+    """The per-pixel context of an experiment's detector and beam;
+    ``geometries``: its detector_geometry when already computed."""
     beam, detector = experiment.beam, experiment.detector
     c = params.corrections
     f = params.filter
     panels = []
     q_max = 0.0
-    for g in geometry.detector_geometry(detector, params.filter.pixel_step):
+    if geometries is None:
+        geometries = geometry.detector_geometry(detector, params.filter.pixel_step)
+    for g in geometries:
         parts = corrections.correction_factors(
             g,
             beam,
@@ -681,6 +686,7 @@ def extract(models, params, images=None, reflections=None, progress=True):
     # contexts depend on this run's parameters (pixel_step, corrections,
     # masks, resolution): never reuse one from an earlier call
     _CONTEXTS.clear()
+    _GEOMETRIES.clear()
     if not tasks:
         raise Sorry("no images to extract: no experiment with a crystal covers any image")
     if params.masking.bragg.method == "spots" and reflections is None:
@@ -751,8 +757,13 @@ class ImageJob:
 
 
 # Per-process state: contexts are expensive (per-pixel geometry), computed once
-# per process and inherited by forked workers.
-_CONTEXTS = []  # (detector, beam, DetectorContext)
+# per process and inherited by forked workers. Stills refined one by one have
+# a beam each, so a context (~400 MB for 6M pixels) serves one image: only the
+# most recent few are kept, and the beam-independent per-pixel geometry of a
+# detector is kept apart and shared by all of them.
+_CONTEXTS = []  # (detector, beam, DetectorContext), most recently used last
+_GEOMETRIES = []  # (detector, pixel_step, [PanelGeometry])
+MAX_CONTEXTS = 2
 _SHARED = {}  # background, dynamic mask, jobs (for forked workers)
 
 
@@ -760,9 +771,24 @@ def context_for(task, params):
     context = _find_context(_CONTEXTS, task)
     if context is None:
         static = masks.static_mask(task.imageset, params.masking, params.masking.beamstop)
-        context = detector_context(task.experiment, task.imageset, params, static)
+        context = detector_context(task.experiment, task.imageset, params, static,
+                                   panel_geometries(task.experiment.detector, params))
         _CONTEXTS.append((task.experiment.detector, task.experiment.beam, context))
+        del _CONTEXTS[:-MAX_CONTEXTS]
     return context
+
+
+def panel_geometries(detector, params):
+    """geometry.detector_geometry of a detector, computed once per process."""
+    step = params.filter.pixel_step
+    for known, known_step, geometries in _GEOMETRIES:
+        if known_step == step and known == detector:
+            return geometries
+    geometries = geometry.detector_geometry(detector, step)
+    for g in geometries:
+        g.lab_mm = None  # not needed here: distance and direction are kept
+    _GEOMETRIES[:] = [(detector, step, geometries)]
+    return geometries
 
 
 def extract_one(job: ImageJob, background, dynamic) -> dict:
@@ -842,6 +868,7 @@ def _dask_job(spec):
 
     if _SHARED.get("run_token") != spec["run_token"]:
         _CONTEXTS.clear()
+        _GEOMETRIES.clear()
         for key in [k for k in _SHARED if isinstance(k, tuple)]:
             del _SHARED[key]
         _SHARED["run_token"] = spec["run_token"]
