@@ -501,22 +501,25 @@ def _gauss_newton_partition(rows, start, stop, model, intensity, every):
 
 def _coupling_partition(rows, start, stop, g_over_d):
     """sum_v C_iv g_v / d_v per image, from the stored couplings."""
-    obs = rows.obs
-    rhs = np.zeros(obs.n_images)
-    for a in range(start, stop, CHUNK_ROWS):
-        sl = slice(a, min(a + CHUNK_ROWS, stop))
-        rhs += _bincount(obs.image[sl], rows.coupling[sl] * g_over_d[obs.voxel[sl]], obs.n_images)
-    return (rhs,)
+    return (_coupling_sums(rows, start, stop, g_over_d, per_image=True),)
 
 
 def _coupling_transpose_partition(rows, start, stop, x):
     """sum_i C_iv x_i per voxel, from the stored couplings."""
+    return (_coupling_sums(rows, start, stop, x, per_image=False),)
+
+
+def _coupling_sums(rows, start, stop, values, per_image):
+    """Sums of C times ``values`` of the other index, by image or by voxel."""
     obs = rows.obs
-    y = np.zeros(obs.n_voxels)
+    group, other, n = (
+        (obs.image, obs.voxel, obs.n_images) if per_image else (obs.voxel, obs.image, obs.n_voxels)
+    )
+    total = np.zeros(n)
     for a in range(start, stop, CHUNK_ROWS):
         sl = slice(a, min(a + CHUNK_ROWS, stop))
-        y += _bincount(obs.voxel[sl], rows.coupling[sl] * x[obs.image[sl]], obs.n_voxels)
-    return (y,)
+        total += _bincount(group[sl], rows.coupling[sl] * values[other[sl]], n)
+    return total
 
 
 def _schur_product(passes, d_b, inv_d_i, x):
