@@ -52,6 +52,7 @@ import iotbx.phil
 from dials.util import Sorry
 
 from dials_diffuse import io
+from dials_diffuse.command_util import resolve_nproc
 
 logger = logging.getLogger("dials.diffuse_process")
 
@@ -137,9 +138,9 @@ mp
 {
   nproc = Auto
     .type = int(value_min=1)
-    .help = "Processes for spot finding (and for extraction, unless "
-            "extract.mp.nproc is set where the extraction has one); Auto: "
-            "DIALS' and the extraction's own defaults."
+    .help = "Processes for spot finding, stills indexing (one still per "
+            "process at a time) and, unless their own mp.nproc is set, the "
+            "extraction and the merge; Auto: the available cores."
 }
 diagnostics
 {
@@ -737,7 +738,7 @@ def _phase1_stills(run: _Run, experiments, strong, overrides):
     with _capture_stdout():
         result = processing.index_stills(
             experiments, strong, known_symmetry=None, params_overrides=overrides,
-            min_spots=params.processing.min_spots,
+            min_spots=params.processing.min_spots, nproc=resolve_nproc(params),
         )
     for r in result.report:
         entry = run.image_entry(r.path) or run.summary["images"][r.index]

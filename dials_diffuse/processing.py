@@ -337,6 +337,7 @@ def index_stills(
     known_symmetry=None,
     params_overrides=None,
     min_spots: int = MIN_SPOTS_TO_INDEX,
+    nproc: int = 1,
 ) -> StillsIndexingResult:
     """Index each still on its own with the DIALS stills indexer.
 
@@ -351,6 +352,9 @@ def index_stills(
         params_overrides: ``dials.index`` PHIL overrides, applied after
             :data:`DEFAULT_STILLS_INDEXING` and ``known_symmetry``.
         min_spots: images with fewer strong spots fail without an attempt.
+        nproc: stills indexed at once in forked worker processes. Every still
+            is indexed from the same random seeds, so the result does not
+            depend on nproc or on the order of the images.
 
     Returns:
         :class:`StillsIndexingResult`: ``experiments`` has one indexed and
@@ -362,7 +366,6 @@ def index_stills(
     """
     from dxtbx.model.experiment_list import ExperimentList
 
-    from dials.algorithms.indexing.indexer import Indexer
     from dials.array_family import flex
     from dials.command_line.index import working_phil
 
@@ -374,32 +377,18 @@ def index_stills(
         list(DEFAULT_STILLS_INDEXING) + _symmetry_overrides(known_symmetry),
         params_overrides,
     )
+    jobs = [
+        (i, expt, _select_experiment_reflections(reflections, i))
+        for i, expt in enumerate(experiments)
+    ]
     indexed_experiments = ExperimentList()
     tables = []
     report = []
-    for i, expt in enumerate(experiments):
-        t0 = time.perf_counter()
-        path = _image_path(expt)
-        refl = _select_experiment_reflections(reflections, i)
-        entry = ImageIndexingReport(index=i, path=path, status="failed", n_spots=len(refl))
-        single = ExperimentList([copy.copy(expt)])
-        single[0].crystal = None
-        try:
-            if len(refl) < min_spots:
-                raise _TooFewSpots(f"only {len(refl)} strong spots (< {min_spots})")
-            idxr = Indexer.from_parameters(refl, single, params=copy.deepcopy(params))
-            idxr.index()
-            expts = idxr.refined_experiments
-            refl_out = idxr.refined_reflections
-            if expts is None or len(expts) == 0:
-                raise _NoSolution("indexer returned no experiment")
-            if len(expts) > 1:
-                logger.info(
-                    "%s: %d lattices found; keeping the first", Path(path).name, len(expts)
-                )
-            refl_out = refl_out.select(refl_out["id"] == 0)
-            refl_out = refl_out.select(refl_out.get_flags(refl_out.flags.indexed))
-            new = expts[0]
+    for entry, models, refl_out in _run_indexing(jobs, params, min_spots, nproc):
+        if models is not None:
+            expt = experiments[entry.index]
+            new = copy.copy(expt)
+            new.crystal, new.beam, new.detector = models
             new.identifier = expt.identifier
             eid = len(indexed_experiments)
             ids_map = refl_out.experiment_identifiers()
@@ -410,31 +399,9 @@ def index_stills(
             refl_out.experiment_identifiers()[eid] = expt.identifier
             indexed_experiments.append(new)
             tables.append(refl_out)
-            rx, ry, rpsi = _still_rmsds(refl_out)
-            crystal = new.crystal
-            entry.status = "indexed"
-            entry.n_indexed = len(refl_out)
-            entry.rmsd_x_px, entry.rmsd_y_px, entry.rmsd_delpsi_deg = rx, ry, rpsi
-            entry.unit_cell = tuple(round(v, 4) for v in crystal.get_unit_cell().parameters())
-            entry.space_group = crystal.get_space_group().info().symbol_and_number()
             entry.experiment_id = eid
-        except Exception as exc:  # reported, not raised: a still may simply not index
-            entry.reason = _failure_reason(exc)
-        entry.time_s = time.perf_counter() - t0
         report.append(entry)
-        if entry.indexed:
-            logger.info(
-                "%s: indexed %d/%d spots, cell %s, rmsd %.2f %.2f px (%.1f s)",
-                Path(path).name,
-                entry.n_indexed,
-                entry.n_spots,
-                ", ".join(f"{v:.2f}" for v in entry.unit_cell),
-                entry.rmsd_x_px,
-                entry.rmsd_y_px,
-                entry.time_s,
-            )
-        else:
-            logger.info("%s: not indexed: %s (%.1f s)", Path(path).name, entry.reason, entry.time_s)
+        _log_indexing(entry)
 
     if tables:
         combined = flex.reflection_table.concat(tables)
@@ -443,6 +410,110 @@ def index_stills(
     n_ok = len(indexed_experiments)
     logger.info("Indexed %d of %d stills", n_ok, len(experiments))
     return StillsIndexingResult(indexed_experiments, combined, report)
+
+
+# Stills indexing jobs, inherited by forked workers (imagesets do not pickle).
+_INDEXING = {}
+
+
+def _run_indexing(jobs, params, min_spots, nproc):
+    """(report entry, (crystal, beam, detector) or None, indexed reflections)
+    of every job, in job order, on 1..nproc processes."""
+    nproc = max(1, min(int(nproc or 1), len(jobs)))
+    if nproc == 1:
+        return [_index_one(job, params, min_spots) for job in jobs]
+    import concurrent.futures
+    import multiprocessing
+
+    _INDEXING.update(jobs=jobs, params=params, min_spots=min_spots)
+    try:
+        with concurrent.futures.ProcessPoolExecutor(
+            max_workers=nproc, mp_context=multiprocessing.get_context("fork"),
+            initializer=_quiet_indexer_logs,
+        ) as pool:
+            return list(pool.map(_forked_index_one, range(len(jobs))))
+    finally:
+        _INDEXING.clear()
+
+
+def _quiet_indexer_logs():
+    # two workers writing DIALS' indexing tables into one log interleave them;
+    # the parent logs one line per still
+    logging.getLogger("dials.algorithms").setLevel(logging.WARNING)
+    logging.getLogger("dials.command_line").setLevel(logging.WARNING)
+
+
+def _forked_index_one(k):
+    return _index_one(_INDEXING["jobs"][k], _INDEXING["params"], _INDEXING["min_spots"])
+
+
+def _index_one(job, params, min_spots):
+    """Index one still; never raises (a failure is reported in the entry)."""
+    import random
+
+    import numpy as np
+    from dxtbx.model.experiment_list import ExperimentList
+
+    from dials.algorithms.indexing.indexer import Indexer
+    from dials.array_family import flex
+
+    i, expt, refl = job
+    t0 = time.perf_counter()
+    path = _image_path(expt)
+    entry = ImageIndexingReport(index=i, path=path, status="failed", n_spots=len(refl))
+    single = ExperimentList([copy.copy(expt)])
+    single[0].crystal = None
+    models = refl_out = None
+    # the same seeds for every still: results independent of order and nproc
+    random.seed(INDEXING_SEED)
+    np.random.seed(INDEXING_SEED)
+    flex.set_random_seed(INDEXING_SEED)
+    try:
+        if len(refl) < min_spots:
+            raise _TooFewSpots(f"only {len(refl)} strong spots (< {min_spots})")
+        idxr = Indexer.from_parameters(refl, single, params=copy.deepcopy(params))
+        idxr.index()
+        expts = idxr.refined_experiments
+        refl_out = idxr.refined_reflections
+        if expts is None or len(expts) == 0:
+            raise _NoSolution("indexer returned no experiment")
+        if len(expts) > 1:
+            logger.info("%s: %d lattices found; keeping the first", Path(path).name, len(expts))
+        refl_out = refl_out.select(refl_out["id"] == 0)
+        refl_out = refl_out.select(refl_out.get_flags(refl_out.flags.indexed))
+        new = expts[0]
+        models = (new.crystal, new.beam, new.detector)
+        rx, ry, rpsi = _still_rmsds(refl_out)
+        entry.status = "indexed"
+        entry.n_indexed = len(refl_out)
+        entry.rmsd_x_px, entry.rmsd_y_px, entry.rmsd_delpsi_deg = rx, ry, rpsi
+        entry.unit_cell = tuple(round(v, 4) for v in new.crystal.get_unit_cell().parameters())
+        entry.space_group = new.crystal.get_space_group().info().symbol_and_number()
+    except Exception as exc:  # reported, not raised: a still may simply not index
+        entry.reason = _failure_reason(exc)
+        models = refl_out = None
+    entry.time_s = time.perf_counter() - t0
+    return entry, models, refl_out
+
+
+INDEXING_SEED = 0
+
+
+def _log_indexing(entry):
+    name = Path(entry.path).name
+    if entry.indexed:
+        logger.info(
+            "%s: indexed %d/%d spots, cell %s, rmsd %.2f %.2f px (%.1f s)",
+            name,
+            entry.n_indexed,
+            entry.n_spots,
+            ", ".join(f"{v:.2f}" for v in entry.unit_cell),
+            entry.rmsd_x_px,
+            entry.rmsd_y_px,
+            entry.time_s,
+        )
+    else:
+        logger.info("%s: not indexed: %s (%.1f s)", name, entry.reason, entry.time_s)
 
 
 class _TooFewSpots(Exception):

@@ -9,6 +9,7 @@ import math
 import sys
 from pathlib import Path
 
+import numpy as np
 import pytest
 
 DATA = Path(__file__).resolve().parents[1].parent / "shared" / "data" / "thaumatin_grid_stills"
@@ -121,6 +122,24 @@ def test_index_real_stills(indexed):
         sel = indexed.reflections["id"] == r.experiment_id
         assert sel.count(True) == r.n_indexed
         assert indexed.reflections.experiment_identifiers()[r.experiment_id] == expt.identifier
+
+
+@needs_data
+def test_parallel_indexing_equals_serial(indexed, imported, strong):
+    """Two worker processes give the same crystals (to rounding: a worker
+    starts from the parent's state, not from the previous still's),
+    reflections and report (every still is indexed from the same seeds)."""
+    from dials_diffuse.processing import index_stills
+
+    parallel = index_stills(imported, strong, known_symmetry=SYMMETRY, nproc=2)
+    assert [r.status for r in parallel.report] == [r.status for r in indexed.report]
+    assert [r.unit_cell for r in parallel.report] == [r.unit_cell for r in indexed.report]
+    for a, b in zip(parallel.experiments, indexed.experiments):
+        assert a.identifier == b.identifier
+        assert np.allclose(a.crystal.get_A(), b.crystal.get_A(), rtol=1e-9, atol=1e-12)
+        assert a.imageset.get_path(0) == b.imageset.get_path(0)
+    assert len(parallel.reflections) == len(indexed.reflections)
+    assert list(parallel.reflections["miller_index"]) == list(indexed.reflections["miller_index"])
 
 
 @needs_data
