@@ -706,7 +706,10 @@ def extract(models, params, images=None, reflections=None, progress=True):
     t0 = time.time()
     dynamic = None
     if params.masking.dynamic.enable:
-        dynamic = dynamic_mask(tasks, params)
+        # while the dynamic-pass workers run, this process makes what the
+        # extraction workers will inherit
+        dynamic = dynamic_mask(tasks, params,
+                               while_waiting=lambda: _prepare_shared_state(tasks, params))
         logger.info("Dynamic mask from %d images in %.1f s", len(tasks), time.time() - t0)
         io.write_pickle(os.path.join(out_dir, DYNAMIC_MASK_NAME), masks.to_flex(dynamic))
 
@@ -913,9 +916,8 @@ def run_jobs(jobs, params, background, dynamic, show_progress=True):
     import multiprocessing
 
     # compute the shared context (and scan predictions) once before forking:
-    # the workers inherit them
-    context_for(jobs[0].task, params)
-    _predict_scans(jobs, params)
+    # the workers inherit them (done already when the dynamic pass ran)
+    _prepare_shared_state([job.task for job in jobs], params)
     _SHARED.update(jobs=jobs, background=background, dynamic=dynamic)
     try:
         with concurrent.futures.ProcessPoolExecutor(
@@ -933,23 +935,30 @@ def run_jobs(jobs, params, background, dynamic, show_progress=True):
         _SHARED.pop("jobs", None)
 
 
-def _predict_scans(jobs, params):
-    """Fill the Bragg prediction cache of every rotation scan of the jobs."""
+def _predict_scans(tasks, params):
+    """Fill the Bragg prediction cache of every rotation scan of the tasks."""
     bragg = params.masking.bragg
     if bragg.method != "predicted":
         return
     seen = set()
-    for job in jobs:
-        expt = job.task.experiment
+    for task in tasks:
+        expt = task.experiment
         if expt.is_still() or expt.scan is None or id(expt) in seen:
             continue
         seen.add(id(expt))
         d_min = bragg.d_min or _detector_d_min(expt)
         masks.predicted_bragg_positions(
             expt, d_min, max_delpsi_deg(expt.crystal, bragg, d_min),
-            image_index=job.task.scan_image_index,
-            cache=context_for(job.task, params).predictions,
+            image_index=task.scan_image_index,
+            cache=context_for(task, params).predictions,
         )
+
+
+def _prepare_shared_state(tasks, params):
+    """The first context and the scan predictions, made once in this process
+    (forked extraction workers inherit them)."""
+    context_for(tasks[0], params)
+    _predict_scans(tasks, params)
 
 
 def _run_dask(jobs, params, dynamic, nproc):
@@ -1049,9 +1058,10 @@ def _forked_dynamic(indices):
     return _accumulate_dynamic([_SHARED["tasks"][i] for i in indices], _SHARED["params"])
 
 
-def dynamic_mask(tasks, params):
+def dynamic_mask(tasks, params, while_waiting=None):
     """Hot and dead pixels from a pass over every image (in parallel with
-    mp.method=multiprocessing: each worker sums its share of the images)."""
+    mp.method=multiprocessing: each worker sums its share of the images;
+    ``while_waiting()`` runs in this process meanwhile)."""
     acc = _dynamic_accumulator(tasks, params)
     nproc = min(resolve_nproc(params), len(tasks))
     if nproc > 1 and params.mp.method == "multiprocessing":
@@ -1064,7 +1074,10 @@ def dynamic_mask(tasks, params):
             with concurrent.futures.ProcessPoolExecutor(
                 max_workers=nproc, mp_context=multiprocessing.get_context("fork")
             ) as pool:
-                for sums in pool.map(_forked_dynamic, shares):
+                partial_sums = pool.map(_forked_dynamic, shares)  # submitted (forked) now
+                if while_waiting is not None:
+                    while_waiting()
+                for sums in partial_sums:
                     acc.add_sums(sums)
         finally:
             _SHARED.pop("tasks", None)
