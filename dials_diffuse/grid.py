@@ -8,8 +8,6 @@ whose centre is nearest along each axis: g = rint(hkl * ndiv).
 
 from __future__ import annotations
 
-from typing import Dict, Tuple
-
 import numpy as np
 
 
@@ -23,19 +21,9 @@ def voxel_centres(indices: np.ndarray, ndiv) -> np.ndarray:
     return indices / np.asarray(ndiv, dtype=np.float64)
 
 
-def encode(indices: np.ndarray) -> Tuple[np.ndarray, np.ndarray, np.ndarray]:
-    """One int64 key per grid point, ordered lexicographically by (gh, gk, gl).
-
-    Returns (keys, lower corner, extent) so that ``decode`` can invert it.
-    """
-    lower = indices.min(axis=0).astype(np.int64)
-    extent = indices.max(axis=0).astype(np.int64) - lower + 1
-    shifted = indices.astype(np.int64) - lower
-    keys = (shifted[:, 0] * extent[1] + shifted[:, 1]) * extent[2] + shifted[:, 2]
-    return keys, lower, extent
-
-
 def decode(keys: np.ndarray, lower: np.ndarray, extent: np.ndarray) -> np.ndarray:
+    """Grid indices (n, 3) of keys sum_a (g_a - lower_a) * stride_a, strides
+    (extent_1 extent_2, extent_2, 1): (gh, gk, gl) in lexicographic order."""
     keys = keys.astype(np.int64)
     gl = keys % extent[2]
     rest = keys // extent[2]
@@ -44,74 +32,13 @@ def decode(keys: np.ndarray, lower: np.ndarray, extent: np.ndarray) -> np.ndarra
     return (np.stack([gh, gk, gl], axis=1) + lower).astype(np.int32)
 
 
-def voxel_keys(hkl: np.ndarray, ndiv):
-    """``encode(voxel_indices(hkl, ndiv))`` without the (n, 3) integer
-    intermediates: one float64 column at a time (exact below 2**53)."""
-    cols = []
-    for axis in range(3):
-        col = hkl[:, axis] * hkl.dtype.type(ndiv[axis])
-        np.rint(col, out=col)
-        cols.append(col.astype(np.int32))
-    lower = np.array([c.min() for c in cols], dtype=np.int64)
-    extent = np.array([c.max() for c in cols], dtype=np.int64) - lower + 1
-    # int32 keys (half the memory traffic, faster sort) when the box allows
-    key_type = np.int32 if np.prod(extent) < 2**31 else np.int64
-    keys = cols[0].astype(key_type)
-    keys -= key_type(lower[0])
-    keys *= key_type(extent[1])
-    keys += cols[1]
-    keys -= key_type(lower[1])
-    keys *= key_type(extent[2])
-    keys += cols[2]
-    keys -= key_type(lower[2])
-    return keys, lower, extent
-
-
-def bin_by_hkl(hkl: np.ndarray, ndiv, columns: Dict[str, np.ndarray]):
-    """``bin_by_voxel`` for fractional hkl (the fast path of the extraction)."""
-    if len(hkl) == 0:
-        return bin_by_voxel(np.zeros((0, 3), np.int32), columns)
-    return _bin_keys(*voxel_keys(hkl, ndiv), columns)
-
-
-def bin_by_voxel(indices: np.ndarray, columns: Dict[str, np.ndarray]):
-    """Group observations by voxel and sum each column within a voxel.
-
-    Returns (unique voxel indices (m, 3) sorted by key, counts (m,), dict of
-    summed columns). Columns may be 1-D or 2-D (summed along axis 0).
-    """
-    if len(indices) == 0:
-        return (
-            np.zeros((0, 3), np.int32),
-            np.zeros(0, np.int64),
-            {k: np.zeros((0,) + v.shape[1:], v.dtype) for k, v in columns.items()},
-        )
-    return _bin_keys(*encode(indices), columns)
-
-
-def _bin_keys(keys, lower, extent, columns):
-    # Neighbouring pixels of a raster fall in the same voxel: sum the runs of
-    # equal keys first (a streaming pass), then sort only the runs.
-    run_starts = np.flatnonzero(np.r_[True, keys[1:] != keys[:-1]])
-    run_counts = np.diff(np.r_[run_starts, len(keys)])
-    # integer columns (counts) are summed in int64, floats in their own type
-    run_sums = {
-        name: np.add.reduceat(
-            values, run_starts, axis=0,
-            dtype=np.int64 if np.issubdtype(values.dtype, np.integer) else None,
-        )
-        for name, values in columns.items()
-    }
-    return bin_runs(keys[run_starts], run_counts, run_sums, lower, extent)
-
-
 def bin_runs(run_keys, run_counts, run_sums, lower, extent):
     """Combine runs (pre-summed groups of observations) that share a voxel key.
 
-    ``run_keys``: non-negative keys from ``voxel_keys``/``encode`` of one box
-    (``lower``, ``extent``); ``run_counts``: observations per run;
-    ``run_sums``: dict of per-run sums, 1-D or (m, k). Returns (voxel indices
-    sorted by key, counts, summed columns) as ``bin_by_voxel``.
+    ``run_keys``: non-negative keys (see ``decode``) of one box (``lower``,
+    ``extent``); ``run_counts``: observations per run; ``run_sums``: dict of
+    per-run sums, 1-D or (m, k). Returns (voxel indices (m, 3) sorted by key,
+    counts, summed columns).
     """
     keys, counts, sums = combine_runs(run_keys, run_counts, run_sums)
     return decode(keys, lower, extent).reshape(-1, 3), counts, sums

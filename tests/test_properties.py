@@ -8,7 +8,10 @@
   test_symmetry.py);
 * merging is invariant to the order of the image files;
 * data multiplied by known factors f_i per image give scales b_i in the ratio
-  of f_i.
+  of f_i;
+* the extraction's binning primitives: the radix sort orders any keys, runs
+  combine into the same sums as np.unique, and the key box of an image holds
+  the voxel of every pixel within its resolution.
 """
 
 from __future__ import annotations
@@ -201,3 +204,66 @@ def test_scaling_recovers_known_factors(extraction, reference, tmp_path, factors
     ratio = result["scaling"].model.scale / base["scaling"].model.scale
     f = np.array(factors)
     np.testing.assert_allclose(ratio / ratio.mean(), f / f.mean(), rtol=1e-3)
+
+
+# --------------------------------------------------------------------------
+# binning primitives of the extraction
+
+
+@given(keys=st.lists(st.integers(0, 2**31 - 1), min_size=0, max_size=300),
+       wide=st.booleans())
+@settings(max_examples=80, deadline=None)
+def test_sort_keys_is_a_stable_argsort(keys, wide):
+    from dials_diffuse.grid import sort_keys
+
+    k = np.array(keys, dtype=np.int64 if wide else np.int32)
+    assert np.array_equal(sort_keys(k), np.argsort(k, kind="stable"))
+
+
+@given(data=st.data())
+@settings(max_examples=60, deadline=None)
+def test_combine_runs_equals_unique_sums(data):
+    from dials_diffuse.grid import bin_runs, combine_runs
+
+    n = data.draw(st.integers(1, 200))
+    extent = np.array(data.draw(st.lists(st.integers(1, 9), min_size=3, max_size=3)))
+    lower = np.array(data.draw(st.lists(st.integers(-5, 5), min_size=3, max_size=3)))
+    keys = np.array(data.draw(st.lists(st.integers(0, int(np.prod(extent)) - 1),
+                                       min_size=n, max_size=n)), np.int32)
+    counts = np.array(data.draw(st.lists(st.integers(1, 50), min_size=n, max_size=n)))
+    values = np.array(data.draw(st.lists(st.floats(-1e3, 1e3), min_size=n, max_size=n)))
+    unique, inverse = np.unique(keys, return_inverse=True)
+    got_keys, got_counts, got_sums = combine_runs(keys, counts, {"v": values})
+    assert np.array_equal(got_keys, unique)
+    assert np.array_equal(got_counts, np.bincount(inverse, weights=counts).astype(int))
+    assert np.allclose(got_sums["v"], np.bincount(inverse, weights=values), atol=1e-9)
+    # decoded voxels: the grid indices whose keys these are
+    vox, _, _ = bin_runs(keys, counts, {"v": values}, lower, extent)
+    strides = np.array([extent[1] * extent[2], extent[2], 1])
+    assert np.array_equal((vox - lower) @ strides, unique)
+
+
+@given(geom=geometries(), ndiv=st.sampled_from([(1, 1, 1), (4, 4, 2), (5, 3, 7)]))
+@settings(max_examples=40, deadline=None)
+def test_key_box_holds_every_pixel_voxel(geom, ndiv):
+    """Keys of every pixel within q_max lie in [0, prod(extent)) and decode
+    back to rint(ndiv * hkl) of the pixel."""
+    from dials_diffuse.extraction import VoxelKeys
+    from dials_diffuse.grid import decode, key_box, voxel_indices
+
+    beam, detector, crystal = geom
+    setting_inv = np.linalg.inv(np.array(crystal.get_A()).reshape(3, 3))
+    q = np.concatenate([
+        geometry.scattering_vectors(g.unit_s1, beam.get_s0())
+        for g in geometry.detector_geometry(detector, 3)
+    ])
+    q_max = float(np.sqrt(np.einsum("ij,ij->i", q, q)).max())
+    lower, extent = key_box(setting_inv, ndiv, q_max)
+    keys = VoxelKeys(setting_inv, ndiv, lower, extent)(np.ascontiguousarray(q.T, np.float32))
+    assert keys.min() >= 0 and keys.max() < np.prod(extent)
+    hkl = q @ setting_inv.T
+    expected = voxel_indices(hkl, ndiv)
+    # float32 rounding may move a pixel within 1e-4 of a voxel boundary
+    near_boundary = np.any(np.abs(hkl * np.asarray(ndiv) % 1.0 - 0.5) < 1e-4, axis=1)
+    got = decode(keys, lower, extent)
+    assert np.array_equal(got[~near_boundary], expected[~near_boundary])
