@@ -39,6 +39,7 @@ from pathlib import Path  # noqa: E402
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 import common  # noqa: E402
+import report  # noqa: E402
 
 
 def extract_params(out_dir):
@@ -142,7 +143,6 @@ def main():
     meta = common.stamp()
     directory = common.dataset(args.n_images)
 
-    import numpy as np
     from dxtbx.model.experiment_list import ExperimentListFactory
 
     from dials_diffuse import extraction, masks
@@ -302,28 +302,8 @@ def main():
         if len(runs) >= 2:
             result["memory_growth_pct"] = 100 * (runs[-1]["vmhwm_mb"] / runs[0]["vmhwm_mb"] - 1)
 
-    rows = [
-        ["dxtbx read (get_raw_data)", f"{read_s:.3f}", f"cpu {med(cpu_read):.3f}"],
-        ["read_image (read + numpy view)", f"{read_np_s:.3f}", ""],
-        ["static mask (once per detector)", f"{med(t_static):.2f}", "once"],
-        ["detector context (once per detector)", f"{med(t_context):.2f}", "once"],
-        ["extract_image (incl. read, bragg, bin)", f"{extract_s:.3f}",
-         f"{extract_s / read_s:.1f}x read; cpu {med(cpu_extract):.3f}"],
-        ["  first image (fills prediction cache)", f"{first_image:.3f}", ""],
-        ["write NPZ", f"{write_s:.3f}", ""],
-        ["dynamic-mask pass (2nd read)", f"{dyn_s:.3f}", ""],
-        ["per image total", f"{per_image_total:.3f}", f"target 0.3: {'met' if per_image_total <= 0.3 else 'MISSED'}"],
-        ["per image without dynamic pass", f"{extract_s + write_s:.3f}", ""],
-    ]
-    print(f"\nPilatus 6M extraction, {n} images, one thread ({meta['uptime']})")
-    print(common.table(rows, ["stage", "seconds", "note"]))
-    print(f"\noutput {med(out_sizes) / 1e6:.2f} MB/image vs CBF {med(cbf_sizes) / 1e6:.2f} MB "
-          f"({result['shrink_vs_cbf']:.1f}x smaller; {result['shrink_vs_raw_int32']:.0f}x vs raw int32), "
-          f"{med(n_voxels):.0f} voxels from {med(n_kept):.0f} kept pixels")
-    for r in result.get("whole_runs", []):
-        print(f"whole extract() on {r['n_images']:>3} images: {r['wall_s']:.1f} s "
-              f"({r['per_image_s']:.3f} s/image), peak RSS {r['vmhwm_mb']:.0f} MB")
-    common.write_result(args.output, result)
+    path = common.write_result(args.output, result)
+    report.extract(json.loads(path.read_text()))
 
 
 if __name__ == "__main__":

@@ -125,7 +125,7 @@ def write_result(name, data):
     data = dict(data)
     data["load_after"] = loadavg()
     path.write_text(json.dumps(data, indent=1, default=_json_default) + "\n")
-    print(f"wrote {path.relative_to(ROOT)}")
+    print(f"wrote {os.path.relpath(path, ROOT)}")
     return path
 
 
