@@ -696,13 +696,7 @@ def extract(models, params, images=None, reflections=None, progress=True):
     background = load_background(params, tasks[0].experiment.detector)
     # the manifest marks a complete directory: an old one goes before any new
     # file is written, so an interrupted rerun never looks complete
-    manifest_path = os.path.join(out_dir, MANIFEST_NAME)
-    try:
-        os.unlink(manifest_path)
-    except FileNotFoundError:
-        pass
-    except OSError as e:
-        raise Sorry(f"cannot replace {manifest_path}: {e.strerror}")
+    io.remove_completion_marker(os.path.join(out_dir, MANIFEST_NAME))
     t0 = time.time()
     dynamic = None
     if params.masking.dynamic.enable:
@@ -1044,7 +1038,6 @@ def _dynamic_accumulator(tasks, params):
 def _accumulate_dynamic(tasks, params):
     """Per-pixel sums of the dynamic-mask pass over some images."""
     acc = _dynamic_accumulator(tasks, params)
-    detector = tasks[0].experiment.detector
     for task in tasks:
         try:
             raw = read_image(task)

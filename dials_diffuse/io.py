@@ -91,6 +91,17 @@ def _process_exists(pid: int) -> bool:
     return True
 
 
+def remove_completion_marker(path: str) -> None:
+    """Delete an earlier run's completion marker before anything new is
+    written, so an interrupted rerun never looks complete; Sorry if it stays."""
+    try:
+        os.unlink(path)
+    except FileNotFoundError:
+        pass
+    except OSError as e:
+        raise Sorry(f"cannot replace {path}: {e.strerror}")
+
+
 def write_json(path: str, data: Any) -> None:
     with atomic_path(path) as tmp:
         with open(tmp, "w") as fh:

@@ -133,12 +133,7 @@ def write_all(out_dir, grid, obs, result, merged, stats, params, operators):
     # is complete. An old grid file goes first, and a failed write removes
     # what this run wrote: never a mix of old and new, or a half set.
     grid_path = os.path.join(out_dir, GRID_NAME)
-    try:
-        os.unlink(grid_path)
-    except FileNotFoundError:
-        pass
-    except OSError as e:
-        raise Sorry(f"cannot replace {grid_path}: {e.strerror}")
+    io.remove_completion_marker(grid_path)
     written = []
 
     def path_of(name):
