@@ -326,6 +326,14 @@ def extract_args(expt, out, nproc=1, extra=()):
     return [expt, *NDIV, "output.save_pixels=False", f"mp.nproc={nproc}", f"output.directory={out}", *extra]
 
 
+def extract_and_merge(expt, cwd):
+    """A clean extraction (``cwd``/ex) and merge (``cwd``/mg) of ``expt``."""
+    r = run("extract", extract_args(expt, "ex"), cwd)
+    assert r.returncode == 0, r.stderr
+    r = run("merge", [expt, "ex", "output.directory=mg"], cwd)
+    assert r.returncode == 0, r.stderr
+
+
 def kill_when(args_name, args, cwd, ready, timeout=300):
     """Start a command, SIGKILL it as soon as ``ready()`` is true; return
     whether it was killed (False: it finished first)."""
@@ -441,10 +449,7 @@ def test_truncated_image_among_50(fifty, tmp_path):
     keep = [i for i in range(50) if i != 7]
     expt49 = _subset(fifty["expt"], keep, fifty["sim"] / "forty_nine.expt")
     try:
-        r = run("extract", extract_args(expt49, "ex"), clean)
-        assert r.returncode == 0, r.stderr
-        r = run("merge", [expt49, "ex", "output.directory=mg"], clean)
-        assert r.returncode == 0, r.stderr
+        extract_and_merge(expt49, clean)
     finally:
         expt49.unlink()
     _merged_equal(tmp_path / "mg", clean / "mg")
@@ -466,10 +471,7 @@ def test_unindexed_image_among_50(fifty, tmp_path):
         assert r.returncode == 0, r.stderr
         clean = tmp_path / "clean"
         clean.mkdir()
-        r = run("extract", extract_args(models, "ex"), clean)
-        assert r.returncode == 0, r.stderr
-        r = run("merge", [models, "ex", "output.directory=mg"], clean)
-        assert r.returncode == 0, r.stderr
+        extract_and_merge(models, clean)
     finally:
         models.unlink()
     # the extracted images themselves are identical, and so is the map
