@@ -77,14 +77,11 @@ class PanelPixels:
     parts: dict  # each correction factor separately, float32 (for the correction sample)
     running: dict  # (n + 1,) float64 running sums of factor, qx, qy, qz over selected pixels
     n_static: int  # raster pixels passing the static mask
+    n_selected: int  # raster pixels in ``selected`` (counted once, used per image)
 
     @property
     def n_total(self):
         return self.selected.size
-
-    @property
-    def n_selected(self):
-        return int(np.count_nonzero(self.selected))
 
     def raster(self, image: np.ndarray) -> np.ndarray:
         """A full-resolution (slow, fast) panel array on this raster, flattened."""
@@ -257,6 +254,7 @@ def detector_context(experiment, imageset, params, static_mask,
                        ("polarization", "solid_angle", "efficiency", "air")},
                 running=running,
                 n_static=int(static.sum()),
+                n_selected=int(np.count_nonzero(selected)),
             )
         )
     return DetectorContext(panels=panels, static_full=static_mask, predictions={}, q_max=q_max)
