@@ -129,8 +129,8 @@ class DynamicMaskAccumulator:
             mine += theirs
         self.n_images += n_images
 
-    def add(self, raw_data: Sequence[np.ndarray], trusted: Optional[PanelMasks] = None) -> None:
-        """Add one image; ``trusted`` defaults to dxtbx's trusted-range rule."""
+    def add(self, raw_data: Sequence[np.ndarray]) -> None:
+        """Add one image (valid pixels: dxtbx's trusted-range rule)."""
         self.n_images += 1
         for i, (panel, data) in enumerate(zip(self.detector, raw_data)):
             low, high = panel.get_trusted_range()
@@ -143,10 +143,7 @@ class DynamicMaskAccumulator:
             # blocks of rows keep the temporaries in the CPU cache (1.6x faster)
             for rows in _row_blocks(data.shape[0]):
                 block = data[rows]
-                if trusted is None:
-                    valid = trusted_range_mask([panel], [block])[0]
-                else:
-                    valid = trusted[i][rows]
+                valid = trusted_range_mask([panel], [block])[0]
                 self.n_hot[i][rows][block >= threshold] += 1
                 self.n_valid[i][rows] += valid
                 self.sum_counts[i][rows] += block * valid
