@@ -10,6 +10,8 @@ import libtbx.phil
 
 from dials.util import Sorry
 
+from dials_diffuse import io
+
 
 def split_preset_files(args: List[str], phil_scope) -> Tuple[List[str], List[str]]:
     """Turn PHIL parameter-set files into the definitions this command knows.
@@ -165,8 +167,6 @@ def ensure_output_directory(path, parameter="output.directory"):
         raise Sorry(f"cannot create {parameter} {path}: {e.strerror}")
     if not os.access(path, os.W_OK):
         raise Sorry(f"{parameter} {path} is not writable")
-    from dials_diffuse import io
-
     removed = io.remove_stale_parts(path)
     if removed:
         logging.getLogger("dials.diffuse").info(
