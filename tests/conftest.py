@@ -30,6 +30,23 @@ ROTATION_PARAMS = {
     "detector.n_slow": 256,
     "detector.distance": 100,
 }
+#: fine-sliced rotation data: 0.1 deg frames, realistic 0.1 deg mosaicity (spots
+#: span several frames, more near the rotation axis), images numbered from 5
+#: (array range 4..24), scan-varying crystal
+ROTATION_FINE_PARAMS = {
+    "mode": "rotation",
+    "n_images": 20,
+    "random_seed": 14,
+    "rotation.oscillation": 0.1,
+    "rotation.first_image": 5,
+    "rotation.start": 10.0,
+    "rotation.scan_varying": True,
+    "bragg.mosaicity_deg": 0.1,
+    "detector.format": "generic",
+    "detector.n_fast": 256,
+    "detector.n_slow": 256,
+    "detector.distance": 100,
+}
 MULTIPANEL_PARAMS = {
     "mode": "stills",
     "n_images": 4,
@@ -64,6 +81,13 @@ def simulated_rotation(tmp_path_factory):
     """10-image rotation sequence, 0.5 deg per image, scan-static crystal, same
     detector and physics as simulated_stills."""
     return _simulate(tmp_path_factory, "sim_rotation", ROTATION_PARAMS)
+
+
+@pytest.fixture(scope="session")
+def simulated_rotation_fine(tmp_path_factory):
+    """20 fine-sliced rotation images (0.1 deg, mosaicity 0.1 deg) numbered
+    image_00005.cbf ... image_00024.cbf, scan-varying crystal."""
+    return _simulate(tmp_path_factory, "sim_rotation_fine", ROTATION_FINE_PARAMS)
 
 
 @pytest.fixture(scope="session")

@@ -307,6 +307,24 @@ def test_voxel_average():
     assert model.voxel_average(centres[:1], 2, n_sub=8)[0] < 0.7 * model.diffuse(centres[:1])[0]
 
 
+def test_voxel_average_is_converged():
+    """The 5^3 midpoint rule alone is 1 % low at 10-20 A (convex Gaussian tails of
+    the halos and streaks in a 1/4 voxel); extrapolated with 3^3 it is right."""
+    model = DiffuseModel(DiffuseParameters(unit_cell=(30, 40, 50, 90, 90, 90),
+                                           space_group="P 21 21 21"))
+    rng = np.random.default_rng(1)
+    h = rng.integers(-20, 21, (4000, 3)) / 4.0
+    qmag = np.linalg.norm(h @ model.B.T, axis=1)
+    low = h[(qmag > 0.05) & (qmag < 0.1)][:120]
+    fine = [model.voxel_average(low, 4, n_sub=n, extrapolate=False) for n in (19, 21)]
+    reference = (21**2 * fine[1] - 19**2 * fine[0]) / (21**2 - 19**2)
+    plain = model.voxel_average(low, 4, n_sub=5, extrapolate=False)
+    assert np.median(plain / reference) < 0.995
+    default = model.voxel_average(low, 4)
+    assert np.median(np.abs(default / reference - 1)) < 3e-4
+    assert np.percentile(np.abs(default / reference - 1), 95) < 1.5e-3
+
+
 BAD_INPUT = [
     (["crystal.space_group=P5"], "crystal.space_group"),
     (["crystal.unit_cell=30,-40,50,90,90,90"], "crystal.unit_cell"),
@@ -396,3 +414,336 @@ def test_command_line(tmp_path):
     assert result.returncode == 1
     assert result.stderr.startswith("Sorry:"), result.stderr
     assert not (tmp_path / "bad").exists()
+
+
+# --------------------------------------------------------------------------
+# The reference physics is independent of the code it checks, and agrees
+# with DIALS/dxtbx and with the formulas of PHYSICS.md
+# --------------------------------------------------------------------------
+SIMULATE_DIR = pathlib.Path(__file__).resolve().parents[1] / "dials_diffuse" / "simulate"
+
+
+def test_simulator_does_not_use_the_project_physics():
+    import ast
+
+    for path in sorted(SIMULATE_DIR.glob("*.py")):
+        tree = ast.parse(path.read_text())
+        for node in ast.walk(tree):
+            if isinstance(node, ast.ImportFrom):
+                names = [f"{node.module}.{a.name}" for a in node.names]
+            elif isinstance(node, ast.Import):
+                names = [a.name for a in node.names]
+            else:
+                continue
+            for name in names:
+                assert not name.startswith(
+                    ("dials_diffuse.geometry", "dials_diffuse.corrections")
+                ), f"{path.name} imports {name}"
+    # and importing the simulator does not load them
+    code = (
+        "import sys, dials_diffuse.simulate, dials_diffuse.simulate.reference_physics;"
+        "bad = [m for m in ('dials_diffuse.geometry', 'dials_diffuse.corrections') "
+        "if m in sys.modules]; assert not bad, bad"
+    )
+    subprocess.run([sys.executable, "-c", code], check=True)
+
+
+def _sample_pixels(truth, n=40, seed=0):
+    rng = np.random.default_rng(seed)
+    out = []
+    for p, panel in enumerate(truth.detector):
+        n_fast, n_slow = panel.get_image_size()
+        corners = [(0, 0), (n_slow - 1, n_fast - 1), (0, n_fast - 1), (n_slow - 1, 0)]
+        for s, f in corners + list(zip(rng.integers(0, n_slow, n), rng.integers(0, n_fast, n))):
+            out.append((p, int(s), int(f)))
+    return out
+
+
+def test_reference_hkl_stills_matches_pixel_to_miller_index(simulated_stills, simulated_multipanel):
+    from dials.algorithms.spot_prediction import PixelToMillerIndex
+
+    for path in (simulated_stills, simulated_multipanel):
+        truth = load_truth(path)
+        for i in range(truth.n_images):
+            expt = truth.experiments[i]
+            reference = PixelToMillerIndex(expt.beam, expt.detector, expt.crystal)
+            hkl = truth.hkl(i)
+            for p, s, f in _sample_pixels(truth, seed=i):
+                h = reference.h(p, f + 0.5, s + 0.5)
+                np.testing.assert_allclose(hkl[p][s, f], h, rtol=0, atol=1e-9)
+            np.testing.assert_allclose(
+                truth.setting_matrix(i), np.reshape(expt.crystal.get_A(), (3, 3))
+            )
+
+
+def _frame_crystal(crystal, k):
+    """A static copy of a scan-varying crystal with A averaged over scan points k, k+1."""
+    import copy
+
+    out = copy.deepcopy(crystal)
+    if crystal.num_scan_points:
+        A = 0.5 * (
+            np.array(crystal.get_A_at_scan_point(k)) + np.array(crystal.get_A_at_scan_point(k + 1))
+        )
+        out.reset_scan_points()
+        out.set_A(tuple(A))
+    return out
+
+
+@pytest.mark.parametrize("setting", ["plain", "setting_and_fixed_rotation"])
+def test_reference_hkl_rotation_matches_pixel_to_miller_index(
+    simulated_rotation_fine, setting
+):
+    """Absolute frames (images numbered from 5), scan-varying A, S and F."""
+    from dials.algorithms.spot_prediction import PixelToMillerIndex
+    from dxtbx.model import GoniometerFactory
+    from dxtbx.model.experiment_list import Experiment, ExperimentList
+    from scitbx import matrix
+
+    from dials_diffuse.simulate import Truth
+
+    truth = load_truth(simulated_rotation_fine)
+    expt = truth.experiments[0]
+    assert expt.scan.get_array_range() == (4, 24)
+    assert truth.first_frame == 4 and truth.frame(19) == 23
+    if setting != "plain":
+        F = matrix.col((0.3, 1, -0.2)).normalize().axis_and_angle_as_r3_rotation_matrix(25, deg=True)
+        S = matrix.col((1, -0.4, 0.5)).normalize().axis_and_angle_as_r3_rotation_matrix(-40, deg=True)
+        gonio = GoniometerFactory.make_goniometer((1, 0.2, 0.1), F.elems)
+        gonio.set_setting_rotation(S.elems)
+        expt = Experiment(
+            imageset=expt.imageset, beam=expt.beam, detector=expt.detector,
+            goniometer=gonio, scan=expt.scan, crystal=expt.crystal,
+        )
+        truth = Truth(truth.data, ExperimentList([expt]), truth.directory)
+    for i in (0, 7, 19):
+        crystal = _frame_crystal(expt.crystal, i)
+        reference = PixelToMillerIndex(expt.beam, expt.detector, expt.goniometer, expt.scan, crystal)
+        hkl = truth.hkl(i)
+        z = expt.scan.get_array_range()[0] + i + 0.5  # absolute frame centre
+        for p, s, f in _sample_pixels(truth, seed=i):
+            h = reference.h(p, f + 0.5, s + 0.5, z)
+            np.testing.assert_allclose(hkl[p][s, f], h, rtol=0, atol=1e-9)
+        # q = M hkl with the setting matrix of the image centre
+        q = truth.q_lab[0][:50]
+        np.testing.assert_allclose(hkl[0].reshape(-1, 3)[:50] @ truth.setting_matrix(i).T, q, atol=1e-12)
+
+
+def _rectangle_solid_angle(x0, x1, y0, y1, d):
+    """Exact solid angle of the rectangle [x0, x1] x [y0, y1] in a plane at distance d
+    normal to the view axis (inclusion-exclusion of the corner formula)."""
+    def corner(x, y):
+        return np.arctan(x * y / (d * np.sqrt(x * x + y * y + d * d)))
+
+    return corner(x1, y1) - corner(x0, y1) - corner(x1, y0) + corner(x0, y0)
+
+
+def test_reference_solid_angle(simulated_stills):
+    from dxtbx.model import SimplePxMmStrategy
+    from dxtbx.model.detector import Detector
+
+    from dials_diffuse.simulate import reference_physics as ref
+
+    # the triangle formula: a square of side a at distance d on the axis
+    a, d = 3.0, 7.0
+    c = np.array([[-a / 2, -a / 2, d], [a / 2, -a / 2, d], [a / 2, a / 2, d], [-a / 2, a / 2, d]])
+    omega = ref.triangle_solid_angle(c[0], c[1], c[2]) + ref.triangle_solid_angle(c[0], c[2], c[3])
+    assert omega == pytest.approx(4 * np.arcsin(a * a / (a * a + 4 * d * d)), rel=1e-13)
+
+    truth = load_truth(simulated_stills)
+    detector = Detector.from_dict(truth.detector.to_dict())
+    panel = detector[0]
+    panel.set_px_mm_strategy(SimplePxMmStrategy())
+    exact = ref.pixel_solid_angles(panel)
+    centres = ref.reference_panels(detector)[0].lab_mm
+    approx = ref.solid_angle_approximation(panel, centres)
+    # px py cos / r^2 is the small-pixel limit: 0.172 mm pixels at 100 mm agree to ~1e-6
+    np.testing.assert_allclose(exact, approx, rtol=1e-5)
+    # additive: the pixels of the detector add up to the whole rectangle
+    n_fast, n_slow = panel.get_image_size()
+    (x0, y0), (x1, y1) = (
+        np.array(panel.get_lab_coord(panel.pixel_to_millimeter(xy)))[:2]
+        for xy in ((0.0, 0.0), (float(n_fast), float(n_slow)))
+    )
+    whole = _rectangle_solid_angle(min(x0, x1), max(x0, x1), min(y0, y1), max(y0, y1),
+                                   -panel.get_origin()[2])
+    assert exact.sum() == pytest.approx(whole, rel=1e-10)
+    # on the parallax-corrected panel the pixel's quadrilateral is the sensor patch
+    # whose photons it records: smaller by the mean absorption depth / distance
+    applied = truth.corrections[0].solid_angle
+    ratio = applied / ref.solid_angle_approximation(truth.detector[0], truth.geometry[0].lab_mm)
+    assert 0.995 < ratio.min() <= ratio.max() < 1.0
+
+
+def test_reference_polarization_efficiency_air(simulated_stills):
+    """DIALS' lp() is 1/P and qe() is eta: the factors equal PHYSICS.md's formulas."""
+    from dials_diffuse.simulate import reference_physics as ref
+
+    truth = load_truth(simulated_stills)
+    beam, panel = truth.beam, truth.detector[0]
+    g = truth.geometry[0]
+    s1 = g.unit_s1
+    s0 = np.array(beam.get_s0()) / np.linalg.norm(beam.get_s0())
+    n = np.array(beam.get_polarization_normal())
+    pf = beam.get_polarization_fraction()
+    P = (1 - 2 * pf) * (1 - (s1 @ n) ** 2) + pf * (1 + (s1 @ s0) ** 2)
+    normal = np.array(panel.get_normal())
+    eta = 1 - np.exp(-panel.get_mu() * panel.get_thickness() / np.abs(s1 @ normal))
+    factors = truth.corrections[0]
+    np.testing.assert_allclose(factors.polarization, P, rtol=1e-12)
+    np.testing.assert_allclose(factors.efficiency, eta, rtol=1e-12)
+    assert 0.5 < factors.polarization.min() and factors.polarization.max() <= 1.0 + 1e-12
+    c = truth.data["corrections"]
+    mu_air = ref.air_mu_per_mm(beam.get_wavelength(), c["air_temperature"], c["air_pressure"])
+    assert truth.data["corrections"]["air_mu_per_mm"] == pytest.approx(mu_air)
+    np.testing.assert_allclose(factors.air, np.exp(-mu_air * g.distance_mm), rtol=1e-12)
+    # air at 12.4 keV transmits roughly 90-94 % over 200 mm; half as much gas, half the loss
+    assert 0.90 < np.exp(-200 * ref.air_mu_per_mm(1.0)) < 0.94
+    assert ref.air_mu_per_mm(1.0, 293.15, 0.5) == pytest.approx(0.5 * ref.air_mu_per_mm(1.0))
+    assert ref.air_mu_per_mm(1.0, 2 * 293.15) == pytest.approx(0.5 * ref.air_mu_per_mm(1.0))
+    np.testing.assert_allclose(
+        truth.correction_total()[0].ravel(),
+        factors.polarization * factors.solid_angle * factors.efficiency * factors.air,
+    )
+
+
+# --------------------------------------------------------------------------
+# Rotation scans: absolute image numbers, rocking curves
+# --------------------------------------------------------------------------
+def test_rotation_first_image_survives_dials_import(simulated_rotation_fine, tmp_path):
+    from dxtbx.model.experiment_list import ExperimentListFactory
+
+    truth = load_truth(simulated_rotation_fine)
+    assert truth.data["images"][0] == "image_00005.cbf"
+    assert truth.data["images"][-1] == "image_00024.cbf"
+    scan = truth.experiments[0].scan
+    assert scan.get_image_range() == (5, 24) and scan.get_array_range() == (4, 24)
+    assert truth.data["rotation"]["array_range"] == [4, 24]
+    _run(["dials.import", *(str(truth.image_path(i)) for i in range(truth.n_images))], tmp_path)
+    imported = ExperimentListFactory.from_json_file(str(tmp_path / "imported.expt"))
+    assert len(imported) == 1
+    got = imported[0].scan
+    assert got.get_image_range() == (5, 24) and got.get_array_range() == (4, 24)
+    assert got.get_oscillation() == pytest.approx(scan.get_oscillation())
+    for frame in (4.5, 10.0, 23.5):
+        assert got.get_angle_from_array_index(frame) == pytest.approx(
+            scan.get_angle_from_array_index(frame)
+        )
+
+
+def test_rocking_curves(simulated_rotation_fine):
+    from dials.array_family import flex
+
+    from dials_diffuse.simulate.truth import rocking_fractions
+
+    truth = load_truth(simulated_rotation_fine)
+    table = truth.bragg
+    expt = truth.experiments[0]
+    # zeta as DIALS computes it
+    check = flex.reflection_table()
+    check["s1"] = table["s1"]
+    zeta = check.compute_zeta(expt).as_numpy_array()
+    np.testing.assert_allclose(table["zeta"].as_numpy_array(), zeta, atol=1e-12)
+    sigma = table["rocking_sigma_deg"].as_numpy_array()
+    np.testing.assert_allclose(sigma, 0.1 / np.abs(zeta), rtol=1e-12)
+    # the fractions on the images add up to the part of the rocking curve in the scan
+    fractions = np.stack([rocking_fractions(truth, table, i) for i in range(truth.n_images)])
+    np.testing.assert_allclose(
+        fractions.sum(axis=0), table["partiality"].as_numpy_array(), atol=1e-6
+    )
+    # in angle: image k holds Phi((end - phi_c)/sigma) - Phi((begin - phi_c)/sigma)
+    from scipy.stats import norm
+
+    start, width = expt.scan.get_oscillation()
+    phi_c = np.rad2deg(table["xyzcal.mm"].as_numpy_array()[:, 2])
+    k = 7
+    cdf = norm.cdf(start + (k + 1) * width, phi_c, sigma) - norm.cdf(start + k * width, phi_c, sigma)
+    np.testing.assert_allclose(fractions[k], np.where(fractions[k] > 0, cdf, 0), atol=1e-12)
+    assert np.all(cdf[fractions[k] == 0] < 1e-8)
+    # fine slicing: a spot spans several frames, near the rotation axis many more
+    span = (fractions > 0.01).sum(axis=0)
+    end = start + truth.n_images * width
+    inside = (phi_c > start) & (phi_c < end)
+    well_inside = (phi_c - 3 * sigma > start) & (phi_c + 3 * sigma < end)
+    assert well_inside.sum() >= 10
+    assert np.all(span[well_inside] >= 4)
+    # a spot recorded whole spans about 4.65 sigma_m / (|zeta| width) frames at > 1 %
+    assert np.corrcoef(span[well_inside], 1 / np.abs(zeta[well_inside]))[0, 1] > 0.9
+    near_axis = inside & (np.abs(zeta) < 0.5)
+    assert near_axis.sum() >= 2
+    assert np.median(span[near_axis]) > 1.5 * np.median(span[inside & (np.abs(zeta) > 0.8)])
+    # spots centred outside the scan reach in with their tails
+    assert np.any((phi_c < start) & (fractions[0] > 0.01))
+    # the expected Bragg counts of an image are these fractions as Gaussian spots
+    for i in (0, 6):
+        panel, x, y, counts = truth.bragg_spots(i)
+        distance = np.hypot(x[:, None] - x[None, :], y[:, None] - y[None, :])
+        np.fill_diagonal(distance, np.inf)
+        alone = (x > 6) & (x < 250) & (y > 6) & (y < 250) & (distance.min(axis=1) > 12)
+        assert alone.sum() > 5
+        image = truth.expected_bragg_counts(i)[0]
+        for xx, yy, c in zip(x[alone], y[alone], counts[alone]):
+            ix, iy = int(xx), int(yy)
+            assert image[iy - 5 : iy + 6, ix - 5 : ix + 6].sum() == pytest.approx(c, rel=1e-3)
+
+
+def test_rotation_phi_and_subsamples(tmp_path):
+    """phi of image i is start + (i + 0.5) * width whatever the first image number;
+    phi_subsamples averages D over the oscillation."""
+    common = {
+        "mode": "rotation", "n_images": 3, "detector.n_fast": 48, "detector.n_slow": 40,
+        "rotation.start": 20.0, "rotation.oscillation": 1.0, "noise": False,
+        "bragg.enabled": False,
+    }
+    a = load_truth(simulate_dataset(params_from(**common, **{"output.directory": str(tmp_path / "a")})))
+    b = load_truth(simulate_dataset(params_from(
+        **common, **{"rotation.first_image": 101, "output.directory": str(tmp_path / "b")})))
+    assert b.experiments[0].scan.get_image_range() == (101, 103)
+    for i in range(3):
+        np.testing.assert_allclose(a.setting_matrix(i), b.setting_matrix(i), atol=1e-14)
+        for x, y in zip(a.raw_data(i), b.raw_data(i)):
+            np.testing.assert_array_equal(x, y)
+    c = load_truth(simulate_dataset(params_from(
+        **common, **{"rotation.phi_subsamples": 4, "output.directory": str(tmp_path / "c")})))
+    mats = c.setting_matrices(1)
+    assert len(mats) == 4
+    from scitbx import matrix
+
+    axis = matrix.col(c.experiments[0].goniometer.get_rotation_axis_datum())
+    A = np.reshape(c.experiments[0].crystal.get_A(), (3, 3))
+    for k, M in enumerate(mats):
+        phi = 20.0 + 1.5 + (k + 0.5) / 4 - 0.5
+        R = np.reshape(axis.axis_and_angle_as_r3_rotation_matrix(phi, deg=True), (3, 3))
+        np.testing.assert_allclose(M, R @ A, atol=1e-14)
+    q = c.q_lab[0]
+    mean_d = np.mean([c.diffuse(q @ np.linalg.inv(M).T) for M in mats], axis=0)
+    expected = mean_d * c.correction_total()[0].ravel() * c.scales[1] * c.flux * c.exposure_time
+    np.testing.assert_allclose(c.expected_diffuse_photons(1)[0].ravel(), expected, rtol=1e-10)
+
+
+# --------------------------------------------------------------------------
+# Photon statistics with a gain
+# --------------------------------------------------------------------------
+@pytest.mark.parametrize("gain", [1.0, 2.5])
+def test_photons_are_poisson_counts_are_photons_over_gain(tmp_path, gain):
+    params = params_from(**{
+        "n_images": 2, "random_seed": 3, "gain": gain, "flux": 3e9,
+        "detector.n_fast": 120, "detector.n_slow": 100, "detector.distance": 100,
+        "output.directory": str(tmp_path / "d"),
+    })
+    truth = load_truth(simulate_dataset(params))
+    seeds = np.random.SeedSequence(params.random_seed).spawn(4)[3].spawn(params.n_images)
+    use = truth.pixel_mask()[0]
+    chi2 = []
+    for i in range(truth.n_images):
+        mu = truth.expected_photons(i)[0]
+        np.testing.assert_allclose(truth.expected_counts(i)[0], mu / gain)
+        # the recipe exactly: photons ~ Poisson(mu), counts = rint(photons / gain)
+        photons = np.random.default_rng(seeds[i]).poisson(mu)
+        expected = np.rint(photons / gain).astype(np.int32)
+        raw = truth.raw_data(i)[0]
+        np.testing.assert_array_equal(raw[use], expected[use])
+        # so counts * gain scatter like Poisson photons (variance mu, not gain * mu)
+        k = use & (mu > 200)
+        chi2.append(((raw[k] * gain - mu[k]) ** 2 - gain**2 / 12) / mu[k])
+    assert np.mean(np.concatenate(chi2)) == pytest.approx(1.0, abs=0.05)

@@ -138,11 +138,25 @@ class DiffuseModel:
         hkl_centres,
         ndiv: Union[int, Sequence[int]],
         n_sub: int = 5,
+        extrapolate: bool = True,
     ) -> np.ndarray:
         """D averaged over voxels of size 1/ndiv (per axis) centred at hkl_centres.
 
-        The average is a midpoint rule on an n_sub^3 grid inside each voxel.
+        A midpoint rule on an n_sub^3 grid inside each voxel, Richardson-extrapolated
+        with the n_sub - 2 rule ((n^2 A_n - m^2 A_m) / (n^2 - m^2), m = n_sub - 2)
+        unless ``extrapolate=False`` or n_sub < 3. The plain midpoint rule errs as
+        1/n_sub^2 and low (the Gaussian tails of halos and streaks are convex): with
+        n_sub = 5 by 1.0 % at 10-20 A and 0.16 % at 3.0-3.3 A for the default model
+        on a 1/4 grid; extrapolated from 3 and 5, by < 0.03 % (median) / 0.1 %.
         """
+        average = self._midpoint_average(hkl_centres, ndiv, n_sub)
+        if not extrapolate or n_sub < 3:
+            return average
+        m = n_sub - 2
+        coarse = self._midpoint_average(hkl_centres, ndiv, m)
+        return (n_sub**2 * average - m**2 * coarse) / (n_sub**2 - m**2)
+
+    def _midpoint_average(self, hkl_centres, ndiv, n_sub: int) -> np.ndarray:
         centres = np.atleast_2d(np.asarray(hkl_centres, dtype=np.float64))
         size = 1.0 / np.broadcast_to(np.asarray(ndiv, dtype=np.float64), (3,))
         f = (np.arange(n_sub) + 0.5) / n_sub - 0.5

@@ -109,6 +109,8 @@ def validate(params):
             raise Sorry("rotation.oscillation: must be > 0 degrees")
         if p.rotation.phi_subsamples < 1:
             raise Sorry("rotation.phi_subsamples: must be >= 1")
+        if p.rotation.first_image is None or p.rotation.first_image < 1:
+            raise Sorry("rotation.first_image: must be >= 1")
     if not p.exposure_time > 0:
         raise Sorry("exposure_time: must be > 0 s")
     if not p.flux >= 0:
@@ -146,6 +148,8 @@ def validate(params):
             raise Sorry("bragg.sigma_px: must be > 0")
         if not p.bragg.mosaicity_deg > 0:
             raise Sorry("bragg.mosaicity_deg: must be > 0")
+        if p.bragg.divergence_deg is None or p.bragg.divergence_deg < 0:
+            raise Sorry("bragg.divergence_deg: must be >= 0")
         if p.bragg.d_min is not None and not p.bragg.d_min > 0:
             raise Sorry("bragg.d_min: must be > 0")
     if p.hot_pixels.count < 0 or p.dead_pixels.count < 0:

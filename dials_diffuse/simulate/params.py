@@ -89,6 +89,11 @@ rotation {
   start = 0.0
     .type = float
     .help = "Rotation angle at the start of the first image (degrees)."
+  first_image = 1
+    .type = int
+    .help = "Number of the first image: files image_<first_image>.cbf ..., scan"
+            "image range (first_image, first_image + n_images - 1), array range"
+            "starting at first_image - 1 (as dials.import reads them)."
   oscillation = 0.2
     .type = float
     .help = "Oscillation per image (degrees), axis (1,0,0) as miniCBF's single-axis goniometer."
@@ -111,7 +116,8 @@ flux = 3e8
           "pixel = scale_i * D(hkl) * P * Omega * eta * T_air * exposure_time * flux."
 gain = 1.0
   .type = float
-  .help = "Photons per count (counts * gain = photons); the written panels keep dxtbx gain 1."
+  .help = "Photons per count: photons ~ Poisson(mean photons), counts = rint(photons / gain);"
+          "the written panels keep dxtbx gain 1."
 scale {
   spread = 0.15
     .type = float
@@ -160,10 +166,15 @@ bragg {
   sigma_px = 0.8
     .type = float
     .help = "Gaussian sigma of a spot on the detector (pixels)."
-  mosaicity_deg = 0.05
+  mosaicity_deg = 0.1
     .type = float
-    .help = "Stills: sigma of the partiality exp(-delpsi^2/2 sigma^2); rotation:"
-            "sigma of the rocking curve in phi."
+    .help = "sigma_m (degrees; 0.1 is typical of a well-ordered crystal). Stills: sigma of the partiality"
+            "exp(-delpsi^2/2 sigma_m^2); rotation: each spot's rocking curve is a"
+            "Gaussian in phi of sigma sigma_m / |zeta| (DIALS' zeta = m2 . e1)."
+  divergence_deg = 0.0
+    .type = float
+    .help = "Beam divergence (sigma, degrees): widens each spot on the detector to"
+            "sqrt(sigma_px^2 + (r sigma_D / pixel size)^2), r the sample-spot distance."
   d_min = None
     .type = float
     .help = "Resolution limit of the predictions (default: the detector's)."
@@ -201,7 +212,7 @@ dead_pixels {
 }
 noise = True
   .type = bool
-  .help = "Poisson noise on the counts; off: counts = rint(expected counts)."
+  .help = "Poisson noise on the photons; off: counts = rint(expected photons / gain)."
 corrections {
   polarization = True
     .type = bool

@@ -12,6 +12,7 @@ import tempfile
 import time
 
 import numpy as np
+from scipy.special import ndtr
 from dxtbx.imageset import ImageSetFactory
 from dxtbx.model import GoniometerFactory, ScanFactory
 from dxtbx.model.experiment_list import Experiment, ExperimentList, ExperimentListFactory
@@ -19,9 +20,9 @@ from scitbx import matrix
 
 from dials.util import Sorry
 
-from dials_diffuse import corrections as corr
 from dials_diffuse.io import write_json
 from dials_diffuse.simulate import models, writer
+from dials_diffuse.simulate import reference_physics as ref
 from dials_diffuse.simulate.diffuse_model import DiffuseParameters, laue_rotations
 from dials_diffuse.simulate.params import phil_scope
 from dials_diffuse.simulate.truth import BRAGG_REFL, TRUTH_EXPT, TRUTH_JSON, Truth
@@ -29,19 +30,24 @@ from dials_diffuse.simulate.truth import BRAGG_REFL, TRUTH_EXPT, TRUTH_JSON, Tru
 logger = logging.getLogger("dials.diffuse_simulate")
 
 CONVENTIONS = {
-    "counts": "counts ~ Poisson(mu), mu = (scale_i * D(hkl) * P * Omega * eta * T_air "
-    "* exposure_time * flux + background_photons) / gain + bragg_counts; in the "
-    "beamstop shadow mu *= beamstop.transmission",
+    "counts": "photons ~ Poisson(mu), mu = scale_i * D(hkl) * P * Omega * eta * T_air "
+    "* exposure_time * flux + background_photons + bragg_counts * gain (in the "
+    "beamstop shadow mu *= beamstop.transmission); counts = rint(photons / gain)",
     "extraction": "I = (counts * gain - background_photons) / (P * Omega * eta * T_air) "
     "/ exposure_time = scale_i * flux * D(hkl) (away from Bragg peaks)",
     "gain": "photons per count (counts * gain = photons); the dxtbx panel gain stays 1",
     "flux": "photons per unit D per steradian per second",
     "scales": "per-image multiplier of D, keyed by 0-based image index, mean 1",
     "hkl": "fractional hkl = M^-1 q at the image centre (M = A for a still, "
-    "S R(phi) F A for a rotation image); q = s1 - s0, |s0| = 1/lambda",
+    "S R(phi) F A for a rotation image, phi = start + (frame - first_frame + 0.5) * "
+    "width); q = s1 - s0, |s0| = 1/lambda",
+    "frames": "rotation image i (0-based) is absolute frame (array index) "
+    "first_image - 1 + i and file number first_image + i",
     "pixels": "(panel, slow, fast), 0-based; arrays have shape (n_slow, n_fast)",
     "bragg": "photons_full * scale_i (* rocking-curve fraction for rotation) / gain "
-    "counts as a pixel-integrated 2-D Gaussian; no P/Omega/eta/T_air applied",
+    "counts as a pixel-integrated 2-D Gaussian of sigma sigma_px; no P/Omega/eta/T_air "
+    "applied; rotation: fraction on image k = Phi((phi_k_end - phi_c) / s) - "
+    "Phi((phi_k_start - phi_c) / s), s = mosaicity_deg / |zeta| (rocking_sigma_deg)",
     "images": "image file i (0-based) is images[i]; stills: experiment i",
 }
 
@@ -57,7 +63,8 @@ def _image_scales(params, experiments, rng):
     period = params.scale.phi_period
     if period is not None and params.mode == "rotation":
         scan = experiments[0].scan
-        phi = np.array([scan.get_angle_from_array_index(i + 0.5) for i in range(n)])
+        first = scan.get_array_range()[0]
+        phi = np.rad2deg([ref.frame_centre_angle(scan, first + i) for i in range(n)])
         scales = 1.0 + params.scale.spread * np.sin(2 * np.pi * phi / period)
     else:
         scales = rng.lognormal(0.0, params.scale.spread, n)
@@ -78,11 +85,12 @@ def _build_experiments(params, beam, detector, rng_orient):
     U = models.random_rotations(rng_orient, 1)[0]
     crystal = models.make_crystal(uc, sgi, U)
     gonio = GoniometerFactory.single_axis()
+    first = params.rotation.first_image
     scan = ScanFactory.make_scan(
-        image_range=(1, params.n_images),
+        image_range=(first, first + params.n_images - 1),
         exposure_times=params.exposure_time,
         oscillation=(params.rotation.start, params.rotation.oscillation),
-        epochs={i + 1: float(i) * params.exposure_time for i in range(params.n_images)},
+        epochs={first + i: float(i) * params.exposure_time for i in range(params.n_images)},
         deg=True,
     )
     if params.rotation.scan_varying:
@@ -105,9 +113,23 @@ def _build_experiments(params, beam, detector, rng_orient):
     return experiments, U[None]
 
 
+#: spots whose rocking curve centre lies outside the scan are predicted this many
+#: rocking sigmas of a |zeta| = ZETA_PADDING spot beyond it (their tails reach in)
+N_SIGMA_ROCKING = 6.0
+ZETA_PADDING = 0.1
+#: stills spots are drawn to |delta psi| = this many mosaicity sigmas (partiality 3e-4)
+N_SIGMA_PARTIALITY = 4.0
+
+
 def _bragg_table(params, experiments, truth):
-    """Predicted Bragg spots (DIALS predictors) with photons_full per spot."""
-    from dials.algorithms.spot_prediction import StillsReflectionPredictor
+    """Predicted Bragg spots (DIALS predictors) with photons_full per spot.
+
+    Rotation: ``zeta`` (DIALS' m2 . e1), ``rocking_sigma_deg`` = mosaicity / |zeta|,
+    ``partiality`` = the fraction of the rocking curve inside the scan; spots are
+    predicted N_SIGMA_ROCKING * mosaicity / ZETA_PADDING degrees beyond the scan.
+    ``image`` is the 0-based image (position in the scan) holding the spot centre;
+    ``sigma_px`` the spot's Gaussian sigma on the detector.
+    """
     from dials.array_family import flex
 
     d_min = params.bragg.d_min
@@ -115,8 +137,7 @@ def _bragg_table(params, experiments, truth):
     if params.mode == "stills":
         sigma = np.radians(params.bragg.mosaicity_deg)
         for i, expt in enumerate(experiments):
-            predictor = StillsReflectionPredictor(expt, dmin=d_min)
-            refl = predictor.for_ub(expt.crystal.get_A())
+            refl = _stills_predictions(expt, d_min, N_SIGMA_PARTIALITY * sigma)
             if len(refl) == 0:
                 continue
             delpsi = refl["delpsical.rad"].as_numpy_array()
@@ -124,6 +145,7 @@ def _bragg_table(params, experiments, truth):
             refl["id"] = flex.int(len(refl), i)
             refl["partiality"] = flex.double(partiality)
             refl["photons_full"] = flex.double(params.bragg.intensity * partiality)
+            refl["image"] = flex.int(len(refl), i)
             tables.append(refl)
     else:
         from dials.algorithms.spot_prediction import (
@@ -131,36 +153,105 @@ def _bragg_table(params, experiments, truth):
             ScanVaryingReflectionPredictor,
         )
 
-        # what flex.reflection_table.from_predictions does for an ImageSequence
+        # what flex.reflection_table.from_predictions does for an ImageSequence,
+        # padded so that spots centred just outside the scan are drawn too
         expt = experiments[0]
         crystal = expt.crystal
+        padding = N_SIGMA_ROCKING * params.bragg.mosaicity_deg / ZETA_PADDING
         if crystal.num_scan_points == expt.scan.get_num_images() + 1:
-            predictor = ScanVaryingReflectionPredictor(expt, dmin=d_min, margin=1, padding=0)
+            predictor = ScanVaryingReflectionPredictor(
+                expt, dmin=d_min, margin=1, padding=padding
+            )
             refl = predictor.for_ub(
                 flex.mat3_double(
                     [crystal.get_A_at_scan_point(i) for i in range(crystal.num_scan_points)]
                 )
             )
         else:
-            predictor = ScanStaticReflectionPredictor(expt, dmin=d_min, padding=0)
+            predictor = ScanStaticReflectionPredictor(expt, dmin=d_min, padding=padding)
             refl = predictor.for_ub(crystal.get_A())
         if len(refl):
+            scan = expt.scan
+            start, width = scan.get_oscillation(deg=False)
+            end = start + width * scan.get_num_images()
+            s1 = refl["s1"].as_numpy_array()
+            zeta = ref.zeta(s1, expt.beam.get_s0(), expt.goniometer.get_rotation_axis())
+            sigma_deg = params.bragg.mosaicity_deg / np.maximum(np.abs(zeta), 1e-3)
+            sigma = np.deg2rad(sigma_deg)
+            phi_c = refl["xyzcal.mm"].as_numpy_array()[:, 2]
+            inside = ndtr((end - phi_c) / sigma) - ndtr((start - phi_c) / sigma)
+            keep = inside > 1e-9
+            refl = refl.select(flex.bool(keep))
+            phi_c, zeta, sigma_deg, inside = (a[keep] for a in (phi_c, zeta, sigma_deg, inside))
             refl["id"] = flex.int(len(refl), 0)
-            refl["partiality"] = flex.double(len(refl), 1.0)
+            refl["zeta"] = flex.double(zeta)
+            refl["rocking_sigma_deg"] = flex.double(sigma_deg)
+            refl["partiality"] = flex.double(inside)
             refl["photons_full"] = flex.double(len(refl), float(params.bragg.intensity))
+            refl["image"] = flex.int(np.floor((phi_c - start) / width).astype(np.int32))
             tables.append(refl)
     table = flex.reflection_table()
     for t in tables:
         table.extend(t)
     if len(table):
-        xyz = table["xyzcal.px"].as_numpy_array()
-        image = (
-            table["id"].as_numpy_array()
-            if params.mode == "stills"
-            else np.floor(xyz[:, 2]).astype(np.int64)
-        )
-        table["image"] = flex.int(image.astype(np.int32))
+        table["sigma_px"] = flex.double(_spot_sigma_px(params, truth, table))
     return table
+
+
+def _stills_predictions(expt, d_min, max_delpsi):
+    """DIALS' stills predictions of every reflection with |delta psi| <= max_delpsi
+    (rad) that meets the detector. ``for_ub`` keeps only |delta psi| < 0.0015 rad,
+    which would cut the partiality curve of a realistic mosaicity."""
+    from cctbx import crystal as cctbx_crystal
+    from cctbx import miller
+
+    from dials.algorithms.spot_prediction import StillsReflectionPredictor
+    from dials.array_family import flex
+
+    crystal = expt.crystal
+    if d_min is None:
+        d_min = expt.detector.get_max_resolution(expt.beam.get_s0())
+    symmetry = cctbx_crystal.symmetry(
+        crystal.get_unit_cell(), space_group=crystal.get_space_group()
+    )
+    # every index of the sphere but the systematic absences (as DIALS' IndexGenerator)
+    indices = (
+        miller.build_set(symmetry, anomalous_flag=True, d_min=d_min).expand_to_p1().indices()
+    )
+    if len(indices) == 0:
+        return []
+    hkl = np.array(indices, dtype=float).reshape(-1, 3)
+    s0 = np.array(expt.beam.get_s0())
+    r = hkl @ np.reshape(crystal.get_A(), (3, 3)).T
+    rlen = np.sqrt(np.einsum("ij,ij->i", r, r))
+    excitation = np.abs(np.sqrt(np.einsum("ij,ij->i", r + s0, r + s0)) - np.sqrt(s0 @ s0))
+    near = np.flatnonzero(excitation <= 2.0 * max_delpsi * rlen + 1e-9)
+    if near.size == 0:
+        return []
+    refl = StillsReflectionPredictor(expt, dmin=d_min)(
+        indices.select(flex.size_t(near.astype(np.uint64)))
+    )
+    if len(refl) == 0:
+        return refl
+    keep = np.abs(refl["delpsical.rad"].as_numpy_array()) <= max_delpsi
+    return refl.select(flex.bool(keep))
+
+
+def _spot_sigma_px(params, truth, table):
+    """sigma_px, widened by the beam divergence over the sample-spot distance r."""
+    sigma = np.full(len(table), float(params.bragg.sigma_px))
+    divergence = np.deg2rad(params.bragg.divergence_deg)
+    if divergence <= 0:
+        return sigma
+    xyz = table["xyzcal.px"].as_numpy_array()
+    panel = table["panel"].as_numpy_array().astype(int)
+    for p in np.unique(panel):
+        sel = panel == p
+        lab = ref.lab_coordinates(truth.detector[int(p)], xyz[sel, 0], xyz[sel, 1])
+        r = np.sqrt(np.einsum("ij,ij->i", lab, lab))
+        pixel = min(truth.detector[int(p)].get_pixel_size())
+        sigma[sel] = np.hypot(sigma[sel], r * divergence / pixel)
+    return sigma
 
 
 def _choose_bad_pixels(params, truth, rng):
@@ -221,6 +312,9 @@ def _truth_dict(params, beam, detector, Us, scales, fmt):
         "rotation": {
             "start_deg": params.rotation.start,
             "oscillation": params.rotation.oscillation,
+            "first_image": params.rotation.first_image,
+            "array_range": [params.rotation.first_image - 1,
+                            params.rotation.first_image - 1 + params.n_images],
             "phi_subsamples": params.rotation.phi_subsamples,
             "scan_varying": params.rotation.scan_varying,
             "drift_deg": params.rotation.drift_deg,
@@ -252,7 +346,7 @@ def _truth_dict(params, beam, detector, Us, scales, fmt):
             "air": c.air,
             "air_temperature": c.air_temperature,
             "air_pressure": c.air_pressure,
-            "air_mu_per_mm": corr.air_attenuation_coefficient(
+            "air_mu_per_mm": ref.air_mu_per_mm(
                 beam.get_wavelength(), c.air_temperature, c.air_pressure
             ),
         },
@@ -276,6 +370,8 @@ def _truth_dict(params, beam, detector, Us, scales, fmt):
             "intensity": params.bragg.intensity,
             "sigma_px": params.bragg.sigma_px,
             "mosaicity_deg": params.bragg.mosaicity_deg,
+            "divergence_deg": params.bragg.divergence_deg,
+            "rocking_n_sigma": N_SIGMA_ROCKING,
             "d_min": params.bragg.d_min,
             "table": BRAGG_REFL if params.bragg.enabled else None,
             "n_spots_per_image": {},
@@ -318,6 +414,12 @@ def _image_experiments(params, paths, experiments, beam, detector):
         raise RuntimeError("the rotation images did not import as one sequence")
     sequence = read[0].imageset
     expt = experiments[0]
+    read_range = sequence.get_scan().get_image_range()
+    if tuple(read_range) != tuple(expt.scan.get_image_range()):
+        raise RuntimeError(
+            f"dxtbx read the scan as images {read_range}, written as "
+            f"{expt.scan.get_image_range()}"
+        )
     sequence.set_beam(beam)
     sequence.set_detector(detector)
     sequence.set_goniometer(expt.goniometer)
@@ -426,12 +528,11 @@ def _simulate_into(params, output, t0):
         else:
             table = flex.reflection_table()
         truth._bragg = table
+        counts_per_image = np.zeros(n, int)
         if len(table):
-            counts_per_image = np.bincount(
-                np.clip(table["image"].as_numpy_array(), 0, n - 1), minlength=n
-            )
-        else:
-            counts_per_image = np.zeros(n, int)
+            image = table["image"].as_numpy_array()
+            image = image[(image >= 0) & (image < n)]
+            counts_per_image = np.bincount(image, minlength=n)
         data["bragg"]["n_spots_per_image"] = {
             str(i): int(c) for i, c in enumerate(counts_per_image)
         }
@@ -439,13 +540,11 @@ def _simulate_into(params, output, t0):
         paths = []
         for i in range(n):
             rng = np.random.default_rng(noise_seeds[i])
-            mus = truth.expected_counts(i)
             images = []
-            for p, mu in enumerate(mus):
-                if params.noise:
-                    counts = rng.poisson(mu)
-                else:
-                    counts = np.rint(mu)
+            for p, mu in enumerate(truth.expected_photons(i)):
+                # photons are Poisson; the detector reports photons / gain counts
+                photons = rng.poisson(mu) if params.noise else mu
+                counts = np.rint(photons / params.gain)
                 counts = np.clip(counts, 0, np.iinfo(np.int32).max).astype(np.int32)
                 counts[gaps[p]] = -1
                 images.append(counts)
@@ -453,7 +552,8 @@ def _simulate_into(params, output, t0):
                 images[p][s, f] = params.hot_pixels.value
             for p, s, f in dead:
                 images[p][s, f] = 0
-            name = "%s_%05d.cbf" % (params.output.prefix, i + 1)
+            number = i + (params.rotation.first_image if params.mode == "rotation" else 1)
+            name = "%s_%05d.cbf" % (params.output.prefix, number)
             path = tmpdir / name
             if params.detector.type == "single":
                 pilatus = "PILATUS" in fmt

@@ -16,10 +16,8 @@ from typing import List
 
 import numpy as np
 from scipy.special import ndtr
-from scitbx import matrix
 
-from dials_diffuse import corrections as corr
-from dials_diffuse import geometry as geo
+from dials_diffuse.simulate import reference_physics as ref
 from dials_diffuse.simulate.diffuse_model import DiffuseModel, DiffuseParameters
 
 TRUTH_JSON = "truth.json"
@@ -91,9 +89,14 @@ class Truth:
         """D(h, k, l) at fractional Miller indices, (n, 3) -> (n,)."""
         return self.model.diffuse(hkl)
 
-    def diffuse_voxel_average(self, hkl_centres, ndiv, n_sub: int = 5) -> np.ndarray:
-        """D averaged over voxels of size 1/ndiv per axis (n_sub^3 sub-samples)."""
-        return self.model.voxel_average(hkl_centres, ndiv, n_sub=n_sub)
+    def diffuse_voxel_average(
+        self, hkl_centres, ndiv, n_sub: int = 5, extrapolate: bool = True
+    ) -> np.ndarray:
+        """D averaged over voxels of size 1/ndiv per axis: n_sub^3 midpoint rule,
+        Richardson-extrapolated with the (n_sub - 2)^3 rule (see DiffuseModel)."""
+        return self.model.voxel_average(
+            hkl_centres, ndiv, n_sub=n_sub, extrapolate=extrapolate
+        )
 
     # -- per-image geometry ------------------------------------------------------
     def experiment_and_index(self, i: int):
@@ -102,64 +105,81 @@ class Truth:
             return self.experiments[i], 0
         return self.experiments[0], i
 
+    @property
+    def first_frame(self) -> int:
+        """Absolute array index of image 0 (scan.get_array_range()[0]; 0 for stills)."""
+        if self.is_stills:
+            return 0
+        return int(self.experiments[0].scan.get_array_range()[0])
+
+    def frame(self, i: int) -> int:
+        """Absolute array index (DIALS frame number, 0-based) of image i."""
+        return self.first_frame + i
+
+    def _rotation_image(self, i: int) -> ref.RotationImage:
+        return ref.rotation_image(self.experiments[0], self.frame(i))
+
+    def _phi_offsets(self) -> np.ndarray:
+        """Angles (rad) about the image centre at which D is averaged."""
+        n = int(self.data.get("rotation", {}).get("phi_subsamples", 1) or 1)
+        if self.is_stills or n <= 1:
+            return np.zeros(1)
+        width = self.experiments[0].scan.get_oscillation(deg=False)[1]
+        return ((np.arange(n) + 0.5) / n - 0.5) * width
+
     def setting_matrix(self, i: int) -> np.ndarray:
         """M with q = M hkl at the centre of image i (0-based)."""
-        expt, index = self.experiment_and_index(i)
-        return geo.setting_matrix(expt, None if self.is_stills else index)
+        if self.is_stills:
+            return np.array(self.experiments[i].crystal.get_A(), dtype=float).reshape(3, 3)
+        return self._rotation_image(i).setting_matrix()
 
     def setting_matrices(self, i: int) -> List[np.ndarray]:
         """The matrices whose D is averaged for image i (rotation.phi_subsamples)."""
-        centre = self.setting_matrix(i)
-        n = int(self.data.get("rotation", {}).get("phi_subsamples", 1) or 1)
-        if self.is_stills or n <= 1:
-            return [centre]
-        expt, _ = self.experiment_and_index(i)
-        gonio = expt.goniometer
-        osc = expt.scan.get_oscillation(deg=False)[1]
-        axis = matrix.col(gonio.get_rotation_axis_datum())
-        S = matrix.sqr(gonio.get_setting_rotation())
-        out = []
-        for k in range(n):
-            delta = ((k + 0.5) / n - 0.5) * osc
-            R = axis.axis_and_angle_as_r3_rotation_matrix(delta, deg=False)
-            T = np.array(S * R * S.inverse()).reshape(3, 3)
-            out.append(T @ centre)
-        return out
+        if self.is_stills:
+            return [self.setting_matrix(i)]
+        rot = self._rotation_image(i)
+        return [rot.setting_matrix(d) for d in self._phi_offsets()]
 
     @functools.cached_property
-    def geometry(self) -> List[geo.PanelGeometry]:
-        return geo.detector_geometry(self.detector)
+    def geometry(self) -> List[ref.ReferencePanel]:
+        """Pixel-centre lab positions of every panel (dxtbx px -> mm -> lab)."""
+        return ref.reference_panels(self.detector)
 
     @functools.cached_property
     def q_lab(self) -> List[np.ndarray]:
         s0 = self.beam.get_s0()
-        return [geo.scattering_vectors(g.unit_s1, s0) for g in self.geometry]
+        return [ref.q_vectors(g.unit_s1, s0) for g in self.geometry]
 
     def _shape(self, panel_id):
         return self.geometry[panel_id].image_shape
 
+    def _hkl_flat(self, i: int, dphi: float = 0.0) -> List[np.ndarray]:
+        if self.is_stills:
+            A = self.experiments[i].crystal.get_A()
+            return [ref.stills_hkl(q, A) for q in self.q_lab]
+        rot = self._rotation_image(i)
+        return [rot.hkl(q, dphi) for q in self.q_lab]
+
     def hkl(self, i: int) -> List[np.ndarray]:
         """Per panel (n_slow, n_fast, 3) fractional hkl at the centre of image i."""
-        M = self.setting_matrix(i)
         return [
-            geo.miller_indices(q, M).reshape(self._shape(p) + (3,))
-            for p, q in enumerate(self.q_lab)
+            h.reshape(self._shape(p) + (3,)) for p, h in enumerate(self._hkl_flat(i))
         ]
 
     # -- detector response -------------------------------------------------------
     @functools.cached_property
-    def corrections(self) -> List[corr.CorrectionFactors]:
+    def corrections(self) -> List[ref.Factors]:
         """The factors that were applied (switched-off ones are 1), flat per panel."""
         c = self.data["corrections"]
         return [
-            corr.correction_factors(
-                g,
+            ref.panel_factors(
                 self.beam,
-                self.detector[g.panel_id],
-                polarization=c["polarization"],
+                self.detector,
+                g,
+                polarization_on=c["polarization"],
                 solid_angle_on=c["solid_angle"],
-                efficiency=c["efficiency"],
-                air=c["air"],
+                efficiency_on=c["efficiency"],
+                air_on=c["air"],
                 air_temperature_k=c["air_temperature"],
                 air_pressure_atm=c["air_pressure"],
             )
@@ -236,15 +256,15 @@ class Truth:
     def expected_diffuse_photons(self, i: int) -> List[np.ndarray]:
         """scale_i * D * P * Omega * eta * T_air * exposure * flux, per panel."""
         factor = self.scales[i] * self.exposure_time * self.flux
-        matrices = self.setting_matrices(i)
-        out = []
-        for p, (q, c) in enumerate(zip(self.q_lab, self.corrections)):
-            d = np.zeros(len(q))
-            for M in matrices:
-                d += self.diffuse(geo.miller_indices(q, M))
-            d /= len(matrices)
-            out.append((factor * d * c.total).reshape(self._shape(p)))
-        return out
+        offsets = self._phi_offsets()
+        d = [np.zeros(len(q)) for q in self.q_lab]
+        for dphi in offsets:
+            for p, h in enumerate(self._hkl_flat(i, dphi)):
+                d[p] += self.diffuse(h)
+        return [
+            (factor * dp / len(offsets) * c.total).reshape(self._shape(p))
+            for p, (dp, c) in enumerate(zip(d, self.corrections))
+        ]
 
     @property
     def bragg(self):
@@ -257,61 +277,71 @@ class Truth:
                 self._bragg = flex.reflection_table.from_file(str(path))
         return self._bragg
 
-    def bragg_spots(self, i: int):
-        """(panel, x_px, y_px, counts) of the Bragg spots recorded on image i."""
+    def _bragg_spots(self, i: int):
+        """(panel, x_px, y_px, counts, sigma_px) of the spots recorded on image i."""
         table = self.bragg
-        empty = (np.zeros(0, int), np.zeros(0), np.zeros(0), np.zeros(0))
         if table is None or len(table) == 0:
-            return empty
+            return (np.zeros(0, int),) + (np.zeros(0),) * 4
         xyz = table["xyzcal.px"].as_numpy_array()
         panel = table["panel"].as_numpy_array().astype(int)
         photons = table["photons_full"].as_numpy_array()
+        if "sigma_px" in table:
+            sigma_px = table["sigma_px"].as_numpy_array()
+        else:
+            sigma_px = np.full(len(table), float(self.data["bragg"]["sigma_px"]))
         if self.is_stills:
             sel = table["id"].as_numpy_array() == i
             frac = np.ones(int(sel.sum()))
         else:
-            sigma = float(self.data["bragg"]["mosaicity_deg"]) / float(
-                self.data["rotation"]["oscillation"]
-            )
-            z = xyz[:, 2]
-            sel = np.abs(z - (i + 0.5)) < 6 * sigma + 1
-            zs = z[sel]
-            frac = ndtr((i + 1 - zs) / sigma) - ndtr((i - zs) / sigma)
+            frac_all = rocking_fractions(self, table, i)
+            sel = frac_all > 0
+            frac = frac_all[sel]
         return (
             panel[sel],
             xyz[sel, 0],
             xyz[sel, 1],
             photons[sel] * frac * self.scales[i] / self.gain,
+            sigma_px[sel],
         )
+
+    def bragg_spots(self, i: int):
+        """(panel, x_px, y_px, counts) of the Bragg spots recorded on image i.
+
+        Rotation images: each spot's fraction of its rocking curve that falls in the
+        image's phi range (Gaussian of sigma bragg.rocking_sigma_deg = mosaicity/|zeta|).
+        """
+        return self._bragg_spots(i)[:4]
 
     def expected_bragg_counts(self, i: int) -> List[np.ndarray]:
         """Bragg counts expected on image i (before the beamstop shadow)."""
         out = [np.zeros(self._shape(p)) for p in range(len(self.detector))]
-        panel, x, y, counts = self.bragg_spots(i)
-        sigma = float(self.data["bragg"]["sigma_px"])
+        panel, x, y, counts, sigma = self._bragg_spots(i)
         render_gaussians(out, panel, x, y, counts, sigma)
         return out
 
-    def expected_counts(self, i: int) -> List[np.ndarray]:
-        """Mean of the Poisson draw of every pixel of image i, in counts.
+    def expected_photons(self, i: int) -> List[np.ndarray]:
+        """Mean detected photons of every pixel of image i (Poisson mean of the draw).
 
-        (diffuse + background [+ Bragg]) photons, times the beamstop transmission
-        in the shadow, divided by the gain. Gap, hot and dead pixels are overwritten
-        in the written images (-1, hot value, 0) and not reflected here.
+        diffuse + background + Bragg photons, times the beamstop transmission in the
+        shadow. Gap, hot and dead pixels are overwritten in the written images (-1,
+        hot value, 0) and not reflected here.
         """
         transmission = float(self.beamstop["transmission"])
         out = []
-        bragg = self.expected_bragg_counts(i)
         for diffuse, bg, shadow, b in zip(
             self.expected_diffuse_photons(i),
             self._background,
             self._shadow,
-            bragg,
+            self.expected_bragg_counts(i),
         ):
-            mu = (diffuse + bg) / self.gain + b
+            mu = diffuse + bg + b * self.gain
             mu[shadow] *= transmission
             out.append(mu)
         return out
+
+    def expected_counts(self, i: int) -> List[np.ndarray]:
+        """Mean counts of every pixel of image i: expected_photons(i) / gain."""
+        return [mu / self.gain for mu in self.expected_photons(i)]
 
     def raw_data(self, i: int):
         """The written image i through dxtbx: tuple of (n_slow, n_fast) int arrays."""
@@ -319,11 +349,34 @@ class Truth:
         return tuple(d.as_numpy_array() for d in expt.imageset.get_raw_data(index))
 
 
+def rocking_fractions(truth, table, i: int, n_sigma: float = 6.0) -> np.ndarray:
+    """Fraction of every spot's rocking curve recorded on rotation image i.
+
+    Phi((phi_end - phi_c) / sigma) - Phi((phi_start - phi_c) / sigma) in angle,
+    phi_c = xyzcal.mm z, sigma = rocking_sigma_deg; 0 beyond n_sigma.
+    """
+    start, width = truth.experiments[0].scan.get_oscillation(deg=False)
+    begin = start + i * width
+    end = begin + width
+    phi_c = table["xyzcal.mm"].as_numpy_array()[:, 2]
+    sigma = np.deg2rad(table["rocking_sigma_deg"].as_numpy_array())
+    near = (phi_c + n_sigma * sigma > begin) & (phi_c - n_sigma * sigma < end)
+    frac = np.zeros(len(phi_c))
+    frac[near] = ndtr((end - phi_c[near]) / sigma[near]) - ndtr(
+        (begin - phi_c[near]) / sigma[near]
+    )
+    return frac
+
+
 def render_gaussians(images, panel, x, y, total, sigma, n_sigma=4.0):
-    """Add pixel-integrated 2-D Gaussians (centre x, y in pixels) to per-panel images."""
+    """Add pixel-integrated 2-D Gaussians (centre x, y in pixels) to per-panel images.
+
+    ``sigma`` (pixels) is a number or one value per spot.
+    """
     if len(panel) == 0:
         return
-    half = int(np.ceil(n_sigma * sigma)) + 1
+    sigma = np.broadcast_to(np.asarray(sigma, dtype=float), np.shape(x))[:, None]
+    half = int(np.ceil(n_sigma * sigma.max())) + 1
     offsets = np.arange(-half, half + 1)
     ix = np.floor(x).astype(int)[:, None] + offsets[None, :]  # (n, w)
     iy = np.floor(y).astype(int)[:, None] + offsets[None, :]
