@@ -19,6 +19,8 @@ Examples::
 
   dials.diffuse_extract refined.expt imported.expt grid.ndiv_h=5 grid.ndiv_k=5 grid.ndiv_l=5
 
+  dials.diffuse_extract refined.expt imported.expt refined.refl
+
   dials.diffuse_extract refined.expt strong.refl masking.bragg.method=spots
 
   dials.diffuse_extract refined.expt masking.beamstop.type=circle \\
@@ -70,9 +72,11 @@ corrections
   air_pressure = 1.0
     .type = float
     .help = "Air pressure (atm)."
-  gain = 1.0
+  gain = None
     .type = float
-    .help = "Photons per detector count: counts are multiplied by the gain."
+    .help = "Photons per detector count: counts x gain = photons, whose "
+            "Poisson variance is gain x counts. Default: 1 / the panel's gain "
+            "(dxtbx's Panel.get_gain() is counts per photon)."
   exposure_time = None
     .type = float
     .help = "Exposure time (s); default: the scan's, else 1."
@@ -141,11 +145,17 @@ masking
   }
   bragg
   {
-    method = *predicted spots none
-      .type = choice
-      .help = "predicted: discs around every reflection predicted from the "
-              "crystal model (weak unfound peaks too); spots: shoebox pixels of "
-              "a strong/indexed reflection table (the guide's option B)."
+    method = *predicted *spots
+      .type = choice(multi=True)
+      .help = "predicted: every reflection predicted from the crystal model "
+              "(weak unfound peaks too): on rotation images over the frames its "
+              "rocking curve reaches (n_sigma sigma_m / |zeta|) and the detector "
+              "box of n_sigma sigma_b, on stills discs of spot_radius; spots: "
+              "shoebox pixels of a strong/indexed reflection table on their "
+              "absolute frames (the guide's option B; also catches spots the "
+              "model misplaces or that do not index). The default, "
+              "predicted+spots, masks both (spots only when a reflection table "
+              "is given); method=None masks neither."
     d_min = None
       .type = float(value_min=0)
       .help = "Predict reflections to this resolution (default: detector corner)."
@@ -165,6 +175,21 @@ masking
     use_centroids = False
       .type = bool
       .help = "With method=spots: discs around spot centroids instead of shoeboxes."
+    mosaicity_deg = None
+      .type = float(value_min=0)
+      .help = "Rotation data: sigma_m of DIALS' Gaussian profile model (deg). "
+              "Default: the experiment's profile model (integrated.expt), else "
+              "estimated from the indexed spots of the reflection table given "
+              "(indexed.refl, refined.refl) as dials.integrate does, else 0.2."
+    beam_divergence_deg = None
+      .type = float(value_min=0)
+      .help = "Rotation data: sigma_b of DIALS' profile model (deg), the spot's "
+              "angular size on the detector. Default as mosaicity_deg, else 0.1."
+    n_sigma = 3.0
+      .type = float(value_min=0)
+      .help = "Rotation data: mask n_sigma sigma_m / |zeta| either side of each "
+              "reflection's rotation angle and n_sigma sigma_b round its "
+              "diffracted beam (DIALS' integration default is 3)."
   }
 }
 """

@@ -146,9 +146,15 @@ def parse_command_line(parser, args, phil_scope, logger):
     from dials.util.version import dials_version
 
     args, ignored_presets = split_preset_files(args, phil_scope)
-    params, options, unhandled = parser.parse_args(
-        args=args, show_diff_phil=False, return_unhandled=True
-    )
+    try:
+        params, options, unhandled = parser.parse_args(
+            args=args, show_diff_phil=False, return_unhandled=True
+        )
+    except RuntimeError as e:
+        # PHIL's value checks (value_min, value_max) raise a RuntimeError
+        # that DIALS' parser passes on: a bad value, not a program error
+        message = str(e).split(": ", 1)[-1] if "Please report this error" in str(e) else str(e)
+        raise Sorry(message)
     dials.util.log.config(verbosity=options.verbose, logfile=params.output.log)
     for item in ignored_presets:
         logger.debug("Preset parameter not used by this command: %s", item)

@@ -13,7 +13,8 @@ Each ``image_<still_id>.npz`` holds
   ``q_vectors`` (n, 3), ``intensities``, ``sigmas``, ``hkl`` (n, 3),
   ``original_panel_ids``, ``original_fast_coords``, ``original_slow_coords``;
 * ``sample_*``: a few hundred pixels with raw counts and every correction factor;
-* ``metadata_json``: still_id, experiment_id, image path and index, wavelength,
+* ``metadata_json``: still_id, experiment_id, image path and index (place in
+  the image set), frame (rotation: absolute array index), wavelength,
   ndiv, corrections applied, pixel counts at each masking stage.
 """
 
@@ -28,6 +29,7 @@ import numpy as np
 from dials.util import Sorry
 
 from dials_diffuse import io
+from dials_diffuse.geometry import absolute_frame
 
 MANIFEST_NAME = "extraction_manifest.json"
 VOXEL_KEYS = (
@@ -102,6 +104,17 @@ def _check_lengths(path, arrays, group):
     for k in ("voxel_indices", "voxel_mean_hkl", "q_vectors", "hkl"):
         if k in arrays and (arrays[k].ndim != 2 or arrays[k].shape[1] != 3):
             raise Sorry(f"{path}: {k} has shape {arrays[k].shape}, expected (n, 3)")
+
+
+def image_frame(metadata: dict, experiment):
+    """The absolute frame (array index) of a rotation image's extraction
+    metadata, None for a still. Files written before the metadata carried
+    ``frame`` hold the image's place in the scan as ``image_index``."""
+    if metadata.get("is_still", True) or experiment.scan is None:
+        return None
+    if metadata.get("frame") is not None:
+        return int(metadata["frame"])
+    return absolute_frame(experiment.scan, int(metadata["image_index"]))
 
 
 def read_manifest(directory):

@@ -1,9 +1,9 @@
 """Per-image extraction of corrected diffuse intensities, binned on the voxel grid.
 
 For every kept pixel p of an image:
-    signal s_p = counts * gain - background
+    signal s_p = counts * gain - background   (gain: photons per count)
     factor F_p = P * Omega * eta * T_air * exposure_time
-    I_p = s_p / F_p,  var(s_p) = gain^2 * counts   (Poisson on the raw counts)
+    I_p = s_p / F_p,  var(s_p) = gain * counts   (Poisson on the photons)
 and per voxel v of the image the sums S = sum s_p, W = sum F_p, V = sum var(s_p)
 are stored, so that I_v = S / W and var(I_v) = V / W^2. Merging works with the
 sums (a Poisson ratio estimator), so zero-count pixels never make a weight
@@ -29,7 +29,7 @@ from dxtbx import flumpy
 from dials.util import Sorry
 
 from dials_diffuse.command_util import ensure_output_directory, resolve_nproc
-from dials_diffuse import corrections, geometry, grid, io, masks
+from dials_diffuse import bragg, corrections, geometry, grid, io, masks
 from dials_diffuse.diffuse_files import (
     MANIFEST_NAME,
     image_file_name,
@@ -52,8 +52,10 @@ class ImageTask:
     experiment: object
     imageset: object
     index_in_imageset: int  # index for imageset.get_raw_data
-    scan_image_index: Optional[int]  # 0-based index in the scan (rotation), else None
+    frame: Optional[int]  # rotation: absolute array index (geometry.absolute_frame), else None
     image_path: str
+    # rotation: the profile widths of the Bragg mask (bragg.profile_widths)
+    bragg_widths: Optional[bragg.ProfileWidths] = None
 
 
 @dataclasses.dataclass
@@ -155,7 +157,8 @@ def plan_tasks(models, images=None) -> (List[ImageTask], List[dict]):
             first, last = expt.scan.get_array_range()
             for k in range(last - first):
                 path = imageset.get_path(k)
-                task = ImageTask(running, expt_id, expt, imageset, k, k, path)
+                task = ImageTask(running, expt_id, expt, imageset, k,
+                                 geometry.absolute_frame(expt.scan, k), path)
                 by_path[(os.path.realpath(path), _frame(imageset, k))] = task
                 tasks.append(task)
                 running += 1
@@ -189,8 +192,12 @@ def plan_tasks(models, images=None) -> (List[ImageTask], List[dict]):
 
 
 def _frame(imageset, k):
-    """Frame of a multi-image file (0 for one image per file)."""
+    """Frame of image k within its file: its index in a multi-image file
+    (HDF5), 0 for one image per file, so that the same file matches however
+    the images were imported (a subset, image_range=)."""
     try:
+        if not imageset.reader().is_single_file_reader():
+            return 0
         return imageset.indices()[k]
     except Exception:
         return k
@@ -298,7 +305,7 @@ def check_params(params):
     ):
         raise Sorry("filter.min_intensity must be smaller than filter.max_intensity")
     c = params.corrections
-    if c.gain is None or not c.gain > 0:
+    if c.gain is not None and not c.gain > 0:
         raise Sorry(f"corrections.gain={c.gain}: must be positive")
     if c.exposure_time is not None and not c.exposure_time > 0:
         raise Sorry(f"corrections.exposure_time={c.exposure_time}: must be positive")
@@ -319,7 +326,7 @@ def exposure_time(task: ImageTask, params) -> float:
     if params.corrections.exposure_time is not None:
         return params.corrections.exposure_time
     scan = task.experiment.scan
-    k = task.scan_image_index or 0
+    k = task.index_in_imageset if task.frame is not None else 0
     if scan is None:
         # stills lose their one-image scan on import: ask the image header
         scan = _header_scan(task.imageset, task.index_in_imageset)
@@ -383,27 +390,12 @@ def extract_image(task, context: DetectorContext, params, ndiv, background=None,
     detector = task.experiment.detector
     trusted = masks.trusted_range_mask(detector, raw) if params.output.masks else None
     shapes = [a.shape for a in raw]
-    bragg_params = params.masking.bragg
-    if bragg_params.method == "predicted":
-        d_min = bragg_params.d_min or _detector_d_min(task.experiment)
-        bragg = masks.bragg_mask_predicted(
-            task.experiment, shapes, d_min, bragg_params.spot_radius,
-            bragg_params.border, max_delpsi_deg(task.experiment.crystal, bragg_params, d_min),
-            image_index=task.scan_image_index, cache=context.predictions,
-        )
-    elif bragg_params.method == "spots":
-        bragg = masks.bragg_mask_from_shoeboxes(
-            _reflections_for(reflections, task), shapes,
-            task.scan_image_index or 0, bragg_params.border,
-            use_centroids=bragg_params.use_centroids,
-            centroid_radius=bragg_params.spot_radius,
-        )
-    else:
-        bragg = [np.ones(s, bool) for s in shapes]
+    bragg_mask = image_bragg_mask(task, params, shapes, context.predictions,
+                                  _reflections_for(reflections, task))
 
-    gain = params.corrections.gain
+    gains = panel_gains(detector, params)
     t_exp = exposure if exposure is not None else exposure_time(task, params)
-    setting = geometry.setting_matrix(task.experiment, task.scan_image_index)
+    setting = geometry.setting_matrix(task.experiment, task.frame)
     setting_inv = np.linalg.inv(setting)
     lower, extent = grid.key_box(setting_inv, ndiv, context.q_max)
     f = params.filter
@@ -418,8 +410,9 @@ def extract_image(task, context: DetectorContext, params, ndiv, background=None,
     for pp, (usable, n_usable) in zip(context.panels, context.usable(dynamic_mask)):
         pid = pp.panel_id
         panel_counts = pp.raster(raw[pid])
-        panel_bragg = pp.raster(bragg[pid])
+        panel_bragg = pp.raster(bragg_mask[pid])
         panel_bg = None if background is None else pp.raster(background[pid])
+        gain = gains[pid]
         stages["total"] += pp.n_total
         stages["static"] += pp.n_static
         stages["resolution"] += pp.n_selected
@@ -444,7 +437,7 @@ def extract_image(task, context: DetectorContext, params, ndiv, background=None,
                 if f.max_intensity is not None:
                     keep &= intensity <= f.max_intensity
             stages["intensity"] += int(np.count_nonzero(keep))
-            layout, voxels = _block_runs(pp, block, counts, bg, keep, key_maker)
+            layout, voxels = _block_runs(pp, block, counts, bg, keep, key_maker, gain)
             pieces.append(layout)
             block_voxels.append(voxels)
         runs.append({k: np.concatenate([r[k] for r in pieces]) for k in pieces[0]})
@@ -463,17 +456,18 @@ def extract_image(task, context: DetectorContext, params, ndiv, background=None,
     arrays = {
         "voxel_indices": vox,
         # float32 keeps 7 digits of a per-image sum; merging accumulates in float64
-        "voxel_sum_signal": (gain * sums["counts"] - bg_sum).astype(np.float32),
+        "voxel_sum_signal": (sums["photons"] - bg_sum).astype(np.float32),
         "voxel_sum_factor": (sums["factor"] * t_exp).astype(np.float32),
-        "voxel_sum_variance": (gain * gain * sums["counts"]).astype(np.float32),
+        # photons are Poisson: var(gain * counts) = gain * counts
+        "voxel_sum_variance": sums["photons"].astype(np.float32),
         "voxel_n_pixels": n_pix.astype(np.int32),
         "voxel_mean_qmag": np.linalg.norm(mean_q, axis=1).astype(np.float32),
         "voxel_mean_hkl": (mean_q @ setting_inv.T).astype(np.float32),
     }
     if params.output.save_pixels:
         arrays.update(_pixel_arrays(context, runs, raw, background, bg_constant,
-                                    setting_inv, t_exp, gain))
-    arrays.update(_correction_sample(context, runs, raw, background, bg_constant, t_exp, gain))
+                                    setting_inv, t_exp, gains))
+    arrays.update(_correction_sample(context, runs, raw, background, bg_constant, t_exp, gains))
     image_masks = None
     if params.output.masks:
         pixel = [
@@ -482,8 +476,8 @@ def extract_image(task, context: DetectorContext, params, ndiv, background=None,
         ]
         image_masks = {
             "pixel": pixel,
-            "bragg": bragg,
-            "total": [p & b for p, b in zip(pixel, bragg)],
+            "bragg": bragg_mask,
+            "total": [p & b for p, b in zip(pixel, bragg_mask)],
         }
     return ImageResult(arrays=arrays, stages=stages, masks=image_masks)
 
@@ -515,12 +509,13 @@ class VoxelKeys:
         return keys
 
 
-def _block_runs(pp: PanelPixels, block: slice, counts, background, keep, key_maker):
+def _block_runs(pp: PanelPixels, block: slice, counts, background, keep, key_maker, gain):
     """Runs of equal voxel keys among the kept pixels of a block of a panel's
     raster, and the block's voxel sums.
 
     Returns ({first raster index, length} of each run, (voxel keys, pixel
-    counts, dict of sums of counts, factor, q and background)); no per-pixel
+    counts, dict of sums of photons (gain x counts), factor, q and
+    background)); no per-pixel
     array is gathered.
     """
     keys = key_maker(pp.q_t[:, block])
@@ -537,7 +532,8 @@ def _block_runs(pp: PanelPixels, block: slice, counts, background, keep, key_mak
     # per-run sums of the image columns as differences of running sums
     # (2.5x faster than np.add.reduceat over all runs)
     count_type = np.int64 if np.issubdtype(counts.dtype, np.integer) else np.float64
-    sums = {"counts": _run_sums(counts, start, end, count_type)}
+    # integer counts are summed exactly, then made photons
+    sums = {"photons": _run_sums(counts, start, end, count_type) * float(gain)}
     if background is not None:
         sums["background"] = _run_sums(background, start, end, np.float64)
     start += block.start
@@ -568,9 +564,9 @@ def _kept_pixels(runs):
     return out
 
 
-def _pixel_arrays(context, runs, raw, background, bg_constant, setting_inv, t_exp, gain):
+def _pixel_arrays(context, runs, raw, background, bg_constant, setting_inv, t_exp, gains):
     """The per-pixel arrays of the guide (output.save_pixels)."""
-    pieces = {k: [] for k in ("q", "counts", "bg", "factor", "panel", "slow", "fast")}
+    pieces = {k: [] for k in ("q", "counts", "bg", "factor", "panel", "slow", "fast", "gain")}
     for pp, index in zip(context.panels, _kept_pixels(runs)):
         pieces["q"].append(pp.q_t[:, index].T)
         pieces["counts"].append(pp.raster(raw[pp.panel_id])[index])
@@ -580,17 +576,19 @@ def _pixel_arrays(context, runs, raw, background, bg_constant, setting_inv, t_ex
         )
         pieces["factor"].append(pp.factor[index])
         pieces["panel"].append(np.full(index.size, pp.panel_id, np.int16))
+        pieces["gain"].append(np.full(index.size, gains[pp.panel_id]))
         slow, fast = pp.slow_fast(index)
         pieces["slow"].append(slow)
         pieces["fast"].append(fast)
     cat = {k: np.concatenate(v) for k, v in pieces.items()}
-    signal = cat["counts"] * gain - cat["bg"]
+    photons = cat["counts"] * cat["gain"]
+    signal = photons - cat["bg"]
     factor = cat["factor"] * np.float64(t_exp)
     q = np.ascontiguousarray(cat["q"])
     return {
         "q_vectors": q,
         "intensities": (signal / factor).astype(np.float32),
-        "sigmas": (gain * np.sqrt(cat["counts"]) / factor).astype(np.float32),
+        "sigmas": (np.sqrt(photons) / factor).astype(np.float32),
         "original_panel_ids": cat["panel"],
         "original_fast_coords": cat["fast"],
         "original_slow_coords": cat["slow"],
@@ -598,7 +596,7 @@ def _pixel_arrays(context, runs, raw, background, bg_constant, setting_inv, t_ex
     }
 
 
-def _correction_sample(context, runs, raw, background, bg_constant, t_exp, gain):
+def _correction_sample(context, runs, raw, background, bg_constant, t_exp, gains):
     """A deterministic sample of kept pixels (evenly spaced in raster order over
     all panels) with every correction factor, for the diagnostics' correction
     summary."""
@@ -606,7 +604,7 @@ def _correction_sample(context, runs, raw, background, bg_constant, t_exp, gain)
     n = int(n_kept.sum())
     pick = np.unique(np.linspace(0, n - 1, min(CORRECTION_SAMPLE_SIZE, n)).astype(np.int64))
     panel_first = np.cumsum(n_kept) - n_kept
-    keys = ("panel", "slow", "fast", "counts", "background", "factor", "q",
+    keys = ("panel", "slow", "fast", "counts", "background", "factor", "q", "gain",
             "polarization", "solid_angle", "efficiency", "air")
     cols = {k: [] for k in keys}
     for k, (pp, r) in enumerate(zip(context.panels, runs)):
@@ -616,6 +614,7 @@ def _correction_sample(context, runs, raw, background, bg_constant, t_exp, gain)
         index = r["start"][which] + (mine - run_first[which])
         slow, fast = pp.slow_fast(index)
         cols["panel"].append(np.full(index.size, pp.panel_id, np.int16))
+        cols["gain"].append(np.full(index.size, gains[pp.panel_id]))
         cols["slow"].append(slow)
         cols["fast"].append(fast)
         cols["counts"].append(raw[pp.panel_id][slow, fast])
@@ -634,14 +633,87 @@ def _correction_sample(context, runs, raw, background, bg_constant, t_exp, gain)
         "sample_slow": c["slow"],
         "sample_raw_counts": c["counts"],
         "sample_background": c["background"],
-        "sample_gain": np.full(pick.size, gain),
+        "sample_gain": c["gain"],
         "sample_exposure_time": np.full(pick.size, t_exp),
-        "sample_intensity": (c["counts"] * gain - c["background"]) / c["factor"],
-        "sample_sigma": gain * np.sqrt(c["counts"]) / c["factor"],
+        "sample_intensity": (c["counts"] * c["gain"] - c["background"]) / c["factor"],
+        "sample_sigma": np.sqrt(c["counts"] * c["gain"]) / c["factor"],
         "sample_q": c["q"],
     }
     sample.update({f"sample_{k}": c[k] for k in ("polarization", "solid_angle", "efficiency", "air")})
     return sample
+
+
+def panel_gains(detector, params) -> List[float]:
+    """Photons per count of each panel: corrections.gain, else the inverse of
+    dxtbx's Panel.get_gain() (counts per photon)."""
+    if params.corrections.gain is not None:
+        return [float(params.corrections.gain)] * len(detector)
+    gains = []
+    for i, panel in enumerate(detector):
+        counts_per_photon = panel.get_gain()
+        if not counts_per_photon > 0:
+            raise Sorry(f"detector panel {i} has gain {counts_per_photon}: set corrections.gain")
+        gains.append(1.0 / counts_per_photon)
+    return gains
+
+
+def _gain_metadata(gains):
+    return gains[0] if len(set(gains)) == 1 else gains
+
+
+def image_bragg_mask(task, params, shapes, prediction_cache, reflections=None):
+    """The Bragg mask of one image (True = no Bragg peak): the predicted
+    and/or found-spot masks of masking.bragg.method, combined."""
+    bragg_params = params.masking.bragg
+    methods = bragg_methods(bragg_params)
+    predicted = spots = None
+    if "predicted" in methods:
+        if task.frame is None:
+            d_min = bragg_params.d_min or _detector_d_min(task.experiment)
+            predicted = bragg.stills_bragg_mask(
+                task.experiment, shapes, d_min, bragg_params.spot_radius, bragg_params.border,
+                max_delpsi_deg(task.experiment.crystal, bragg_params, d_min),
+            )
+        else:
+            predicted = bragg.rotation_bragg_mask(
+                scan_predictions(task, params, prediction_cache), shapes, task.frame,
+                bragg_params.border,
+            )
+    if "spots" in methods and reflections is not None:
+        spots = bragg.shoebox_mask(
+            reflections, shapes, task.frame if task.frame is not None else 0,
+            bragg_params.border, use_centroids=bragg_params.use_centroids,
+            centroid_radius=bragg_params.spot_radius,
+        )
+    combined = bragg.combine(predicted, spots)
+    return combined if combined is not None else [np.ones(s, bool) for s in shapes]
+
+
+def bragg_methods(bragg_params) -> set:
+    """masking.bragg.method as a set ({"predicted"}, {"predicted", "spots"}, ...);
+    a plain string (scripts) and "none" are accepted too."""
+    method = bragg_params.method
+    if method is None:
+        return set()
+    if isinstance(method, str):
+        method = method.replace("+", " ").split()
+    return {m for m in method if m and m != "none"}
+
+
+def scan_predictions(task, params, cache):
+    """The Bragg predictions of a rotation task's scan, made once per process
+    and experiment (forked workers inherit them)."""
+    bragg_params = params.masking.bragg
+    widths = task.bragg_widths
+    if widths is None:  # called without extract(): no spots to estimate from
+        widths = bragg.profile_widths([task.experiment], None, bragg_params)[0]
+    d_min = bragg_params.d_min or _detector_d_min(task.experiment)
+    key = (id(task.experiment), d_min, widths.sigma_b_deg, widths.sigma_m_deg,
+           bragg_params.n_sigma)
+    if key not in cache:
+        cache[key] = bragg.scan_bragg_predictions(task.experiment, d_min, widths,
+                                                  bragg_params.n_sigma)
+    return cache[key]
 
 
 def max_delpsi_deg(crystal, bragg_params, d_min):
@@ -674,8 +746,14 @@ def _reflections_for(reflections, task):
     return reflections.select(flumpy.from_numpy(ids == task.experiment_id))
 
 
-def extract(models, params, images=None, reflections=None, progress=True):
+def extract(models, params, images=None, reflections=None, progress=True,
+            profile_reflections=None):
     """Extract every image; write per-image files and the manifest.
+
+    ``reflections``: a strong or indexed reflection table (the spots part of
+    the Bragg mask, and the profile widths of rotation Bragg masks when it is
+    indexed); ``profile_reflections``: indexed spots for the profile widths
+    when ``reflections`` are unindexed strong spots.
 
     Returns the manifest (a dict, also written as ``extraction_manifest.json``).
     """
@@ -687,8 +765,17 @@ def extract(models, params, images=None, reflections=None, progress=True):
     _GEOMETRIES.clear()
     if not tasks:
         raise Sorry("no images to extract: no experiment with a crystal covers any image")
-    if params.masking.bragg.method == "spots" and reflections is None:
+    methods = bragg_methods(params.masking.bragg)
+    if methods == {"spots"} and reflections is None:
         raise Sorry("masking.bragg.method=spots needs a reflection table (strong.refl or indexed.refl)")
+    if "spots" in methods and reflections is None:
+        logger.info("No reflection table given: the Bragg mask is the predicted one only")
+    if "predicted" in methods:
+        widths = bragg.profile_widths(
+            models, reflections if profile_reflections is None else profile_reflections,
+            params.masking.bragg)
+        for task in tasks:
+            task.bragg_widths = widths.get(task.experiment_id)
     out_dir = params.output.directory
     ensure_output_directory(out_dir)
     background = load_background(params, tasks[0].experiment.detector)
@@ -793,10 +880,10 @@ def extract_one(job: ImageJob, background, dynamic) -> dict:
         "still_id": task.still_id,
         "experiment_id": task.experiment_id,
         "image_path": task.image_path,
-        "image_index": task.index_in_imageset
-        if task.scan_image_index is None
-        else task.scan_image_index,
+        "image_index": task.index_in_imageset,
     }
+    if task.frame is not None:
+        entry["frame"] = task.frame
     t_image = time.time()
     try:
         context = context_for(task, params)
@@ -814,11 +901,14 @@ def extract_one(job: ImageJob, background, dynamic) -> dict:
         "experiment_id": task.experiment_id,
         "image_path": task.image_path,
         "image_index": entry["image_index"],
+        # rotation: the absolute array index (phi, xyzcal.px z); None for stills
+        "frame": task.frame,
         "wavelength": task.experiment.beam.get_wavelength(),
         "ndiv": list(job.ndiv),
         "is_still": bool(task.experiment.is_still()),
         "exposure_time": entry["exposure_time"],
-        "gain": params.corrections.gain,
+        # photons per count; one number per panel when they differ
+        "gain": _gain_metadata(panel_gains(task.experiment.detector, params)),
         "corrections": {
             "polarization": params.corrections.polarization,
             "solid_angle": params.corrections.solid_angle,
@@ -828,7 +918,7 @@ def extract_one(job: ImageJob, background, dynamic) -> dict:
             "air_pressure": params.corrections.air_pressure,
         },
         "pixel_step": params.filter.pixel_step,
-        "bragg_mask": params.masking.bragg.method,
+        "bragg_mask": "+".join(sorted(bragg_methods(params.masking.bragg))) or "none",
         "pixel_counts": result.stages,
     }
     if result.masks is not None:
@@ -870,7 +960,8 @@ def _dask_job(spec):
     experiment = ExperimentListFactory.from_json(spec["experiment_json"], check_format=True)[0]
     task = ImageTask(
         spec["still_id"], spec["experiment_id"], experiment, experiment.imageset,
-        spec["index_in_imageset"], spec["scan_image_index"], spec["image_path"],
+        spec["index_in_imageset"], spec["frame"], spec["image_path"],
+        spec["bragg_widths"],
     )
     job = ImageJob(task, spec["params"], tuple(spec["ndiv"]), spec["out_dir"], spec["reflections"])
     bg_key = ("background", spec["params"].corrections.background.map)
@@ -929,21 +1020,15 @@ def run_jobs(jobs, params, background, dynamic, show_progress=True):
 
 def _predict_scans(tasks, params):
     """Fill the Bragg prediction cache of every rotation scan of the tasks."""
-    bragg = params.masking.bragg
-    if bragg.method != "predicted":
+    if "predicted" not in bragg_methods(params.masking.bragg):
         return
     seen = set()
     for task in tasks:
         expt = task.experiment
-        if expt.is_still() or expt.scan is None or id(expt) in seen:
+        if task.frame is None or id(expt) in seen:
             continue
         seen.add(id(expt))
-        d_min = bragg.d_min or _detector_d_min(expt)
-        masks.predicted_bragg_positions(
-            expt, d_min, max_delpsi_deg(expt.crystal, bragg, d_min),
-            image_index=task.scan_image_index,
-            cache=context_for(task, params).predictions,
-        )
+        scan_predictions(task, params, context_for(task, params).predictions)
 
 
 def _prepare_shared_state(tasks, params):
@@ -973,7 +1058,8 @@ def _run_dask(jobs, params, dynamic, nproc):
             "still_id": job.task.still_id,
             "experiment_id": job.task.experiment_id,
             "index_in_imageset": job.task.index_in_imageset,
-            "scan_image_index": job.task.scan_image_index,
+            "frame": job.task.frame,
+            "bragg_widths": job.task.bragg_widths,
             "image_path": job.task.image_path,
             "params": job.params,
             "ndiv": list(job.ndiv),

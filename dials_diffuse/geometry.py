@@ -129,31 +129,50 @@ def scattering_vectors(unit_s1: np.ndarray, s0) -> np.ndarray:
     return unit_s1 * np.linalg.norm(s0) - s0
 
 
-def setting_matrix(experiment, image_index: Optional[int] = None) -> np.ndarray:
+def absolute_frame(scan, position: int) -> int:
+    """The array index of image ``position`` (0-based place in the image set) of
+    a scan: the frame number every dxtbx/DIALS scan function and reflection
+    column (``xyzcal.px`` z, shoebox z) uses.
+
+    Frames count from ``scan.get_array_range()[0]``, which is not 0 when a sweep
+    is imported from image 4 or with ``image_range=``; this is the one place
+    where a position in the image set becomes a frame.
+    """
+    return scan.get_array_range()[0] + int(position)
+
+
+def frame_centre_angle(scan, frame: int, deg: bool = False) -> float:
+    """Rotation angle at the centre of absolute frame ``frame``."""
+    return scan.get_angle_from_array_index(frame + 0.5, deg=deg)
+
+
+def setting_matrix(experiment, frame: Optional[int] = None) -> np.ndarray:
     """The matrix M that takes fractional hkl to q (q = M hkl) for one image.
 
     Still (``experiment.is_still()``): M = A = U B of that experiment's crystal.
-    Rotation image with 0-based array index ``image_index`` of the scan: M =
-    S R(phi) F A, with phi at the centre of the image, R about the goniometer
-    axis and A the crystal at that scan point when the crystal is scan-varying.
+    Rotation image on absolute frame ``frame`` (array index, see
+    ``absolute_frame``): M = S R(phi) F A, with phi at the centre of the frame,
+    R about the goniometer axis and A the crystal at that image when the crystal
+    is scan-varying (the mean of the scan points at the frame's two edges).
     """
     crystal = experiment.crystal
     if experiment.is_still() or experiment.goniometer is None or experiment.scan is None:
         return np.array(crystal.get_A(), dtype=np.float64).reshape(3, 3)
-    if image_index is None:
-        raise ValueError("a rotation experiment needs the image index")
+    if frame is None:
+        raise ValueError("a rotation experiment needs the frame")
     scan = experiment.scan
     gonio = experiment.goniometer
     if crystal.num_scan_points > 0:
-        # scan points sit at image boundaries; the centre of image i lies
-        # between points i and i+1
-        pts = crystal.num_scan_points
-        a0 = matrix.sqr(crystal.get_A_at_scan_point(min(image_index, pts - 1)))
-        a1 = matrix.sqr(crystal.get_A_at_scan_point(min(image_index + 1, pts - 1)))
+        # scan point k sits at the start of frame first + k; the centre of a
+        # frame lies between its two edges' points
+        point = int(frame) - scan.get_array_range()[0]
+        last = crystal.num_scan_points - 1
+        a0 = matrix.sqr(crystal.get_A_at_scan_point(min(max(point, 0), last)))
+        a1 = matrix.sqr(crystal.get_A_at_scan_point(min(max(point + 1, 0), last)))
         A = (a0 + a1) * 0.5
     else:
         A = matrix.sqr(crystal.get_A())
-    phi = scan.get_angle_from_array_index(image_index + 0.5, deg=False)
+    phi = frame_centre_angle(scan, frame)
     axis = matrix.col(gonio.get_rotation_axis_datum())
     R = axis.axis_and_angle_as_r3_rotation_matrix(phi, deg=False)
     S = matrix.sqr(gonio.get_setting_rotation())

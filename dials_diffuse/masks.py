@@ -1,4 +1,5 @@
-"""Pixel masks: static, dynamic (hot/dead), trusted range and Bragg.
+"""Pixel masks: static, dynamic (hot/dead) and trusted range (Bragg masks:
+``bragg``).
 
 Every mask here is a list (one per panel) of numpy bool arrays of shape
 (slow, fast) with True = use the pixel, the dxtbx convention. ``to_flex`` turns
@@ -8,7 +9,7 @@ one into the tuple of ``flex.bool`` that DIALS mask pickles hold.
 from __future__ import annotations
 
 import logging
-from typing import List, Optional, Sequence
+from typing import List, Sequence
 
 import numpy as np
 from dxtbx import flumpy
@@ -169,147 +170,3 @@ class DynamicMaskAccumulator:
             )
             result.append(~(hot | dead))
         return result
-
-
-def predicted_bragg_positions(experiment, d_min: float, max_delpsi_deg: float,
-                              image_index: Optional[int] = None,
-                              frame_halfwidth: float = 1.0, cache=None):
-    """Predicted spot centres (panel, x_px, y_px) for one image.
-
-    Stills: every allowed reflection to ``d_min`` whose delta-psi to the Ewald
-    sphere is below ``max_delpsi_deg`` (DIALS' for_ub keeps only 0.0015 rad,
-    which misses the weak partials a diffuse map must not contain).
-    Rotation images: DIALS' scan prediction, the reflections whose calculated
-    frame lies within ``frame_halfwidth`` images of this one.
-    """
-    from dials.array_family import flex
-
-    if experiment.is_still() or experiment.scan is None:
-        from cctbx.array_family import flex as cctbx_flex
-
-        from dials.algorithms.spot_prediction import StillsReflectionPredictor
-
-        cryst = experiment.crystal
-        A = np.array(cryst.get_A()).reshape(3, 3)
-        s0 = np.array(experiment.beam.get_s0())
-        hkl = integer_hkl_within(cryst.get_unit_cell().parameters()[:3], d_min)
-        # cheap pre-selection by distance of the lattice point from the Ewald
-        # sphere, then DIALS' delta-psi predictor on what is left
-        r = hkl @ A.T
-        rlen = np.sqrt(np.einsum("ij,ij->i", r, r))
-        excitation = np.abs(np.linalg.norm(r + s0, axis=1) - np.linalg.norm(s0))
-        keep = (excitation <= 2.0 * np.deg2rad(max_delpsi_deg) * rlen + 1e-9) & (
-            rlen <= 1.0 / d_min
-        ) & (rlen > 0)
-        if not keep.any():
-            return np.zeros(0, int), np.zeros(0), np.zeros(0)
-        columns = np.ascontiguousarray(hkl[keep].T, dtype=np.int32)
-        indices = cctbx_flex.miller_index(*(flumpy.from_numpy(c) for c in columns))
-        predictor = StillsReflectionPredictor(experiment, dmin=d_min)
-        table = predictor(indices)
-        delpsi = flumpy.to_numpy(table["delpsical.rad"])
-        table = table.select(flumpy.from_numpy(np.abs(delpsi) <= np.deg2rad(max_delpsi_deg)))
-    else:
-        # one prediction for the whole scan, reused for each of its images
-        key = (id(experiment), d_min)
-        if cache is not None and key in cache:
-            table = cache[key]
-        else:
-            table = flex.reflection_table.from_predictions(experiment, dmin=d_min)
-            if cache is not None:
-                cache[key] = table
-        z = flumpy.to_numpy(table["xyzcal.px"])[:, 2]
-        first = experiment.scan.get_array_range()[0]
-        frame = z - first
-        centre = image_index + 0.5
-        table = table.select(flumpy.from_numpy(np.abs(frame - centre) <= 0.5 + frame_halfwidth))
-    xyz = flumpy.to_numpy(table["xyzcal.px"]) if len(table) else np.zeros((0, 3))
-    panel = flumpy.to_numpy(table["panel"]).astype(int) if len(table) else np.zeros(0, int)
-    return panel, xyz[:, 0], xyz[:, 1]
-
-
-_HKL_CACHE = {}
-
-
-def integer_hkl_within(cell_edges, d_min) -> np.ndarray:
-    """All integer (h, k, l) with |h| <= a / d_min etc. (a superset of the
-    reflections to d_min; cached because every still of a run asks for it)."""
-    bounds = tuple(int(np.floor(edge / d_min)) for edge in cell_edges)
-    if bounds not in _HKL_CACHE:
-        _HKL_CACHE.clear()
-        h, k, l = (np.arange(-b, b + 1) for b in bounds)
-        grid = np.stack(np.meshgrid(h, k, l, indexing="ij"), axis=-1).reshape(-1, 3)
-        _HKL_CACHE[bounds] = grid.astype(np.float64)
-    return _HKL_CACHE[bounds]
-
-
-def disc_mask(shapes, panel, x, y, radius: float) -> PanelMasks:
-    """True everywhere except discs of ``radius`` px around (x, y) centres."""
-    r = int(np.ceil(radius))
-    dy, dx = np.mgrid[-r : r + 1, -r : r + 1]
-    masks = [np.ones(s, bool) for s in shapes]
-    for pid, shape in enumerate(shapes):
-        sel = panel == pid
-        if not sel.any():
-            continue
-        # pixel (i, j) is inside when its centre (i + .5, j + .5) is within radius
-        cx = np.floor(x[sel]).astype(int)
-        cy = np.floor(y[sel]).astype(int)
-        fx = cx[:, None, None] + dx[None]
-        fy = cy[:, None, None] + dy[None]
-        inside = (fx + 0.5 - x[sel][:, None, None]) ** 2 + (
-            fy + 0.5 - y[sel][:, None, None]
-        ) ** 2 <= radius**2
-        inside &= (fx >= 0) & (fx < shape[1]) & (fy >= 0) & (fy < shape[0])
-        masks[pid][fy[inside], fx[inside]] = False
-    return masks
-
-
-def bragg_mask_predicted(experiment, shapes, d_min, spot_radius_px, border,
-                         max_delpsi_deg, image_index=None, cache=None) -> PanelMasks:
-    panel, x, y = predicted_bragg_positions(
-        experiment, d_min, max_delpsi_deg, image_index=image_index, cache=cache
-    )
-    return disc_mask(shapes, panel, x, y, spot_radius_px + border)
-
-
-def bragg_mask_from_shoeboxes(reflections, shapes, image_index: int, border: int,
-                              use_centroids: bool = False, centroid_radius=3.0) -> PanelMasks:
-    """The guide's option B: mask the shoebox foreground/strong pixels of found
-    spots on this image (z of the bbox is the image), dilated by ``border``;
-    or discs around the spot centroids."""
-    from scipy.ndimage import binary_dilation
-
-    masks = [np.ones(s, bool) for s in shapes]
-    if reflections is None or len(reflections) == 0:
-        return masks
-    bbox = np.stack([flumpy.to_numpy(p) for p in reflections["bbox"].parts()], axis=1)
-    on_image = (bbox[:, 4] <= image_index) & (bbox[:, 5] > image_index)
-    if not on_image.any():
-        return masks
-    refl = reflections.select(flumpy.from_numpy(on_image))
-    if use_centroids:
-        xyz = flumpy.to_numpy(refl["xyzobs.px.value"])
-        panel = flumpy.to_numpy(refl["panel"]).astype(int)
-        return disc_mask(shapes, panel, xyz[:, 0], xyz[:, 1], centroid_radius + border)
-    panels = flumpy.to_numpy(refl["panel"]).astype(int)
-    from dials.algorithms.shoebox import MaskCode
-
-    bad = [np.zeros(s, bool) for s in shapes]
-    for shoebox, pid in zip(refl["shoebox"], panels):
-        x0, x1, y0, y1, z0, z1 = shoebox.bbox
-        code = flumpy.to_numpy(shoebox.mask)
-        k = image_index - z0
-        if not 0 <= k < code.shape[0]:
-            continue
-        fg = (code[k] & (MaskCode.Foreground | MaskCode.Strong)) != 0
-        ys, xs = np.nonzero(fg)
-        ys = ys + y0
-        xs = xs + x0
-        ok = (xs >= 0) & (xs < shapes[pid][1]) & (ys >= 0) & (ys < shapes[pid][0])
-        bad[pid][ys[ok], xs[ok]] = True
-    for pid in range(len(shapes)):
-        if border > 0:
-            bad[pid] = binary_dilation(bad[pid], iterations=border)
-        masks[pid] &= ~bad[pid]
-    return masks

@@ -94,6 +94,7 @@ def scaling_dict(obs, result, params):
             "history": result.history,
             "offsets_refined": bool(params.scaling.offsets),
         },
+        "error_model": _error_model_document(model),
         "resolution_smoother": smoother,
         "scale_model": _scale_model_document(model),
     }
@@ -114,17 +115,33 @@ def _scale_model_document(model):
     }
 
 
+def _error_model_document(model):
+    return {
+        "k": float(model.error_k),
+        "k_merged": float(model.merged_error_k),
+        "variance": "per observation var(S) = max(photons, gain) + (k E[S])^2 (outlier "
+                    "test); sigma_merged^2 = (sum max(photons, gain) + k_merged^2 sum E[S]^2) "
+                    "/ (sum b W)^2, k_merged calibrated so that the half-map differences "
+                    "have unit width",
+    }
+
+
 def write_all(out_dir, grid, obs, result, merged, stats, params, operators):
     ensure_output_directory(out_dir)
-    from dials_diffuse.merging import radial_profile
+    from dials_diffuse.merging import isotropic_profile
 
-    centres, means, counts = radial_profile(merged.qmag, merged.intensity)
+    multiplicity = (np.ones(merged.qmag.size) if merged.multiplicity is None
+                    else merged.multiplicity)
+    centres, means, counts = isotropic_profile(merged.qmag, merged.intensity, multiplicity,
+                                               merged.on_bragg)
     stats = dict(stats)
     stats["radial_profile"] = {
+        "weighting": "symmetry multiplicity; voxels on Bragg positions left out",
         "q_center": centres.tolist(),
         "mean_intensity": [None if not np.isfinite(m) else float(m) for m in means],
-        "n_voxels": counts.astype(int).tolist(),
+        "n_voxels": counts.astype(int).tolist(),  # weighted: voxels of the full sphere
     }
+    stats["error_model"] = _error_model_document(result.model)
     stats["symmetry_merge"] = params.symmetry.merge
     stats["n_voxels"] = int(len(merged.intensity))
     stats["n_images"] = int(obs.n_images)

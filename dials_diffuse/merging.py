@@ -11,13 +11,16 @@ from __future__ import annotations
 import dataclasses
 import logging
 import time
+from typing import Optional
 
 import numpy as np
 
 from dials.util import Sorry
 
+from dials_diffuse import geometry
 from dials_diffuse import grid as grid_module
 from dials_diffuse import merged_files, scaling, symmetry
+from dials_diffuse.diffuse_files import image_frame
 from dials_diffuse.observations import find_extraction_files, load_observations
 from dials_diffuse.command_util import resolve_nproc
 from dials_diffuse.phil_scopes import check_grid_params
@@ -37,6 +40,7 @@ class MergedMap:
     n_rejected: np.ndarray
     isotropic: np.ndarray  # radial average at each voxel's |q|
     on_bragg: np.ndarray  # voxel centre on an integer hkl
+    multiplicity: Optional[np.ndarray] = None  # grid points each ASU voxel stands for
 
 
 def radial_profile(qmag, intensity, n_bins=50, weights=None):
@@ -52,6 +56,17 @@ def radial_profile(qmag, intensity, n_bins=50, weights=None):
         means = sums / counts
     centres = 0.5 * (edges[1:] + edges[:-1])
     return centres, means, counts
+
+
+def isotropic_profile(qmag, intensity, multiplicity, on_bragg, n_bins=50):
+    """The radial average of a symmetry-merged map: each asymmetric-unit
+    voxel weighted by the number of reciprocal-space voxels it stands for
+    (its symmetry multiplicity), voxels centred on a Bragg position left out
+    (their residual Bragg intensity is no part of the isotropic diffuse
+    scattering). Returns (centres, means, weights) like radial_profile."""
+    use = ~on_bragg
+    return radial_profile(qmag[use], intensity[use], n_bins,
+                          weights=multiplicity[use].astype(np.float64))
 
 
 def isotropic_at(qmag, centres, means):
@@ -86,7 +101,8 @@ def image_halves(n_images, seed=0):
     return in_first_half
 
 
-def cc_half(obs, model, use, on_bragg, n_shells=10, seed=0, n_bins=50, half_maps=None):
+def cc_half(obs, model, use, on_bragg, n_shells=10, seed=0, n_bins=50, half_maps=None,
+            multiplicity=None):
     """Half-dataset correlations per resolution shell (random halves by image).
 
     ``half_maps``: the (I, sigma, n) of each half when the scaling made them
@@ -100,7 +116,8 @@ def cc_half(obs, model, use, on_bragg, n_shells=10, seed=0, n_bins=50, half_maps
         values = []
         for intensity, _ in halves:
             if name == "anisotropic":
-                c, m, _ = radial_profile(obs.voxel_qmag, intensity, n_bins)
+                weight = np.ones(obs.n_voxels) if multiplicity is None else multiplicity
+                c, m, _ = isotropic_profile(obs.voxel_qmag, intensity, weight, on_bragg, n_bins)
                 intensity = intensity - isotropic_at(obs.voxel_qmag, c, m)
             values.append(intensity)
         maps[name] = values
@@ -219,7 +236,7 @@ def extracted_ndiv(path):
     return tuple(meta.get("ndiv", (None, None, None)))
 
 
-def merge_map(obs, result, grid) -> MergedMap:
+def merge_map(obs, result, grid, multiplicity=None) -> MergedMap:
     intensity, sigma, n_obs = result.intensity, result.sigma, result.n_observations
     if sigma is None:
         intensity, sigma, n_obs = scaling.merge_intensities(obs, result.model, ~result.rejected)
@@ -228,9 +245,12 @@ def merge_map(obs, result, grid) -> MergedMap:
     ndiv = np.array(grid.ndiv)
     hkl = obs.voxel_grid / ndiv
     q = grid.q_of(hkl)
-    centres, means, _ = radial_profile(obs.voxel_qmag[keep], intensity[keep])
-    iso = isotropic_at(obs.voxel_qmag, centres, means)
     on_bragg = np.all(obs.voxel_grid % ndiv == 0, axis=1)
+    if multiplicity is None:
+        multiplicity = np.ones(obs.n_voxels, np.int64)
+    centres, means, _ = isotropic_profile(obs.voxel_qmag[keep], intensity[keep],
+                                          multiplicity[keep], on_bragg[keep])
+    iso = isotropic_at(obs.voxel_qmag, centres, means)
     return MergedMap(
         voxel_grid=obs.voxel_grid[keep],
         hkl=hkl[keep],
@@ -242,6 +262,7 @@ def merge_map(obs, result, grid) -> MergedMap:
         n_rejected=n_rej[keep].astype(np.int64),
         isotropic=iso[keep],
         on_bragg=on_bragg[keep],
+        multiplicity=multiplicity[keep],
     )
 
 
@@ -282,10 +303,12 @@ def merge_run(experiments, inputs, params):
         passes.log_timings()
     if not result.converged and params.scaling.fail_if_not_converged:
         raise Sorry("scaling did not converge: raise scaling.max_iterations or check the data")
-    merged = merge_map(obs, result, grid)
+    multiplicity = symmetry.orbit_sizes(obs.voxel_grid, operators)
+    merged = merge_map(obs, result, grid, multiplicity)
     on_bragg = np.all(obs.voxel_grid % np.array(grid.ndiv) == 0, axis=1)
     stats = cc_half(obs, result.model, ~result.rejected, on_bragg, n_shells=params.statistics.n_shells,
-                    seed=params.statistics.seed, half_maps=result.half_maps)
+                    seed=params.statistics.seed, half_maps=result.half_maps,
+                    multiplicity=multiplicity)
     _log_cc_half(stats)
     t_merge = time.time()
     out = params.output.directory
@@ -313,7 +336,7 @@ def smooth_scale_basis(experiments, obs, scaling_params):
                 "scaling.scale_model=smooth needs rotation sequences: image "
                 f"{meta['image_path']} is a still (use scale_model=per_image)"
             )
-        phi.append(expt.scan.get_angle_from_array_index(meta["image_index"] + 0.5, deg=True))
+        phi.append(geometry.frame_centre_angle(expt.scan, image_frame(meta, expt), deg=True))
         sweep.append(meta["experiment_id"])
     basis = scaling.SmoothScaleBasis.from_angles(phi, sweep, interval)
     logger.info(

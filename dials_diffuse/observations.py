@@ -334,7 +334,8 @@ def load_observations(files, grid, operators, d_min=None, d_max=None, nproc=1) -
         voxel_grid=voxel_grid,
         voxel_qmag=qmag,
         image_ids=np.array([int(m["still_id"]) for m in metadata], np.int64),
-        image_gain=np.array([float(m.get("gain", 1.0)) for m in metadata]),
+        # photons per count (the variance floor); a per-panel list: its mean
+        image_gain=np.array([float(np.mean(m.get("gain", 1.0))) for m in metadata]),
         metadata=metadata,
     )
     logger.info(

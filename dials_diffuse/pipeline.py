@@ -1092,7 +1092,7 @@ def _in_base(base, path):
 
 def _strong_for(models, strong):
     """Strong spots renumbered to the model experiments (matched by experiment
-    identifier), for masking.bragg.method=spots."""
+    identifier), for the spots part of masking.bragg.method."""
     import numpy as np
     from dxtbx import flumpy
 
@@ -1121,10 +1121,10 @@ def _inherit_nproc(sub, params):
         sub.mp.nproc = params.mp.nproc
 
 
-def run_extraction(run: _Run, models, strong, upstream_signature):
+def run_extraction(run: _Run, models, strong, upstream_signature, indexed=None):
     from dials_diffuse.command_line import extract as extract_cmd
     from dials_diffuse.diffuse_files import MANIFEST_NAME
-    from dials_diffuse.extraction import extract
+    from dials_diffuse.extraction import bragg_methods, extract
 
     params = run.params
     sub = _sub_params(params, "extract", extract_cmd.phil_scope)
@@ -1143,12 +1143,19 @@ def run_extraction(run: _Run, models, strong, upstream_signature):
     else:
         t0 = time.perf_counter()
         reflections = None
-        if sub.masking.bragg.method == "spots":
+        methods = bragg_methods(sub.masking.bragg)
+        # stills: the found spots only when asked for alone (spot finding on
+        # stills picks up strong diffuse halos, which the per-still predicted
+        # mask leaves alone); rotation: both, the spots covering every frame
+        # of every found spot
+        if "spots" in methods and (run.inputs.mode != "stills" or "predicted" not in methods):
             reflections = _strong_for(models, strong)
         images = run.inputs.experiments if run.inputs.mode == "stills" else None
         if manifest_path.exists():
             manifest_path.unlink()  # unfinished until the new one is written
-        manifest = extract(models, sub, images=images, reflections=reflections)
+        # indexed spots give rotation Bragg masks their profile widths
+        manifest = extract(models, sub, images=images, reflections=reflections,
+                           profile_reflections=indexed if run.inputs.mode != "stills" else None)
         run.step("extraction", "done", time.perf_counter() - t0,
                  n_extracted=manifest["n_extracted"], directory=_rel(run.base, out_dir))
     for entry in manifest["images"]:
@@ -1299,7 +1306,8 @@ def process(image_paths, params, inputs: Optional[Inputs] = None, dials_args=Non
         upstream = _signature(run.summary["signatures"]["phase1"],
                               [e.identifier for e in models])
 
-        extract_dir, manifest, sig_extract = run_extraction(run, models, strong, upstream)
+        extract_dir, manifest, sig_extract = run_extraction(run, models, strong, upstream,
+                                                            indexed=refl)
         if params.diagnostics.extraction:
             run_diagnostics(run, "extraction", models, [extract_dir],
                             run.base / EXTRACTION_DIAGNOSTICS_DIR, sig_extract)

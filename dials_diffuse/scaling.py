@@ -41,6 +41,10 @@ class ScalingModel:
     smoother_values: Optional[np.ndarray] = None  # (n_images, k): a_i at the control points
     scale_basis: Optional["SmoothScaleBasis"] = None  # b = basis.matrix @ scale_controls
     scale_controls: Optional[np.ndarray] = None
+    # error model: var(S) = var_Poisson + (error_k E[S])^2 (fit_error_model),
+    # and its term in the merged variance (merged_error_k)
+    error_k: float = 0.0
+    merged_error_k: float = 0.0
 
     def set_scale_controls(self, controls):
         self.scale_controls = controls
@@ -316,47 +320,89 @@ def _image_selections(u, image, halves):
     return [u & first, u & ~first]
 
 
-def _add_merge_sums(sums, ch, u, model, halves=None):
-    """Add a chunk's per-voxel merge sums (numerator, denominator, variance,
-    count) to sums[0], or those of each half of the images to sums[0:2]."""
+def _add_merge_sums(sums, ch, u, model, halves=None, expected=None):
+    """Add a chunk's per-voxel merge sums (numerator, denominator, counting
+    variance, count, sum of E[S]^2) to sums[0], or those of each half of the
+    images to sums[0:2]. ``expected``: E[S] of the rows, for the error
+    model's term (k E[S])^2 of the merged variance (MERGE_SUMS)."""
     n = sums.shape[-1]
     a = model.observation_factor(ch)
     b = model.scale[ch.image]
     c = model.offset[ch.image]
-    gain = ch.gain
-    # Poisson ML in counts (S / gain): images weigh by their expected
-    # counts, whatever their gain (the unit of S)
+    # Poisson ML in photons (S is in photons, var(S) = E[S])
     numerator = ch.signal - c * ch.factor
     denominator = b * ch.factor if model.smoother_q is None else b * a * ch.factor
-    # variance of S with a one-count floor per observation, so that no
-    # merged sigma is zero even where every pixel counted nothing
-    variance = np.maximum(ch.variance.astype(np.float64), gain * gain)
-    if not (np.isscalar(gain) and gain == 1.0):  # x / 1 is x: skip three passes
-        numerator /= gain
-        denominator /= gain
-        variance /= gain * gain
+    # variance of S with a one-count floor (gain photons) per observation, so
+    # that no merged sigma is zero even where every pixel counted nothing
+    variance = np.maximum(ch.variance.astype(np.float64), ch.gain)
     for s, sel in enumerate(_image_selections(u, ch.image, halves)):
         voxel = _used_index(ch.voxel, sel, n)
         for k, values in enumerate((numerator, denominator, variance)):
             sums[s, k] += _used_sum(voxel, values, n)
         sums[s, 3] += _used_sum(voxel, None, n)
+        if expected is not None:
+            sums[s, 4] += _used_sum(voxel, expected * expected, n)
 
 
 def _merge_partition(rows, start, stop, model, halves=None):
     """Per-voxel merge sums of the partition's rows (see _add_merge_sums)."""
     obs, use = rows.obs, rows.use
-    sums = np.zeros((1 if halves is None else 2, 4, obs.n_voxels))
+    sums = np.zeros((1 if halves is None else 2, MERGE_SUMS, obs.n_voxels))
     for ch, u, _ in chunks(obs, use, start, stop):
         _add_merge_sums(sums, ch, u, model, halves)
     return (sums,)
 
 
-def _intensities(sums):
-    numerator, denominator, variance, n_obs = sums
+# per voxel: numerator, denominator, counting variance, count, sum of E[S]^2
+MERGE_SUMS = 5
+
+
+def _intensities(sums, error_k=0.0):
+    """I_v = sum (S - c W) / sum b a W and sigma_v = sqrt(counting variance +
+    k^2 sum E[S]^2) / the same denominator, and the count."""
+    numerator, denominator, variance, n_obs, expected2 = sums
     with np.errstate(invalid="ignore", divide="ignore"):
         intensity = np.where(denominator > 0, numerator / denominator, np.nan)
-        sigma = np.where(denominator > 0, np.sqrt(variance) / denominator, np.nan)
+        sigma = np.where(denominator > 0,
+                         np.sqrt(variance + error_k * error_k * expected2) / denominator, np.nan)
     return intensity, sigma, n_obs.astype(np.int64)
+
+
+CHI2_1_MEDIAN_Z = 0.6744897501960817  # median |z| of a standard normal
+
+
+def merged_error_k(half_sums, min_obs=2, max_k=None):
+    """k of the merged variance (counting + k^2 sum E[S]^2) such that the
+    half-dataset differences (I_1 - I_2) / sqrt(sigma_1^2 + sigma_2^2) have
+    unit robust width (median |z| of a normal).
+
+    The per-observation k of the outlier test describes how single
+    observations scatter; how that scatter averages down in a voxel depends
+    on whether it is random or repeats between images (a voxel's intensity
+    varies inside it, and images sample similar parts of it): calibrating on
+    the two independent half maps measures what the merged sigma must mean.
+    """
+    (n1, d1, v1, c1, e1), (n2, d2, v2, c2, e2) = half_sums
+    both = (c1 >= min_obs) & (c2 >= min_obs) & (d1 > 0) & (d2 > 0)
+    if not both.any():
+        return 0.0
+    diff2 = (n1[both] / d1[both] - n2[both] / d2[both]) ** 2
+    p = v1[both] / d1[both] ** 2 + v2[both] / d2[both] ** 2
+    q = e1[both] / d1[both] ** 2 + e2[both] / d2[both] ** 2
+    target = CHI2_1_MEDIAN_Z ** 2
+
+    def median_z2(k):
+        return float(np.median(diff2 / (p + k * k * q)))
+
+    if median_z2(0.0) <= target:
+        return 0.0
+    lo, hi = 0.0, MAX_ERROR_K if max_k is None else max_k
+    if median_z2(hi) > target:
+        return hi
+    for _ in range(60):  # bisection: the median falls as k grows
+        mid = 0.5 * (lo + hi)
+        lo, hi = (mid, hi) if median_z2(mid) > target else (lo, mid)
+    return 0.5 * (lo + hi)
 
 
 def merge_intensities(obs, model: ScalingModel, use: np.ndarray = None, passes=None, halves=None):
@@ -392,10 +438,13 @@ def _prediction(obs, model, intensity):
 
 
 def model_variance(obs, expected):
-    """var(S) for Poisson counts: gain * E[S], with a one-count floor
-    (gain * max(E, gain) = max(gain * max(E, 0), gain^2) for gain > 0)."""
+    """var(S) for Poisson photons: E[S] plus the subtracted background's
+    photons (what was counted minus S: the observed variance minus the
+    signal), with a one-count floor (gain photons). Without the background
+    the error model would absorb it and inflate every merged sigma."""
     gain = obs.gain if obs.gain is not None else obs.image_gain[obs.image]
-    return gain * np.maximum(expected, gain)
+    background = np.maximum(obs.variance - obs.signal, 0.0)
+    return np.maximum(expected + background, gain)
 
 
 def _scale_partition(rows, start, stop, model, intensity):
@@ -443,7 +492,7 @@ GN_SUMS, GN_SAMPLES = 5, 3
 
 
 def _new_gauss_newton_sums(obs):
-    """d_b, d_I (diagonals), g_b, g_I (gradients), and sum S / gain per voxel
+    """d_b, d_I (diagonals), g_b, g_I (gradients), and sum S per voxel
     (the numerator of the next merge), and lists for the sampled couplings."""
     n_img, n_vox = obs.n_images, obs.n_voxels
     return [np.zeros(n_img), np.zeros(n_vox), np.zeros(n_img), np.zeros(n_vox), np.zeros(n_vox)], [[], [], []]
@@ -462,9 +511,8 @@ def _add_gauss_newton_rows(rows, ch, u, sl, b, x, variance, resid, every, sums, 
     sums[1] += _used_sum(voxel, wWb * ch.factor * b, n_vox)
     sums[2] += _used_sum(image, wWx * resid, n_img)
     sums[3] += _used_sum(voxel, wWb * resid, n_vox)
-    # the GN solver runs without offsets: the merge numerator is S / gain
-    sums[4] += _used_sum(voxel, ch.signal if np.isscalar(ch.gain) and ch.gain == 1.0
-                         else ch.signal / ch.gain, n_vox)
+    # the GN solver runs without offsets: the merge numerator is sum S
+    sums[4] += _used_sum(voxel, ch.signal, n_vox)
     coupling = wWb
     coupling *= ch.factor
     coupling *= x
@@ -537,7 +585,7 @@ REFINEMENT_STEPS = 1
 
 
 def _denominator_partition(rows, start, stop, scale):
-    """sum_i b_i W_iv / gain per voxel (a with no smoother, c = 0): the
+    """sum_i b_i W_iv per voxel (a with no smoother, c = 0): the
     merge denominator, the only part of the merge that the scales change."""
     obs, n = rows.obs, rows.obs.n_voxels
     den = np.zeros(n)
@@ -545,9 +593,6 @@ def _denominator_partition(rows, start, stop, scale):
         sl = slice(a, min(a + CHUNK_ROWS, stop))
         image = obs.image[sl]
         values = scale[image] * obs.factor[sl]
-        gain = row_gain(obs.image_gain, image)
-        if not (np.isscalar(gain) and gain == 1.0):
-            values /= gain
         den += _used_sum(_used_index(obs.voxel[sl], rows.use[sl], n), values, n)
     return (den,)
 
@@ -679,7 +724,7 @@ def _rejection_partition(rows, start, stop, model, intensity, error_k, outlier_s
     totals = np.zeros(3)  # sum |resid|, sum |S|, sum z^2 over the rows kept
     sums, samples = _new_gauss_newton_sums(obs) if then == "gauss_newton" else ([], [])
     if then == "merge":
-        sums = [np.zeros((1 if halves is None else 2, 4, obs.n_voxels))]
+        sums = [np.zeros((1 if halves is None else 2, MERGE_SUMS, obs.n_voxels))]
     for ch, u, sl in chunks(obs, use, start, stop):
         b, x, expected = _prediction(ch, model, intensity)
         resid = ch.signal - expected
@@ -694,7 +739,7 @@ def _rejection_partition(rows, start, stop, model, intensity, error_k, outlier_s
         if then == "gauss_newton":
             _add_gauss_newton_rows(rows, ch, u, sl, b, x, variance, resid, every, sums, samples)
         elif then == "merge":
-            _add_merge_sums(sums[0], ch, u, model, halves)
+            _add_merge_sums(sums[0], ch, u, model, halves, expected)
     return [totals] + sums + [np.concatenate(s) for s in samples]
 
 
@@ -763,6 +808,7 @@ def refine_scales(obs, params, passes=None, halves=None, scale_basis=None) -> Sc
         else:
             intensity = np.nan_to_num(merge_intensities(obs, model, passes=passes)[0])
         error_k = fit_error_model(*_residual_sample(obs, model, intensity, passes.use))
+        model.error_k = error_k
         shift = float(np.max(np.abs(model.scale - old_scale) / np.maximum(old_scale, 1e-12)))
         last = shift < params.convergence_tolerance or iteration == params.max_iterations
         then = "merge" if last else ("gauss_newton" if gauss_newton else None)
@@ -792,10 +838,15 @@ def refine_scales(obs, params, passes=None, halves=None, scale_basis=None) -> Sc
     _log_history(history, converged)
     # the last rejection pass made the merge sums with the final use
     merge_sums = sums[0]
-    intensity, sigma, n_obs = _intensities(merge_sums.sum(axis=0))
+    # the merged sigma's error term: calibrated on the half maps when there
+    # are two, else the per-observation k
+    model.merged_error_k = (merged_error_k(merge_sums) if merge_sums.shape[0] == 2
+                            else model.error_k)
+    intensity, sigma, n_obs = _intensities(merge_sums.sum(axis=0), model.merged_error_k)
     return ScalingResult(model=model, intensity=intensity, rejected=~passes.use,
                          history=history, converged=converged, sigma=sigma, n_observations=n_obs,
-                         half_maps=None if halves is None else [_intensities(h) for h in merge_sums])
+                         half_maps=None if halves is None else [
+                             _intensities(h, model.merged_error_k) for h in merge_sums])
 
 
 CHI2_1_MEDIAN = 0.45493642311957  # median of chi-squared with one degree of freedom

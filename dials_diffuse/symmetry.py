@@ -351,6 +351,20 @@ def symmetry_mates(grid_indices, operators):
     return np.einsum("ni,oij->onj", g, ops)
 
 
+def orbit_sizes(grid_indices, operators):
+    """How many distinct grid points each voxel stands for under the
+    operators (its symmetry multiplicity: 1 at the origin, the group order in
+    a general position)."""
+    mates = symmetry_mates(grid_indices, operators)  # (n_ops, n, 3)
+    if mates.shape[1] == 0:
+        return np.zeros(0, np.int64)
+    offset = np.abs(mates).max() + 1
+    span = 2 * offset + 1
+    keys = ((mates[..., 0] + offset) * span + (mates[..., 1] + offset)) * span + (mates[..., 2] + offset)
+    keys.sort(axis=0)
+    return 1 + np.count_nonzero(np.diff(keys, axis=0), axis=0)
+
+
 def expand_to_p1(grid_indices, values=None, operators=None, ndiv=None, chunk_size=_CHUNK):
     """Expand a (merged, ASU) map to all its unique symmetry mates.
 

@@ -29,6 +29,18 @@ def merge_params(directory, **overrides):
     return set_params(params, **overrides)
 
 
+def simulated_profile_widths(truth):
+    """(sigma_m, sigma_b) in degrees of a simulated dataset's Bragg spots:
+    its mosaicity, and the angle its spot size (bragg.sigma_px, with the
+    beam divergence if any) subtends at the detector."""
+    bragg = truth.data["bragg"]
+    panel = truth.detector[0]
+    spot_deg = np.degrees(np.arctan(bragg["sigma_px"] * panel.get_pixel_size()[0]
+                                    / panel.get_distance()))
+    divergence = float(bragg.get("divergence_deg", 0.0) or 0.0)
+    return float(bragg["mosaicity_deg"]), float(np.hypot(spot_deg, divergence))
+
+
 def extraction_params(truth, directory, **overrides):
     """Extraction parameters for a simulated dataset: its beamstop and background."""
     params = extract_command.phil_scope.fetch().extract()
@@ -48,9 +60,13 @@ def extraction_params(truth, directory, **overrides):
         np.save(bg_path, np.stack(background))
     params.corrections.background.map = bg_path
     params.corrections.gain = truth.gain
-    # the simulated spots have a 0.05 deg mosaic spread: 0.3 deg covers them
-    # with margin (the default 1.0 deg is for real crystals)
+    # stills: reflections within 6 sigma_m of the Ewald sphere (the default
+    # 1.0 deg is for real crystals without a mosaicity model)
     params.masking.bragg.max_delpsi = max(0.3, 6 * truth.data["bragg"]["mosaicity_deg"])
+    # rotation: the widths the simulator drew its spots with, as a user who
+    # knows the crystal would give them (no reflection table to estimate from)
+    params.masking.bragg.mosaicity_deg, params.masking.bragg.beam_divergence_deg = (
+        simulated_profile_widths(truth))
     return set_params(params, **overrides)
 
 

@@ -257,7 +257,19 @@ def test_gain_and_exposure(tmp_path):
         s["sample_intensity"],
         (s["sample_raw_counts"] * 2.5 - s["sample_background"]) / factor,
     )
-    assert np.allclose(s["sample_sigma"], 2.5 * np.sqrt(s["sample_raw_counts"]) / factor)
+    # photons (gain x counts), not counts, are Poisson: var = gain x counts
+    assert np.allclose(s["sample_sigma"], np.sqrt(2.5 * s["sample_raw_counts"]) / factor)
+
+    # without corrections.gain the detector model's gain is used: dxtbx's
+    # Panel.get_gain() is counts per photon, the inverse
+    for panel in truth.experiments[0].detector:
+        panel.set_gain(1.0 / 2.5)
+    params = extraction_params(truth, tmp_path / "from_model", **{"corrections.exposure_time": 0.2})
+    params.corrections.gain = None
+    extract(truth.experiments, params)
+    with np.load(tmp_path / "from_model" / "image_000000.npz") as npz:
+        assert np.allclose(npz["sample_gain"], 2.5)
+        assert np.allclose(npz["sample_sigma"], s["sample_sigma"])
 
 
 def test_images_without_crystal_are_reported(simulated_stills, tmp_path):

@@ -78,19 +78,24 @@ def test_still_hkl_matches_pixel_to_miller_index(models):
             )
 
 
-@pytest.mark.parametrize("image_index", [0, 7, 19])
-def test_rotation_hkl_matches_pixel_to_miller_index(models, image_index):
+@pytest.mark.parametrize("first_image", [1, 4])
+@pytest.mark.parametrize("position", [0, 7, 16])
+def test_rotation_hkl_matches_pixel_to_miller_index(models, first_image, position):
     beam, det, crystal = models
     gonio = GoniometerFactory.known_axis((0.0, 1.0, 0.1))
     gonio.set_fixed_rotation((1, 0, 0, 0, math.cos(0.1), -math.sin(0.1), 0, math.sin(0.1), math.cos(0.1)))
-    scan = ScanFactory.make_scan((1, 20), 0.0, (10.0, 0.5), [0] * 20, deg=True)
+    # a scan that need not start at image 1 (a sweep imported from image 4):
+    # DIALS' frame is the absolute array index first + position
+    scan = ScanFactory.make_scan((first_image, 20), 0.0, (10.0, 0.5), [0] * (21 - first_image), deg=True)
     experiment = Experiment(
         beam=beam, detector=det, crystal=crystal, goniometer=gonio, scan=scan
     )
     assert not experiment.is_still()
     reference = PixelToMillerIndex(beam, det, gonio, scan, crystal)
-    setting = geometry.setting_matrix(experiment, image_index)
-    z = image_index + 0.5  # centre of the image in array-index units
+    frame = geometry.absolute_frame(scan, position)
+    assert frame == first_image - 1 + position
+    setting = geometry.setting_matrix(experiment, frame)
+    z = frame + 0.5  # centre of the image in array-index units
     for panel_geometry in geometry.detector_geometry(det, pixel_step=3):
         q = geometry.scattering_vectors(panel_geometry.unit_s1, beam.get_s0())
         hkl = geometry.miller_indices(q, setting)

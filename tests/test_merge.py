@@ -80,6 +80,37 @@ def test_stills_map_scales_and_shells(stills_run):
     check_against_truth(truth, result)
 
 
+def robust_width(z):
+    """1.4826 x median absolute deviation: the sigma of a normal core."""
+    return 1.4826 * np.median(np.abs(z - np.median(z)))
+
+
+def check_calibrated_errors(truth, result):
+    """Merged sigmas carry the error model: half-map differences and
+    merged-minus-truth, each normalised by its sigma, have unit width."""
+    (i1, s1, n1), (i2, s2, n2) = result["scaling"].half_maps
+    both = (n1 >= 2) & (n2 >= 2)
+    z_half = (i1[both] - i2[both]) / np.sqrt(s1[both] ** 2 + s2[both] ** 2)
+    merged, expected = truth_comparison(truth, result)
+    well = merged.n_observations >= 3
+    # the truth is on the scale of the refined b (mean 1): compare shapes
+    k = np.sum(merged.intensity[well]) / np.sum(expected[well])
+    z_truth = (merged.intensity[well] - k * expected[well]) / merged.sigma[well]
+    widths = robust_width(z_half), robust_width(z_truth)
+    assert 0.85 <= widths[0] <= 1.2, widths
+    assert 0.85 <= widths[1] <= 1.2, widths
+    return widths
+
+
+def test_stills_errors_calibrated(stills_run):
+    truth, base, result = stills_run
+    check_calibrated_errors(truth, result)
+    stats = json.loads((base / "merged" / merged_files.STATS_NAME).read_text())
+    assert stats["error_model"]["k"] == pytest.approx(result["scaling"].model.error_k)
+    assert stats["error_model"]["k"] > 0
+    assert stats["error_model"]["k_merged"] == pytest.approx(result["scaling"].model.merged_error_k)
+
+
 def test_stills_output_files(stills_run):
     truth, base, result = stills_run
     grid, scaling, voxels, stats = merged_files.read_merged(str(base / "merged"))
@@ -130,6 +161,7 @@ def test_rotation_sequence(tmp_path_factory):
     result = merge_run(truth.experiments, [str(base / "extracted")],
                        merge_params(base / "merged"))
     check_against_truth(truth, result)
+    check_calibrated_errors(truth, result)
 
 
 def test_rotation_smooth_scales(tmp_path_factory):

@@ -191,11 +191,10 @@ def test_scaling_recovers_known_factors(extraction, reference, tmp_path, factors
     copies = []
     for path, f in zip(files, factors):
         arrays, meta = read_image_file(path)
-        arrays["voxel_sum_signal"] = (arrays["voxel_sum_signal"].astype(np.float64) * f).astype(np.float32)
-        arrays["voxel_sum_variance"] = (arrays["voxel_sum_variance"].astype(np.float64) * f * f).astype(np.float32)
-        # as if the detector gain were f times larger: the Poisson model
-        # variance (gain * E[S]) of the outlier test scales by f^2 as well
-        meta["gain"] = meta.get("gain", 1.0) * f
+        # the same photons recorded with corrections f times smaller (e.g. a
+        # shorter exposure time): the image's intensities are f times larger,
+        # its counting statistics unchanged, so b_i must come out f times larger
+        arrays["voxel_sum_factor"] = (arrays["voxel_sum_factor"].astype(np.float64) / f).astype(np.float32)
         copies.append(str(scaled / path.rsplit("/", 1)[1]))
         write_image_file(copies[-1], arrays, meta)
     overrides = {"scaling.convergence_tolerance": 1e-9, "scaling.max_iterations": 200}

@@ -201,6 +201,8 @@ BAD_INPUT = [
     ("extract-dmin-above-dmax", "extract", ["{expt}", "filter.d_min=3", "filter.d_max=2"],
      ["filter.d_min=3.0", "smaller"], None),
     ("extract-negative-gain", "extract", ["{expt}", "corrections.gain=-1"], ["corrections.gain=-1.0", "positive"], None),
+    ("extract-negative-mosaicity", "extract", ["{expt}", "masking.bragg.mosaicity_deg=-1"],
+     ["masking.bragg.mosaicity_deg", "minimum allowed value"], None),
     ("extract-unknown-parameter", "extract", ["{expt}", "no_such.parameter=1"], ["no_such.parameter"], None),
     ("extract-output-under-a-file", "extract", ["{expt}", "output.directory={base}/a_file/out"],
      ["output.directory", "a_file"], None),

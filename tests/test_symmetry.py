@@ -391,3 +391,25 @@ def test_property_idempotent_and_mates_agree(symbol, pts, base):
     # canonical is itself one of the mates
     mates = symmetry_mates(g, ops)
     assert np.all(np.any(np.all(mates == can[None], axis=2), axis=0))
+
+
+@pytest.mark.parametrize("space_group", ["P1", "P2", "P212121", "P41212", "P6322", "I213", "R3"])
+def test_orbit_sizes_are_cctbx_multiplicities(space_group):
+    """Symmetry multiplicity of integer grid points (ndiv 1) against cctbx's
+    miller.set.multiplicities (Laue group: anomalous_flag=False)."""
+    from cctbx import crystal, miller, sgtbx
+    from cctbx.array_family import flex as cflex
+
+    from dials_diffuse.symmetry import laue_operators, orbit_sizes
+
+    info = sgtbx.space_group_info(space_group)
+    symm = crystal.symmetry(unit_cell=info.any_compatible_unit_cell(volume=1000),
+                            space_group_info=info)
+    rng = np.random.default_rng(3)
+    hkl = rng.integers(-4, 5, size=(400, 3))
+    hkl = np.concatenate([hkl, [[0, 0, 0], [1, 0, 0], [0, 0, 1], [1, 1, 0], [1, 1, 1], [2, 1, 0]]])
+    indices = cflex.miller_index([tuple(int(v) for v in h) for h in hkl])
+    expected = miller.set(symm, indices, anomalous_flag=False).multiplicities().data()
+    ops = laue_operators(symm.space_group(), "laue")
+    assert list(orbit_sizes(hkl, ops)) == list(expected)
+    assert list(orbit_sizes(hkl, laue_operators(None, "none"))) == [1] * len(hkl)

@@ -18,7 +18,8 @@ import numpy as np
 from dials.util import Sorry
 
 from dials_diffuse.io import read_background_map
-from dials_diffuse import diffuse_files
+from dials_diffuse import diffuse_files, geometry
+from dials_diffuse.diffuse_files import image_frame
 from dials_diffuse.diagnostics import extraction_plots as plots
 from dials_diffuse.diagnostics import inputs as inp
 from dials_diffuse.diagnostics.plotting import Inventory, describe, subsample
@@ -89,11 +90,8 @@ def observations_from(arrays, metadata, experiments=None) -> Observations:
     q = None
     if experiments is not None:
         try:
-            from dials_diffuse import geometry
-
             expt = experiments[int(metadata["experiment_id"])]
-            index = None if metadata.get("is_still", True) else int(metadata["image_index"])
-            m = geometry.setting_matrix(expt, index)
+            m = geometry.setting_matrix(expt, image_frame(metadata, expt))
             q = arrays["voxel_mean_hkl"].astype(np.float64) @ m.T
         except Exception as e:  # a model that does not match: no q vectors
             logger.info("Cannot compute voxel q vectors from the experiments: %s", e)
