@@ -21,6 +21,9 @@ fi
   indexing.known_symmetry.space_group=P212121 \
   indexing.known_symmetry.unit_cell=50,60,70,90,90,90 masking.bragg.max_delpsi=1.0
 echo
+# the recovered map against the truth the images were simulated from
+"$bin/python" -m dials_diffuse.simulate.compare processed/diffuse_merged simulated
+echo
 echo "Simulated images and their truth: $run_dir/simulated"
 echo "Processing outputs:               $run_dir/processed"
 echo "Report pages:"
