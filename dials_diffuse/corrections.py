@@ -7,7 +7,9 @@ exposure_time. Conventions follow ``dials/algorithms/integration/corrections.h``
 * P, polarization: (1 - 2 pf)(1 - (n.s1)^2) + pf (1 + (s0.s1)^2) with unit
   vectors, pf = beam polarization fraction (0.5 unpolarised), n = polarization
   normal. DIALS' stills ``lp()`` returns 1/P; here P itself is returned.
-* Omega, solid angle of a pixel (steradian): px py |n_panel . r^| / r^2.
+* Omega, solid angle of a pixel (steradian): px py |n_panel . r^| / r^2;
+  with the parallax correction the smaller patch of the sensor surface whose
+  rays the pixel records (``geometry.pixel_solid_angles``).
 * eta, sensor efficiency: 1 - exp(-mu t / cos alpha) (DIALS' ``qe``), 1 when
   the panel has no attenuation model.
 * T, air transmission exp(-mu_air r), mu_air from the composition of dry air,
@@ -47,7 +49,10 @@ def polarization_factor(
 
 
 def solid_angle(geometry: PanelGeometry) -> np.ndarray:
-    """Solid angle (sr) subtended by each pixel: px py |n . r^| / r^2."""
+    """Solid angle (sr) of the rays each pixel records: px py |n . r^| / r^2,
+    or the parallax-shrunk patch (geometry.pixel_solid_angles)."""
+    if geometry.solid_angle_sr is not None:
+        return geometry.solid_angle_sr
     return geometry.pixel_area_mm2 * geometry.cos_incidence / geometry.distance_mm**2
 
 

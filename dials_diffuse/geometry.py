@@ -35,6 +35,7 @@ class PanelGeometry:
     unit_s1: np.ndarray  # (n, 3) unit vector from sample to pixel centre
     cos_incidence: np.ndarray  # (n,) |n_panel . unit_s1|
     pixel_area_mm2: float
+    solid_angle_sr: np.ndarray = None  # (n,) solid angle of the rays each pixel records
 
     @property
     def n_pixels(self):
@@ -58,6 +59,7 @@ def panel_geometry(panel, panel_id: int = 0, pixel_step: int = 1) -> PanelGeomet
     normal = np.array(panel.get_normal(), dtype=np.float64)
     cos_incidence = np.abs(unit_s1 @ normal)
     px, py = panel.get_pixel_size()
+    solid = pixel_solid_angles(panel, slow_1d, fast_1d, unit_s1, distance)
     return PanelGeometry(
         panel_id=panel_id,
         image_shape=(n_slow, n_fast),
@@ -68,7 +70,51 @@ def panel_geometry(panel, panel_id: int = 0, pixel_step: int = 1) -> PanelGeomet
         unit_s1=unit_s1,
         cos_incidence=cos_incidence,
         pixel_area_mm2=px * py,
+        solid_angle_sr=solid,
     )
+
+
+def pixel_solid_angles(panel, slow_1d, fast_1d, unit_s1, distance) -> np.ndarray:
+    """Solid angle (sr) of the rays each pixel of the raster slow_1d x
+    fast_1d (C order, as ``panel_geometry``) records.
+
+    Flat panel with the simple px->mm mapping: px py |n . r^| / r^2. With the
+    parallax correction, the rays a pixel records enter the sensor on a patch
+    smaller than the pixel (the mapping's Jacobian: 0.1-0.3 % on a 450 um Si
+    Pilatus at 100-250 mm): the patch spanned by the lab positions of the
+    pixel's edge midpoints, dotted with the ray, over r^2. That shrink factor
+    varies by ~1e-4 over a panel, so it is computed on a grid every
+    SHRINK_GRID pixels and interpolated (bilinear error < 1e-7).
+    """
+    px, py = panel.get_pixel_size()
+    normal = np.array(panel.get_normal(), dtype=np.float64)
+    nominal = px * py * np.abs(unit_s1 @ normal) / distance**2
+    if panel.get_px_mm_strategy().name() != "ParallaxCorrectedPxMmStrategy":
+        return nominal
+    n_fast, n_slow = panel.get_image_size()
+    grid_fast = np.unique(np.append(np.arange(0, n_fast, SHRINK_GRID), n_fast - 1)) + 0.5
+    grid_slow = np.unique(np.append(np.arange(0, n_slow, SHRINK_GRID), n_slow - 1)) + 0.5
+    y, x = (a.ravel() for a in np.meshgrid(grid_slow, grid_fast, indexing="ij"))
+    centre = pixel_lab_coordinates(panel, x, y)
+    r = np.sqrt(np.einsum("ij,ij->i", centre, centre))
+    ray = centre / r[:, None]
+    along_fast = pixel_lab_coordinates(panel, x + 0.5, y) - pixel_lab_coordinates(panel, x - 0.5, y)
+    along_slow = pixel_lab_coordinates(panel, x, y + 0.5) - pixel_lab_coordinates(panel, x, y - 0.5)
+    patch = np.abs(np.einsum("ij,ij->i", np.cross(along_fast, along_slow), ray))
+    shrink = (patch / (px * py * np.abs(ray @ normal))).reshape(grid_slow.size, grid_fast.size)
+    # bilinear interpolation onto the raster as two small matrix products
+    along_y = _interpolation_weights(grid_slow, slow_1d + 0.5)
+    along_x = _interpolation_weights(grid_fast, fast_1d + 0.5)
+    return nominal * (along_y @ shrink @ along_x.T).ravel()
+
+
+SHRINK_GRID = 16
+
+
+def _interpolation_weights(grid, points):
+    """(points, grid) matrix W of linear interpolation: f(points) = W f(grid)."""
+    eye = np.eye(grid.size)
+    return np.stack([np.interp(points, grid, eye[k]) for k in range(grid.size)], axis=1)
 
 
 def pixel_lab_coordinates(panel, x_px: np.ndarray, y_px: np.ndarray) -> np.ndarray:
