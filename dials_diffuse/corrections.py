@@ -51,9 +51,7 @@ def polarization_factor(
 def solid_angle(geometry: PanelGeometry) -> np.ndarray:
     """Solid angle (sr) of the rays each pixel records: px py |n . r^| / r^2,
     or the parallax-shrunk patch (geometry.pixel_solid_angles)."""
-    if geometry.solid_angle_sr is not None:
-        return geometry.solid_angle_sr
-    return geometry.pixel_area_mm2 * geometry.cos_incidence / geometry.distance_mm**2
+    return geometry.solid_angle_sr
 
 
 def sensor_efficiency(geometry: PanelGeometry, mu_per_mm: float, thickness_mm: float):

@@ -35,7 +35,7 @@ class PanelGeometry:
     unit_s1: np.ndarray  # (n, 3) unit vector from sample to pixel centre
     cos_incidence: np.ndarray  # (n,) |n_panel . unit_s1|
     pixel_area_mm2: float
-    solid_angle_sr: np.ndarray = None  # (n,) solid angle of the rays each pixel records
+    solid_angle_sr: np.ndarray  # (n,) solid angle of the rays each pixel records
 
     @property
     def n_pixels(self):
@@ -59,7 +59,7 @@ def panel_geometry(panel, panel_id: int = 0, pixel_step: int = 1) -> PanelGeomet
     normal = np.array(panel.get_normal(), dtype=np.float64)
     cos_incidence = np.abs(unit_s1 @ normal)
     px, py = panel.get_pixel_size()
-    solid = pixel_solid_angles(panel, slow_1d, fast_1d, unit_s1, distance)
+    solid = pixel_solid_angles(panel, slow_1d, fast_1d, cos_incidence, distance)
     return PanelGeometry(
         panel_id=panel_id,
         image_shape=(n_slow, n_fast),
@@ -74,7 +74,7 @@ def panel_geometry(panel, panel_id: int = 0, pixel_step: int = 1) -> PanelGeomet
     )
 
 
-def pixel_solid_angles(panel, slow_1d, fast_1d, unit_s1, distance) -> np.ndarray:
+def pixel_solid_angles(panel, slow_1d, fast_1d, cos_incidence, distance) -> np.ndarray:
     """Solid angle (sr) of the rays each pixel of the raster slow_1d x
     fast_1d (C order, as ``panel_geometry``) records.
 
@@ -87,8 +87,7 @@ def pixel_solid_angles(panel, slow_1d, fast_1d, unit_s1, distance) -> np.ndarray
     SHRINK_GRID pixels and interpolated (bilinear error < 1e-7).
     """
     px, py = panel.get_pixel_size()
-    normal = np.array(panel.get_normal(), dtype=np.float64)
-    nominal = px * py * np.abs(unit_s1 @ normal) / distance**2
+    nominal = px * py * cos_incidence / distance**2
     if panel.get_px_mm_strategy().name() != "ParallaxCorrectedPxMmStrategy":
         return nominal
     n_fast, n_slow = panel.get_image_size()
@@ -101,6 +100,7 @@ def pixel_solid_angles(panel, slow_1d, fast_1d, unit_s1, distance) -> np.ndarray
     along_fast = pixel_lab_coordinates(panel, x + 0.5, y) - pixel_lab_coordinates(panel, x - 0.5, y)
     along_slow = pixel_lab_coordinates(panel, x, y + 0.5) - pixel_lab_coordinates(panel, x, y - 0.5)
     patch = np.abs(np.einsum("ij,ij->i", np.cross(along_fast, along_slow), ray))
+    normal = np.array(panel.get_normal(), dtype=np.float64)
     shrink = (patch / (px * py * np.abs(ray @ normal))).reshape(grid_slow.size, grid_fast.size)
     # bilinear interpolation onto the raster as two small matrix products
     along_y = _interpolation_weights(grid_slow, slow_1d + 0.5)

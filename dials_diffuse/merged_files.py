@@ -130,10 +130,8 @@ def write_all(out_dir, grid, obs, result, merged, stats, params, operators):
     ensure_output_directory(out_dir)
     from dials_diffuse.merging import isotropic_profile
 
-    multiplicity = (np.ones(merged.qmag.size) if merged.multiplicity is None
-                    else merged.multiplicity)
-    centres, means, counts = isotropic_profile(merged.qmag, merged.intensity, multiplicity,
-                                               merged.on_bragg)
+    centres, means, counts = isotropic_profile(merged.qmag, merged.intensity,
+                                               merged.multiplicity, merged.on_bragg)
     stats = dict(stats)
     stats["radial_profile"] = {
         "weighting": "symmetry multiplicity; voxels on Bragg positions left out",

@@ -11,7 +11,6 @@ from __future__ import annotations
 import dataclasses
 import logging
 import time
-from typing import Optional
 
 import numpy as np
 
@@ -40,7 +39,7 @@ class MergedMap:
     n_rejected: np.ndarray
     isotropic: np.ndarray  # radial average at each voxel's |q|
     on_bragg: np.ndarray  # voxel centre on an integer hkl
-    multiplicity: Optional[np.ndarray] = None  # grid points each ASU voxel stands for
+    multiplicity: np.ndarray  # grid points each ASU voxel stands for
 
 
 def radial_profile(qmag, intensity, n_bins=50, weights=None):
@@ -101,8 +100,8 @@ def image_halves(n_images, seed=0):
     return in_first_half
 
 
-def cc_half(obs, model, use, on_bragg, n_shells=10, seed=0, n_bins=50, half_maps=None,
-            multiplicity=None):
+def cc_half(obs, model, use, on_bragg, multiplicity, n_shells=10, seed=0, n_bins=50,
+            half_maps=None):
     """Half-dataset correlations per resolution shell (random halves by image).
 
     ``half_maps``: the (I, sigma, n) of each half when the scaling made them
@@ -116,8 +115,8 @@ def cc_half(obs, model, use, on_bragg, n_shells=10, seed=0, n_bins=50, half_maps
         values = []
         for intensity, _ in halves:
             if name == "anisotropic":
-                weight = np.ones(obs.n_voxels) if multiplicity is None else multiplicity
-                c, m, _ = isotropic_profile(obs.voxel_qmag, intensity, weight, on_bragg, n_bins)
+                c, m, _ = isotropic_profile(obs.voxel_qmag, intensity, multiplicity, on_bragg,
+                                            n_bins)
                 intensity = intensity - isotropic_at(obs.voxel_qmag, c, m)
             values.append(intensity)
         maps[name] = values
@@ -236,7 +235,7 @@ def extracted_ndiv(path):
     return tuple(meta.get("ndiv", (None, None, None)))
 
 
-def merge_map(obs, result, grid, multiplicity=None) -> MergedMap:
+def merge_map(obs, result, grid, multiplicity) -> MergedMap:
     intensity, sigma, n_obs = result.intensity, result.sigma, result.n_observations
     if sigma is None:
         intensity, sigma, n_obs = scaling.merge_intensities(obs, result.model, ~result.rejected)
@@ -246,8 +245,6 @@ def merge_map(obs, result, grid, multiplicity=None) -> MergedMap:
     hkl = obs.voxel_grid / ndiv
     q = grid.q_of(hkl)
     on_bragg = np.all(obs.voxel_grid % ndiv == 0, axis=1)
-    if multiplicity is None:
-        multiplicity = np.ones(obs.n_voxels, np.int64)
     centres, means, _ = isotropic_profile(obs.voxel_qmag[keep], intensity[keep],
                                           multiplicity[keep], on_bragg[keep])
     iso = isotropic_at(obs.voxel_qmag, centres, means)
@@ -306,9 +303,9 @@ def merge_run(experiments, inputs, params):
     multiplicity = symmetry.orbit_sizes(obs.voxel_grid, operators)
     merged = merge_map(obs, result, grid, multiplicity)
     on_bragg = np.all(obs.voxel_grid % np.array(grid.ndiv) == 0, axis=1)
-    stats = cc_half(obs, result.model, ~result.rejected, on_bragg, n_shells=params.statistics.n_shells,
-                    seed=params.statistics.seed, half_maps=result.half_maps,
-                    multiplicity=multiplicity)
+    stats = cc_half(obs, result.model, ~result.rejected, on_bragg, multiplicity,
+                    n_shells=params.statistics.n_shells, seed=params.statistics.seed,
+                    half_maps=result.half_maps)
     _log_cc_half(stats)
     t_merge = time.time()
     out = params.output.directory
