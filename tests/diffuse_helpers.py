@@ -70,3 +70,14 @@ def extraction_params(truth, directory, **overrides):
     return set_params(params, **overrides)
 
 
+
+
+def swept_voxels(merged, observations):
+    """Of the merged voxels, those the Ewald sphere swept through inside a
+    rotation scan: observed on neither its first nor its last image. A voxel
+    cut by the scan's ends is sampled only in part; its merged value is the
+    average over that part, not over the voxel."""
+    on_edge = np.isin(observations.image, [0, observations.n_images - 1])
+    cut = np.bincount(observations.voxel[on_edge], minlength=observations.n_voxels) > 0
+    index = {tuple(g): i for i, g in enumerate(observations.voxel_grid)}
+    return ~cut[[index[tuple(g)] for g in merged.voxel_grid]]
