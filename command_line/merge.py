@@ -41,12 +41,14 @@ from dials.util.options import ArgumentParser, flatten_experiments
 
 from dials_diffuse.merging import merge_run
 from dials_diffuse.command_util import check_unhandled, parse_command_line
+from dials_diffuse.absolute_scale import phil_str as absolute_scale_phil_str
 from dials_diffuse.phil_scopes import grid_phil_str
 
 logger = logging.getLogger("dials.diffuse_merge")
 
 merge_phil_str = (
     grid_phil_str
+    + absolute_scale_phil_str
     + """
 d_min = None
   .type = float(value_min=0)

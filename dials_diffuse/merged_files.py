@@ -8,6 +8,11 @@
 * ``voxel_data_relative.npz`` (optionally ``.h5``): the merged ASU voxels,
   keys of the DiffusePipe guide plus isotropic/anisotropic parts.
 * ``merging_statistics.json``: CC1/2 tables and the radial profile.
+* ``absolute_scale.json`` (with ``absolute_scale.composition``): the fitted
+  scale K and the shell means of data, coherent and incoherent scattering;
+  the voxel file then also holds ``I_absolute`` = K I - incoherent,
+  ``Sigma_absolute`` and ``I_incoherent`` (electron units per unit cell), and
+  ``diffuse_absolute.ccp4`` is written with the other maps.
 * ``diffuse_total.ccp4`` / ``diffuse_anisotropic.ccp4``: the map expanded by
   symmetry to an hkl box. Axes X, Y, Z = h, k, l; the map's cell is one
   reciprocal cell (a*, b*, c*, alpha*, beta*, gamma*) times
@@ -35,6 +40,8 @@ SCALING_NAME = "refined_scaling_model_params.json"
 VOXEL_NAME = "voxel_data_relative.npz"
 VOXEL_H5_NAME = "voxel_data_relative.h5"
 STATS_NAME = "merging_statistics.json"
+ABSOLUTE_NAME = "absolute_scale.json"
+ABSOLUTE_MAP_NAME = "diffuse_absolute.ccp4"
 MAP_NAMES = {"total": "diffuse_total.ccp4", "anisotropic": "diffuse_anisotropic.ccp4"}
 
 VOXEL_KEYS = (
@@ -126,7 +133,7 @@ def _error_model_document(model):
     }
 
 
-def write_all(out_dir, grid, obs, result, merged, stats, params, operators):
+def write_all(out_dir, grid, obs, result, merged, stats, params, operators, absolute=None):
     ensure_output_directory(out_dir)
     from dials_diffuse.merging import isotropic_profile
 
@@ -144,6 +151,9 @@ def write_all(out_dir, grid, obs, result, merged, stats, params, operators):
     stats["n_voxels"] = int(len(merged.intensity))
     stats["n_images"] = int(obs.n_images)
     arrays = voxel_arrays(merged)
+    if absolute is not None:
+        arrays.update(I_absolute=absolute.intensity, Sigma_absolute=absolute.sigma,
+                      I_incoherent=absolute.incoherent)
     # maps first, metadata-style JSON last: a directory whose grid file exists
     # is complete. An old grid file goes first, and a failed write removes
     # what this run wrote: never a mix of old and new, or a half set.
@@ -161,10 +171,16 @@ def write_all(out_dir, grid, obs, result, merged, stats, params, operators):
                 values = arrays["I_merged_relative"] if kind == "total" else arrays["I_anisotropic"]
                 write_ccp4(path_of(name), grid, merged.voxel_grid, values,
                            operators, params.output, label=f"dials.diffuse_merge {kind} map")
+            if absolute is not None:
+                write_ccp4(path_of(ABSOLUTE_MAP_NAME), grid, merged.voxel_grid,
+                           absolute.intensity, operators, params.output,
+                           label="dials.diffuse_merge electron units per cell")
         io.write_npz(path_of(VOXEL_NAME), compress_level=1, deflate_floats=False, **arrays)
         if params.output.hdf5:
             write_hdf5(path_of(VOXEL_H5_NAME), arrays)
         io.write_json(path_of(STATS_NAME), stats)
+        if absolute is not None:
+            io.write_json(path_of(ABSOLUTE_NAME), absolute.as_dict())
         io.write_json(path_of(SCALING_NAME), scaling_dict(obs, result, params))
         io.write_json(path_of(GRID_NAME), grid.as_dict())
     except BaseException:

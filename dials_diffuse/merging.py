@@ -22,6 +22,7 @@ from dials_diffuse import merged_files, scaling, symmetry
 from dials_diffuse.diffuse_files import image_frame
 from dials_diffuse.observations import find_extraction_files, load_observations
 from dials_diffuse.command_util import resolve_nproc
+from dials_diffuse import absolute_scale
 from dials_diffuse.phil_scopes import check_grid_params
 
 logger = logging.getLogger("dials.diffuse_merge")
@@ -272,6 +273,7 @@ def merge_run(experiments, inputs, params):
         raise Sorry(f"d_min={params.d_min} must be smaller than d_max={params.d_max}")
     files = find_extraction_files(inputs)
     grid, excluded = build_grid(experiments, params, extracted_ndiv(files[0]))
+    cell_contents = absolute_scale.cell_contents(params.absolute_scale, grid)
     operators = symmetry.laue_operators(grid.space_group, params.symmetry.merge)
     try:
         symmetry.check_ndiv(grid.ndiv, operators)
@@ -309,12 +311,16 @@ def merge_run(experiments, inputs, params):
     _log_cc_half(stats)
     t_merge = time.time()
     out = params.output.directory
-    merged_files.write_all(out, grid, obs, result, merged, stats, params, operators)
+    absolute = absolute_scale.absolute_scale_run(merged, experiments, cell_contents,
+                                                 params.absolute_scale)
+    merged_files.write_all(out, grid, obs, result, merged, stats, params, operators,
+                           absolute=absolute)
     logger.info(
         "Read %.1f s, scale and merge %.1f s, write %.1f s",
         t_read - t0, t_merge - t_read, time.time() - t_merge,
     )
-    return {"grid": grid, "observations": obs, "scaling": result, "merged": merged, "statistics": stats}
+    return {"grid": grid, "observations": obs, "scaling": result, "merged": merged,
+            "statistics": stats, "absolute": absolute}
 
 
 def smooth_scale_basis(experiments, obs, scaling_params):

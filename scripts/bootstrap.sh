@@ -8,11 +8,12 @@ venv="$here/.venv"
 SUDO=""
 if [ "$(id -u)" != 0 ]; then SUDO="sudo"; fi
 
-if ! /usr/bin/python3 -c "import dials, dxtbx, cctbx, scitbx" >/dev/null 2>&1 \
+# python3-xraylib: incoherent scattering functions (absolute scale, Compton)
+if ! /usr/bin/python3 -c "import dials, dxtbx, cctbx, scitbx, xraylib" >/dev/null 2>&1 \
    || ! command -v dials.import >/dev/null 2>&1; then
-  echo "bootstrap: installing Debian's dials (about 2 minutes)"
+  echo "bootstrap: installing Debian's dials and xraylib (about 2 minutes)"
   $SUDO apt-get update -qq
-  DEBIAN_FRONTEND=noninteractive $SUDO apt-get install -y -qq dials python3-venv >/dev/null
+  DEBIAN_FRONTEND=noninteractive $SUDO apt-get install -y -qq dials python3-venv python3-xraylib >/dev/null
 fi
 
 if [ ! -x "$venv/bin/python" ]; then

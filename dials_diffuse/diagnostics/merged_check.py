@@ -9,7 +9,9 @@ Inventory.
 
 from __future__ import annotations
 
+import json
 import logging
+import os
 import time
 
 import numpy as np
@@ -332,6 +334,13 @@ def run_merged_check(found, params, experiments=None) -> Inventory:
                         "merged_cc_half.png", "CC1/2 per resolution shell")
     else:
         out.skip("merged_cc_half.png", f"no CC1/2 shells in {merged_files.STATS_NAME}")
+    absolute_path = os.path.join(m.directory, merged_files.ABSOLUTE_NAME)
+    if os.path.exists(absolute_path):
+        with open(absolute_path) as fh:
+            out.save_figure(plots.plot_absolute_scale(json.load(fh)), "absolute_scale.png",
+                            "Absolute scale: data, coherent, incoherent vs |s|")
+    else:
+        out.skip("absolute_scale.png", "the merge ran without absolute_scale.composition")
     out.save_text(merged_summary_text(m, found, ids, b, out, time.time() - t0, section_peaks),
                   SUMMARY_NAME, "Merged-map diagnostics summary")
     return out

@@ -190,3 +190,25 @@ def plot_cc_half(shells, overall):
                    float(np.max([s["q_max"] for s in shells])))
     ax.set_title("Half-dataset correlation per resolution shell", fontsize=10)
     return fig
+
+
+def plot_absolute_scale(doc):
+    """Shell means of the scaled map against the sum rule's model (from
+    absolute_scale.json): data, coherent, incoherent and their sum vs |s|."""
+    fig, ax = new_figure(width=7, height=5)
+    ax = ax[0, 0]
+    shells = doc["shells"]
+    s = np.array(shells["s"], dtype=float)
+    for key, style, label in (("data", "o", "data x K"), ("coherent", "-", "coherent sum n f^2"),
+                              ("incoherent", "--", "incoherent (Compton, as recorded)"),
+                              ("sum", "-", "coherent + incoherent")):
+        ax.plot(s, np.array(shells[key], dtype=float), style, ms=4, label=label)
+    lo, hi = doc["fit_s_range"]
+    ax.axvspan(lo, hi, color="grey", alpha=0.1, label="fit range")
+    ax.set_xlabel("|s| (1/Å)")
+    ax.set_ylabel("electron units per unit cell")
+    ax.set_ylim(bottom=0)
+    ax.legend(fontsize=8)
+    ax.set_title(f"Absolute scale K = {doc['scale']:.4g} "
+                 f"({doc['electrons_per_cell']:.0f} electrons per cell)", fontsize=10)
+    return fig

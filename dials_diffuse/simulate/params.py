@@ -155,6 +155,17 @@ diffuse {
     width = 0.002
       .type = float
       .help = "Gaussian sigma perpendicular to a* (1/Angstrom)."
+  }  absolute {
+    composition = None
+      .type = str
+      .help = "Element / count pairs per unit cell (e.g. 'C 600 H 950 N 160 O 190 S 8'):"
+              "D becomes electron units per cell, sum_j n_j f_j(|s|)^2 (1 + contrast"
+              "(halos and streaks / their mean - 1)), and the images also hold the"
+              "cell's incoherent (Compton) scattering. flux is then photons per"
+              "electron unit per steradian per second (about 1e4 times less than for"
+              "the default D of order 1). See dials_diffuse/simulate/absolute.py."
+    contrast = 0.3
+      .type = float(value_min=0)
   }
 }
 bragg {

@@ -333,6 +333,14 @@ def _truth_dict(params, beam, detector, Us, scales, fmt):
             streak_length=params.diffuse.streak.length,
             streak_width=params.diffuse.streak.width,
         ).as_dict(),
+        "absolute": {
+            "composition": params.diffuse.absolute.composition,
+            "contrast": params.diffuse.absolute.contrast,
+            "units": "D in electron units per unit cell; images also hold the "
+            "incoherent scattering (Truth.compton_per_cell)",
+        }
+        if params.diffuse.absolute.composition
+        else None,
         "scales": {str(i): float(s) for i, s in enumerate(scales)},
         "scale_spread": params.scale.spread,
         "flux": params.flux,

@@ -19,6 +19,13 @@ from scipy.special import ndtr
 
 from dials_diffuse.simulate import reference_physics as ref
 from dials_diffuse.simulate.diffuse_model import DiffuseModel, DiffuseParameters
+from dials_diffuse.simulate.absolute import (
+    AbsoluteDiffuseModel,
+    compton_energy_ratio,
+    incoherent_per_cell,
+    parse_elements,
+    shifted_response,
+)
 
 TRUTH_JSON = "truth.json"
 TRUTH_EXPT = "truth.expt"
@@ -32,7 +39,14 @@ class Truth:
         self.data = data
         self.experiments = experiments
         self.directory = pathlib.Path(directory) if directory is not None else None
-        self.model = DiffuseModel(DiffuseParameters(**data["diffuse"]))
+        absolute = data.get("absolute")
+        if absolute:
+            self.elements = parse_elements(absolute["composition"])
+            self.model = AbsoluteDiffuseModel(DiffuseParameters(**data["diffuse"]),
+                                              self.elements, absolute["contrast"])
+        else:
+            self.elements = None
+            self.model = DiffuseModel(DiffuseParameters(**data["diffuse"]))
         self.n_images = int(data["n_images"])
         self.scales = np.array(
             [data["scales"][str(i)] for i in range(self.n_images)], dtype=float
@@ -261,10 +275,28 @@ class Truth:
         for dphi in offsets:
             for p, h in enumerate(self._hkl_flat(i, dphi)):
                 d[p] += self.diffuse(h)
-        return [
+        photons = [
             (factor * dp / len(offsets) * c.total).reshape(self._shape(p))
             for p, (dp, c) in enumerate(zip(d, self.corrections))
         ]
+        if self.elements:
+            for p, (q, c) in enumerate(zip(self.q_lab, self.corrections)):
+                photons[p] += factor * self._compton_pixels(q, c).reshape(self._shape(p))
+        return photons
+
+    def compton_per_cell(self, qmag) -> np.ndarray:
+        """The true incoherent scattering per cell at |s| (electron units,
+        with the recoil factor (E'/E)^2 of photon counting), before the
+        detector's response at the shifted energy."""
+        ratio = compton_energy_ratio(qmag, self.beam.get_wavelength())
+        return incoherent_per_cell(qmag, self.elements) * ratio ** 2
+
+    def _compton_pixels(self, q, factors) -> np.ndarray:
+        """Compton of each pixel, in D units times the pixel's factors at E'."""
+        qmag = np.sqrt(np.einsum("ij,ij->i", q, q))
+        ratio = compton_energy_ratio(qmag, self.beam.get_wavelength())
+        eta, air = shifted_response(factors.efficiency, factors.air, ratio)
+        return self.compton_per_cell(qmag) * factors.polarization * factors.solid_angle * eta * air
 
     @property
     def bragg(self):
