@@ -60,10 +60,18 @@ absolute_scale
     .help = "The unit cell's contents: element / count pairs per cell "
             "('C 600 H 950 N 160 O 190 S 8'), or a PDB / mmCIF model file "
             "(its atoms times occupancy, expanded by the space group's operators)."
+  sequence = None
+    .type = str
+    .help = "Instead of composition: a protein sequence (one-letter codes, or "
+            "a FASTA / plain sequence file) of the molecule(s) in the "
+            "asymmetric unit; hydrogens included, times the space group's order."
+  molecules_per_asu = 1
+    .type = int(value_min=1)
+    .help = "Copies of the sequence in the asymmetric unit."
   solvent_fraction = None
     .type = float(value_min=0, value_max=1)
-    .help = "With a model file: the volume fraction of the cell filled by bulk "
-            "water (0.0334 molecules per cubic Angstrom), added to its atoms."
+    .help = "With a model file or a sequence: the volume fraction of the cell "
+            "filled by bulk water (0.0334 molecules per cubic Angstrom)."
   d_min = None
     .type = float(value_min=0)
     .help = "High-resolution end of the fit (Angstrom); default: the data's."
@@ -180,21 +188,67 @@ def model_element_counts(path: str, space_group, unit_cell, solvent_fraction=Non
     if "H" not in counts:
         logger.warning("absolute_scale: %s has no hydrogen atoms; they are not counted "
                        "(about 7 %% of a protein's electrons)", os.path.basename(path))
+    return _add_solvent(counts, unit_cell, solvent_fraction)
+
+
+#: elements (C, H, N, O, S) of amino-acid residues in a chain: the free
+#: amino acid minus one H2O
+RESIDUE_ELEMENTS = {
+    "G": (2, 3, 1, 1, 0), "A": (3, 5, 1, 1, 0), "S": (3, 5, 1, 2, 0), "P": (5, 7, 1, 1, 0),
+    "V": (5, 9, 1, 1, 0), "T": (4, 7, 1, 2, 0), "C": (3, 5, 1, 1, 1), "L": (6, 11, 1, 1, 0),
+    "I": (6, 11, 1, 1, 0), "N": (4, 6, 2, 2, 0), "D": (4, 5, 1, 3, 0), "Q": (5, 8, 2, 2, 0),
+    "K": (6, 12, 2, 1, 0), "E": (5, 7, 1, 3, 0), "M": (5, 9, 1, 1, 1), "H": (6, 7, 3, 1, 0),
+    "F": (9, 9, 1, 1, 0), "R": (6, 12, 4, 1, 0), "Y": (9, 9, 1, 2, 0), "W": (11, 10, 2, 1, 0),
+}
+
+
+def read_sequence(text: str) -> str:
+    """One-letter protein sequence from a string or a (FASTA) file."""
+    if os.path.isfile(text):
+        with open(text) as fh:
+            text = "".join(line.strip() for line in fh if not line.startswith(">"))
+    letters = re.sub(r"[\s*]", "", text).upper()
+    unknown = sorted(set(letters) - set(RESIDUE_ELEMENTS))
+    if not letters or unknown:
+        raise Sorry(f"absolute_scale.sequence: not a protein sequence (unknown letters "
+                    f"{''.join(unknown) or 'none'}; give one-letter codes or a FASTA file)")
+    return letters
+
+
+def sequence_element_counts(sequence: str, copies: int, space_group, unit_cell,
+                            solvent_fraction=None) -> dict:
+    """Atoms per cell of ``copies`` chains per asymmetric unit (each chain
+    with one water for its termini), plus bulk water."""
+    per_chain = np.array([RESIDUE_ELEMENTS[r] for r in sequence], dtype=float).sum(axis=0)
+    per_chain += (0, 2, 0, 1, 0)
+    counts = dict(zip(("C", "H", "N", "O", "S"),
+                      (per_chain * copies * space_group.order_z()).tolist()))
+    return _add_solvent(counts, unit_cell, solvent_fraction)
+
+
+def _add_solvent(counts, unit_cell, solvent_fraction):
     if solvent_fraction:
         waters = solvent_fraction * unit_cell.volume() * WATER_PER_A3
         counts["O"] = counts.get("O", 0.0) + waters
         counts["H"] = counts.get("H", 0.0) + 2 * waters
-    return counts
+    return {e: n for e, n in counts.items() if n > 0}
 
 
 def element_counts(params, space_group, unit_cell) -> dict:
+    if params.sequence:
+        if params.composition:
+            raise Sorry("absolute_scale: give composition or sequence, not both")
+        return sequence_element_counts(read_sequence(params.sequence.strip()),
+                                       params.molecules_per_asu, space_group, unit_cell,
+                                       params.solvent_fraction)
     text = params.composition.strip()
+
     if os.path.isfile(text) or re.search(r"\.(pdb|ent|cif|mmcif)(\.gz)?$", text, re.I):
         if not os.path.isfile(text):
             raise Sorry(f"absolute_scale.composition={text}: no such file")
         return model_element_counts(text, space_group, unit_cell, params.solvent_fraction)
     if params.solvent_fraction:
-        raise Sorry("absolute_scale.solvent_fraction needs a model file as composition "
+        raise Sorry("absolute_scale.solvent_fraction needs a model file or a sequence "
                     "(with element counts, count the solvent's O and H in)")
     return parse_element_counts(text)
 
@@ -307,7 +361,7 @@ def fit_absolute_scale(merged, elements, wavelength, sensor=(0.0, 0.0), d_min=No
 def cell_contents(params, grid):
     """Element counts per cell of ``absolute_scale.composition`` (None if unset);
     read before the merge's work, so that bad input fails at once."""
-    if not params.composition:
+    if not (params.composition or params.sequence):
         return None
     return element_counts(params, grid.space_group, grid.unit_cell)
 

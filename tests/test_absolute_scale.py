@@ -151,3 +151,21 @@ def test_bad_composition_is_one_line(absolute_run, tmp_path):
     assert proc.returncode == 1
     assert "Sorry" in proc.stderr + proc.stdout and "Traceback" not in proc.stderr
     assert not (tmp_path / "m" / "absolute_scale.json").exists()
+
+
+def test_sequence_composition(tmp_path):
+    """Gly-Ala is C5 H10 N2 O3; a FASTA file reads the same; four copies in
+    P 21 21 21 (order 4) with one molecule per asymmetric unit."""
+    from cctbx import sgtbx, uctbx
+
+    p1 = sgtbx.space_group_info("P 1").group()
+    cell = uctbx.unit_cell((30, 40, 50, 90, 90, 90))
+    assert absolute.sequence_element_counts("GA", 1, p1, cell) == {
+        "C": 5.0, "H": 10.0, "N": 2.0, "O": 3.0}
+    fasta = tmp_path / "seq.fasta"
+    fasta.write_text(">dipeptide\nG\nA\n")
+    group = sgtbx.space_group_info("P 21 21 21").group()
+    counts = absolute.sequence_element_counts(absolute.read_sequence(str(fasta)), 2, group, cell)
+    assert counts == {"C": 40.0, "H": 80.0, "N": 16.0, "O": 24.0}
+    with pytest.raises(Sorry):
+        absolute.read_sequence("GAX1")
