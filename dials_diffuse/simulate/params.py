@@ -168,6 +168,20 @@ diffuse {
       .type = float(value_min=0)
   }
 }
+surfaces
+  .help = "Smooth multiplicative surfaces on the diffuse photons, as mdx2 models"
+          "them (dials_diffuse/simulate/surfaces.py); 0 switches one off."
+{
+  absorption = 0.0
+    .type = float(value_min=0, value_max=0.9)
+    .help = "Depth A of the absorption surface a(x, y, phi), in [1 - A, 1]."
+  absorption_period_deg = 60.0
+    .type = float(value_min=0)
+    .help = "Period in phi of the absorption surface's variation."
+  response = 0.0
+    .type = float(value_min=0, value_max=0.9)
+    .help = "Amplitude R of the detector response d(x, y), in [1 - R, 1 + R]."
+}
 bragg {
   enabled = True
     .type = bool

@@ -341,6 +341,11 @@ def _truth_dict(params, beam, detector, Us, scales, fmt):
         }
         if params.diffuse.absolute.composition
         else None,
+        "surfaces": {
+            "absorption": params.surfaces.absorption,
+            "absorption_period_deg": params.surfaces.absorption_period_deg,
+            "response": params.surfaces.response,
+        },
         "scales": {str(i): float(s) for i, s in enumerate(scales)},
         "scale_spread": params.scale.spread,
         "flux": params.flux,

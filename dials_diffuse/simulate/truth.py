@@ -18,6 +18,7 @@ import numpy as np
 from scipy.special import ndtr
 
 from dials_diffuse.simulate import reference_physics as ref
+from dials_diffuse.simulate import surfaces
 from dials_diffuse.simulate.diffuse_model import DiffuseModel, DiffuseParameters
 from dials_diffuse.simulate.absolute import (
     AbsoluteDiffuseModel,
@@ -282,7 +283,27 @@ class Truth:
         if self.elements:
             for p, (q, c) in enumerate(zip(self.q_lab, self.corrections)):
                 photons[p] += factor * self._compton_pixels(q, c).reshape(self._shape(p))
+        for p in range(len(photons)):
+            photons[p] *= self.surface(i, p)
         return photons
+
+    def phi_deg(self, i: int) -> float:
+        """Rotation angle at the centre of image i (degrees; 0 for stills)."""
+        if self.is_stills:
+            return 0.0
+        return float(self.experiments[0].scan.get_angle_from_array_index(self.frame(i) + 0.5))
+
+    def surface(self, i: int, panel_id: int) -> np.ndarray:
+        """a(x, y, phi) d(x, y) of image i's panel (simulate/surfaces.py), 2-D."""
+        settings = self.data.get("surfaces") or {}
+        shape = self._shape(panel_id)
+        out = np.ones(int(np.prod(shape)))
+        if settings.get("absorption"):
+            out *= surfaces.absorption(shape, self.phi_deg(i), settings["absorption"],
+                                       settings["absorption_period_deg"])
+        if settings.get("response"):
+            out *= surfaces.response(shape, settings["response"])
+        return out.reshape(shape)
 
     def compton_per_cell(self, qmag) -> np.ndarray:
         """The true incoherent scattering per cell at |s| (electron units,
