@@ -25,6 +25,22 @@ its process tree (psutil polling every 50 ms, plus the kernel's maxrss):
 
 Both chains read the simulator's truth.expt (the exact models), so neither
 needs indexing. Results: a table and bench/results/comparison_<n>.json.
+
+Maps (issue 14, item 3; --skip-maps to leave out): after the timing table,
+bench/compare_maps.py puts our merged map (ours_np<k>/merged) and mdx2's
+(mdx2_np<k>/merged.nxs, the first nproc at which both succeeded) on their
+common voxels of the same fractional-hkl grid (both mapped to our canonical
+asymmetric unit) and prints CC of total and anisotropic intensity between the
+two and of each against the simulator's truth (flux x D averaged over each
+voxel), and the normalised ratios per resolution shell; stored under "maps"
+in the JSON. --maps-only redoes just that on the outputs of an earlier run.
+--no-background simulates the images without the simulator's background
+(neither chain subtracts it here), for the check against the truth;
+--bragg-widths truth (default) gives our extraction the simulated spots'
+widths (masking.bragg.mosaicity_deg / beam_divergence_deg), 'fallback' leaves
+it to its 0.2 / 0.1 deg fallback as the issue-7 runs did (it then masks 18 %
+of the pixels and cuts the halo cores out of the voxels next to Bragg peaks).
+See docs/MDX2_COMPARISON.md.
 """
 
 from __future__ import annotations
@@ -99,11 +115,32 @@ def run_stages(name, stages, cwd):
     return out
 
 
-def ours(directory, work, ndiv, nproc, mp_supported):
-    expt = directory / "truth.expt"
-    extract = [str(common.VENV_BIN / "dials.diffuse_extract"), str(expt),
+def truth_bragg_widths(directory):
+    """The simulated spots' widths as dials.diffuse_extract's rotation Bragg-mask
+    parameters: sigma_m = bragg.mosaicity_deg, sigma_b = the spot's sigma_px
+    seen from the sample (deg; plus the beam divergence)."""
+    import math
+
+    from dxtbx.model.experiment_list import ExperimentListFactory
+
+    truth = json.loads((directory / "truth.json").read_text())
+    bragg = truth["bragg"]
+    panel = ExperimentListFactory.from_json_file(str(directory / "truth.expt"), check_format=False)[0].detector[0]
+    spot = math.degrees(math.atan(bragg["sigma_px"] * panel.get_pixel_size()[0] / panel.get_distance()))
+    sigma_b = math.hypot(spot, bragg.get("divergence_deg") or 0.0)
+    return [f"masking.bragg.mosaicity_deg={bragg['mosaicity_deg']:.4g}",
+            f"masking.bragg.beam_divergence_deg={sigma_b:.4g}"]
+
+
+def ours(directory, work, ndiv, nproc, mp_supported, inputs=None, extra=()):
+    """Our chain; ``inputs``: the files dials.diffuse_extract reads (default the
+    simulator's truth.expt; the first is also the merge's experiments);
+    ``extra``: more extraction parameters."""
+    inputs = [str(p) for p in (inputs or [directory / "truth.expt"])]
+    expt = inputs[0]
+    extract = [str(common.VENV_BIN / "dials.diffuse_extract"), *inputs,
                "output.directory=extracted", "output.save_pixels=False",
-               f"grid.ndiv_h={ndiv}", f"grid.ndiv_k={ndiv}", f"grid.ndiv_l={ndiv}"]
+               f"grid.ndiv_h={ndiv}", f"grid.ndiv_k={ndiv}", f"grid.ndiv_l={ndiv}", *extra]
     if mp_supported:
         extract.append(f"mp.nproc={nproc}")
     merge = [str(common.VENV_BIN / "dials.diffuse_merge"), str(expt), "extracted",
@@ -116,12 +153,15 @@ def ours(directory, work, ndiv, nproc, mp_supported):
     return r
 
 
-def mdx2(directory, work, ndiv, nproc, n_images, count_threshold):
-    expt = str(directory / "truth.expt")
+def mdx2(directory, work, ndiv, nproc, n_images, count_threshold, expt=None, chunks=(211, 493)):
+    """mdx2's chain on ``expt`` (default: the simulator's truth.expt);
+    ``chunks``: the (y, x) chunk shape of import_data (frames: min(20, n))."""
+    expt = str(expt or directory / "truth.expt")
     b = lambda s: str(MDX2_BIN / f"mdx2.{s}")  # noqa: E731
     np_ = ["--nproc", str(nproc)]
     stages = [
-        ("import_data", [b("import_data"), expt, "--chunks", str(min(20, n_images)), "211", "493"] + np_),
+        ("import_data", [b("import_data"), expt, "--chunks", str(min(20, n_images)),
+                         str(chunks[0]), str(chunks[1])] + np_),
         ("import_geometry", [b("import_geometry"), expt] + np_),
         ("find_peaks", [b("find_peaks"), "geometry.nxs", "data.nxs", "--count_threshold",
                         str(count_threshold)] + np_),
@@ -166,18 +206,35 @@ def main():
                     help="mdx2.find_peaks --count_threshold (Bragg peak pixels)")
     ap.add_argument("--skip-mdx2", action="store_true")
     ap.add_argument("--skip-rs-mapper", action="store_true")
+    ap.add_argument("--no-background", action="store_true",
+                    help="simulate the images without the simulator's background (constant + radial "
+                         "air/solvent photons, which neither chain subtracts here), so that the maps "
+                         "can be checked against the truth; dataset p6m_rot_<n>_nobg")
+    ap.add_argument("--bragg-widths", choices=["truth", "fallback"], default="truth",
+                    help="our rotation Bragg mask: 'truth' passes the simulated spots' widths "
+                         "(masking.bragg.mosaicity_deg / beam_divergence_deg, as a profile model or "
+                         "refined.refl would give them); 'fallback': truth.expt alone, so "
+                         "dials.diffuse_extract falls back to sigma_m 0.2, sigma_b 0.1 deg (the "
+                         "issue-7 timing runs; 2x / 3x the simulated spots)")
+    ap.add_argument("--skip-maps", action="store_true", help="no map comparison (compare_maps.py)")
+    ap.add_argument("--maps-only", action="store_true",
+                    help="no runs: compare the maps of an earlier run (bench/data/cmp_<n>) only")
     ap.add_argument("--output", default=None)
     args = ap.parse_args()
+    if args.maps_only:
+        return maps_only(args)
 
     common.bootstrap()
     meta = common.stamp()
     n = args.n_images
-    directory = common.dataset(n, exact=True)
-    work = common.DATA / f"cmp_{n}"
+    directory = dataset(n, args.no_background)
+    work = common.DATA / f"cmp_{n}{suffix(args)}"
     pixels = n * 2463 * 2527
     mp_supported = has_mp_nproc()
     result = {**meta, "n_images": n, "pixels": pixels, "ndiv": args.ndiv,
               "dataset": str(directory.relative_to(common.ROOT)),
+              "simulated_background": not args.no_background,
+              "bragg_widths": args.bragg_widths,
               "cbf_mb": round(sum(common.dir_size(p) for p in directory.glob("*.cbf")) / 1e6, 1),
               "ours_mp_nproc_supported": mp_supported, "runs": {}}
     if not mp_supported:
@@ -190,10 +247,12 @@ def main():
         result["mdx2_error"] = error
         print(f"mdx2 unavailable: {error}")
 
+    extra = truth_bragg_widths(directory) if args.bragg_widths == "truth" else []
+    result["ours_extra_parameters"] = extra
     for nproc in args.nproc:
         if nproc == 1 or mp_supported:
             result["runs"][f"ours_np{nproc}"] = ours(directory, work / f"ours_np{nproc}",
-                                                     args.ndiv, nproc, mp_supported)
+                                                     args.ndiv, nproc, mp_supported, extra=extra)
         if version:
             result["runs"][f"mdx2_np{nproc}"] = mdx2(directory, work / f"mdx2_np{nproc}", args.ndiv,
                                                      nproc, n, args.count_threshold)
@@ -234,7 +293,77 @@ def main():
     print(common.table(rows, ["chain", "stage", "wall s", "cpu s", "peak MB", "throughput"]))
     for k, v in ratios.items():
         print(f"{k}: {v}")
-    common.write_result(args.output or f"comparison_{n}.json", result)
+    if not args.skip_maps:
+        result["maps"] = compare_run_maps(directory, work, runs, args.nproc)
+    common.write_result(args.output or f"comparison_{n}{suffix(args)}.json", result)
+
+
+def suffix(args):
+    return "_nobg" if args.no_background else ""
+
+
+def dataset(n, no_background=False):
+    """The simulated Pilatus 6M sequence: common.dataset (the timing runs'
+    images, with the simulator's default background), or the same without
+    background (p6m_rot_<n>_nobg)."""
+    if not no_background:
+        return common.dataset(n, exact=True)
+    d = common.DATA / f"p6m_rot_{n}_nobg"
+    if (d / "truth.json").exists():
+        return d
+    argv = [str(common.VENV_BIN / "dials.diffuse_simulate"), f"n_images={n}", f"output.directory={d}",
+            "output.overwrite=True", "background.constant=0", "background.radial_amplitude=0"]
+    argv += [f"{k}={v}" for k, v in common.P6M.items()]
+    print(f"simulating {n} Pilatus 6M images without background into {d.relative_to(common.ROOT)} ...",
+          flush=True)
+    t0 = time.time()
+    subprocess.run(argv, check=True, cwd=str(common.DATA), stdout=subprocess.DEVNULL, env=common.one_core_env())
+    print(f"  simulated in {time.time() - t0:.0f} s", flush=True)
+    return d
+
+
+def compare_run_maps(directory, work, runs, nprocs):
+    """Our merged map against mdx2's (and both against the simulator's truth)
+    on their common voxels (bench/compare_maps.py), from the first nproc at
+    which both chains succeeded; printed and returned for the JSON."""
+    import compare_maps
+
+    for nproc in nprocs:
+        o, m = runs.get(f"ours_np{nproc}"), runs.get(f"mdx2_np{nproc}")
+        if o and m and o["ok"] and m["ok"]:
+            break
+    else:
+        print("\nmap comparison skipped: no nproc at which both chains succeeded")
+        return {"error": "no nproc at which both chains succeeded"}
+    ours_dir = work / f"ours_np{nproc}" / "merged"
+    mdx2_file = work / f"mdx2_np{nproc}" / "merged.nxs"
+    print(f"\nmaps: {ours_dir.relative_to(common.ROOT)} vs {mdx2_file.relative_to(common.ROOT)}, "
+          f"truth {directory.relative_to(common.ROOT)}", flush=True)
+    t0 = time.perf_counter()
+    try:
+        r = compare_maps.compare(ours_dir, mdx2_file, truth_dir=directory)
+    except Exception as e:  # a failed comparison must not lose the timings
+        print(f"map comparison failed: {e!r}")
+        return {"error": repr(e)}
+    r["seconds"] = round(time.perf_counter() - t0, 1)
+    r["runs"] = [f"ours_np{nproc}", f"mdx2_np{nproc}"]
+    print(compare_maps.format_result(r))
+    return r
+
+
+def maps_only(args):
+    """--maps-only: the map comparison of an earlier run, added to its JSON."""
+    n = args.n_images
+    directory = common.DATA / f"p6m_rot_{n}{suffix(args)}"
+    work = common.DATA / f"cmp_{n}{suffix(args)}"
+    runs = {p.name: {"ok": True} for p in work.glob("*_np*")
+            if (p / "merged").is_dir() or (p / "merged.nxs").is_file()}
+    r = compare_run_maps(directory, work, runs, args.nproc)
+    name = args.output or f"comparison_{n}{suffix(args)}.json"
+    path = common.RESULTS / name
+    result = json.loads(path.read_text()) if path.is_file() else {"n_images": n, "ndiv": args.ndiv}
+    result["maps"] = r
+    common.write_result(name, result)
 
 
 if __name__ == "__main__":
