@@ -60,11 +60,15 @@ DATASETS = {
     "rotation": (ROTATION, COMMON_ARGS + ["indexing.method=fft1d"]),
 }
 
-#: keys whose values are wall-clock times, dates, host or absolute paths
-VOLATILE_KEY = re.compile(r"(time|seconds|elapsed|date|host|wall|duration|started|finished|_s$)",
-                          re.I)
-#: log/html lines with timestamps, timings or absolute paths
-VOLATILE_LINE = re.compile(r"(\d\d:\d\d:\d\d|\d+(\.\d+)? ?s\b|seconds|Time|time|/tmp/|/work/)")
+#: keys whose values are wall-clock times, dates, host or absolute paths;
+#: ``signatures`` hash the experiment identifiers, which DIALS draws at random
+#: (uuid) in every run; ``bytes``: sizes of the logs and reports
+VOLATILE_KEY = re.compile(r"(time|seconds|elapsed|date|host|wall|duration|started|finished|_s$"
+                          r"|^signatures$|^identifier$|^bytes$)", re.I)
+#: log/html/txt lines with timestamps, timings, absolute paths, the step table
+#: of the summary (seconds column) or experiment identifiers (random uuids)
+VOLATILE_LINE = re.compile(r"(\d\d:\d\d:\d\d|\d+(\.\d+)? ?s\b|seconds|Time|time|/tmp/|/work/"
+                           r"|^\| \w+ +\| [\w ]+\| +[\d.]+ +\|$|identifier)")
 
 
 def simulate(data_dir: Path, name: str) -> Path:
@@ -171,7 +175,7 @@ def _dials_diff(a: Path, b: Path) -> list:
 
 
 def is_volatile(rel: str) -> bool:
-    return rel.endswith((".log", ".html", "stdout.txt", "stderr.txt"))
+    return rel.endswith((".log", ".html", ".txt"))
 
 
 def compare_file(a: Path, b: Path, rel: str):
