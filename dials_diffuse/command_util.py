@@ -135,7 +135,7 @@ def explain_unreadable(path: str):
     return None
 
 
-def parse_command_line(parser, args, phil_scope, logger):
+def parse_arguments(parser, args, phil_scope, logger):
     """The start every dials.diffuse_* command shares: PHIL parameter-set
     files filtered to this command, DIALS' parser, the log file, the DIALS
     version and the modified parameters in the log.

@@ -51,7 +51,8 @@ import iotbx.phil
 
 from dials.util import Sorry
 
-from dials_diffuse import io
+from dials_diffuse import dials_programs, io, phil_scopes
+from dials_diffuse.phil_scopes import grid_phil_str
 from dials_diffuse.command_util import resolve_nproc
 
 logger = logging.getLogger("dials.diffuse_process")
@@ -190,27 +191,22 @@ def _remove(scope, paths, prefix=""):
 
 
 def _build_phil_scope():
-    from dials.command_line import index as index_cmd
-
-    from dials_diffuse.command_line import check, extract, merge
-    from dials_diffuse.phil_scopes import grid_phil_str
-
     text = (
         process_phil_str
         + grid_phil_str
         # the grid is shared: one top-level scope instead of one per command;
         # logs: the one dials.diffuse_process.log
         + "extract\n  .help = \"dials.diffuse_extract parameters\"\n{\n"
-        + _body(extract.phil_scope, ("grid", "output.log"))
+        + _body(phil_scopes.extract_params_scope, ("grid",))
         + "}\nmerge\n  .help = \"dials.diffuse_merge parameters\"\n{\n"
-        + _body(merge.phil_scope, ("grid", "output.log"))
+        + _body(phil_scopes.merge_params_scope, ("grid",))
         + "}\ncheck\n  .help = \"dials.diffuse_check parameters\"\n{\n"
-        + _body(check.phil_scope, ("output.log", "output.directory"))
+        + _body(phil_scopes.check_params_scope, ("output.directory",))
         + "}\n"
         + "\ninclude scope dials.algorithms.spot_finding.factory.phil_scope\n"
         # dials.index's scope (the indexer's, the basis-vector searches',
         # refinement) without its output files
-        + _body(index_cmd.phil_scope, ("output",))
+        + _body(dials_programs.index_master_phil, ("output",))
     )
     master = iotbx.phil.parse(text, process_includes=True)
     # defaults of this command that differ from the single commands':
@@ -419,9 +415,7 @@ def read_reference_symmetry(path):
 def read_dials_phil(path):
     """A DIALS PHIL file of spotfinder/indexing/refinement overrides; every
     definition must be known to dials.find_spots, dials.index or dials.refine."""
-    from dials.command_line.find_spots import working_phil as fs
-    from dials.command_line.index import working_phil as ix
-    from dials.command_line.refine import working_phil as rf
+    fs, ix, rf = dials_programs.find_spots_phil, dials_programs.index_phil, dials_programs.refine_phil
 
     if not os.path.isfile(path):
         raise Sorry(f"dials_phil not found: {path}")
@@ -1122,12 +1116,11 @@ def _inherit_nproc(sub, params):
 
 
 def run_extraction(run: _Run, models, strong, upstream_signature, indexed=None):
-    from dials_diffuse.command_line import extract as extract_cmd
     from dials_diffuse.diffuse_files import MANIFEST_NAME
     from dials_diffuse.extraction import bragg_methods, extract
 
     params = run.params
-    sub = _sub_params(params, "extract", extract_cmd.phil_scope)
+    sub = _sub_params(params, "extract", phil_scopes.extract_params_scope)
     out_dir = _in_base(run.base, params.extract.output.directory)
     sub.output.directory = str(out_dir)
     _inherit_nproc(sub, params)
@@ -1174,12 +1167,11 @@ def run_extraction(run: _Run, models, strong, upstream_signature, indexed=None):
 
 
 def run_merge(run: _Run, models, extract_dir, manifest, upstream_signature):
-    from dials_diffuse.command_line import merge as merge_cmd
     from dials_diffuse.merged_files import GRID_NAME, STATS_NAME
     from dials_diffuse.merging import merge_run
 
     params = run.params
-    sub = _sub_params(params, "merge", merge_cmd.phil_scope)
+    sub = _sub_params(params, "merge", phil_scopes.merge_params_scope)
     _inherit_nproc(sub, params)
     out_dir = _in_base(run.base, params.merge.output.directory)
     sub.output.directory = str(out_dir)
@@ -1228,13 +1220,12 @@ def _merge_summary(stats, out_dir):
 def run_diagnostics(run: _Run, kind, models, inputs, out_dir, upstream_signature):
     """Extraction (``kind="extraction"``) or merged-map diagnostics; failures
     are logged and recorded, never raised (the guide: non-fatal)."""
-    from dials_diffuse.command_line import check as check_cmd
     from dials_diffuse.diagnostics import REPORT_NAME, run_check
     from dials_diffuse.diagnostics.inputs import classify
 
     step = f"{kind}_diagnostics"
     params = run.params
-    sub = _sub_params(params, "check", check_cmd.phil_scope)
+    sub = _sub_params(params, "check", phil_scopes.check_params_scope)
     sub.output.directory = str(out_dir)
     signature = _signature(f"check/{kind}/1", upstream_signature, _scope_text(params, ("check",)))
     marker = out_dir / ("extraction_diagnostics_summary.txt" if kind == "extraction"

@@ -35,6 +35,7 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Iterable
 
+from dials_diffuse import dials_programs
 from dials_diffuse.dials_compat import ensure_stills_indexing
 
 logger = logging.getLogger("dials.diffuse_process")
@@ -207,13 +208,13 @@ def find_spots(experiments, params_overrides=None):
     Nothing is written to disk.
     """
     from dials.array_family import flex
-    from dials.command_line.find_spots import working_phil
+    working_phil = dials_programs.find_spots_phil
     from dials.algorithms.shoebox import MaskCode
     from dials.util.multi_dataset_handling import generate_experiment_identifiers
 
     defaults = DEFAULT_STILLS_SPOTFINDING if all(e.is_still() for e in experiments) else ()
     params = make_params(working_phil, list(defaults), params_overrides)
-    # as dials.command_line.find_spots.do_spotfinding, without writing files
+    # as dials.find_spots' do_spotfinding, without writing files
     if not all(i != "" for i in experiments.identifiers()):
         generate_experiment_identifiers(experiments)
     saved_trusted = {}
@@ -367,7 +368,7 @@ def index_stills(
     from dxtbx.model.experiment_list import ExperimentList
 
     from dials.array_family import flex
-    from dials.command_line.index import working_phil
+    working_phil = dials_programs.index_phil
 
     if not all(e.is_still() for e in experiments):
         raise ValueError("index_stills needs still experiments (use import_images)")
@@ -440,7 +441,7 @@ def _quiet_indexer_logs():
     # two workers writing DIALS' indexing tables into one log interleave them;
     # the parent logs one line per still
     logging.getLogger("dials.algorithms").setLevel(logging.WARNING)
-    logging.getLogger("dials.command_line").setLevel(logging.WARNING)
+    logging.getLogger(dials_programs.PROGRAMS_LOGGER).setLevel(logging.WARNING)
 
 
 def _forked_index_one(k):
@@ -550,10 +551,8 @@ def _final_rmsds(refiner, history) -> dict:
 def _run_dials_refine(*args, **kwargs):
     """dials.refine's library entry, which calls sys.exit() on some failures
     (e.g. "No reflections available for refinement"): raise instead."""
-    from dials.command_line.refine import run_dials_refine
-
     try:
-        return run_dials_refine(*args, **kwargs)
+        return dials_programs.run_dials_refine(*args, **kwargs)
     except SystemExit as e:
         raise RuntimeError(f"dials.refine: {e}") from None
 
@@ -575,7 +574,7 @@ def refine_shared_detector(experiments, reflections, params_overrides=None):
     "RMSD_DeltaPsi_rad": ..}``) and the time taken.  About 9 s for the 15
     thaumatin stills (8548 reflections) on 2 cores.
     """
-    from dials.command_line.refine import working_phil
+    working_phil = dials_programs.refine_phil
 
     if len(experiments) == 0:
         raise ValueError("no experiments to refine")
@@ -640,8 +639,8 @@ def index_and_refine_sequence(
     Returns ``(experiments, reflections, info)``; raises
     ``dials.algorithms.indexing.DialsIndexError`` if indexing fails.
     """
-    from dials.command_line.index import index, working_phil as index_phil
-    from dials.command_line.refine import working_phil as refine_phil
+    index, index_phil = dials_programs.index, dials_programs.index_phil
+    refine_phil = dials_programs.refine_phil
 
     if any(e.is_still() for e in experiments):
         raise ValueError("index_and_refine_sequence needs rotation (sequence) experiments")
