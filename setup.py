@@ -23,6 +23,7 @@ setup(
         "dials_diffuse",
         "dials_diffuse.simulate",
         "dials_diffuse.diagnostics",
+        "dials_diffuse.pipeline",
         "dials_diffuse.command_line",
     ],
     package_dir={
