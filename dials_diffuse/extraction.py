@@ -30,6 +30,7 @@ from dials.util import Sorry
 
 from dials_diffuse.command_util import ensure_output_directory, resolve_nproc
 from dials_diffuse import bragg, corrections, geometry, grid, io, masks
+from dials_diffuse.parallel import ForkPool
 from dials_diffuse.diffuse_files import (
     MANIFEST_NAME,
     image_file_name,
@@ -846,7 +847,7 @@ class ImageJob:
 _CONTEXTS = []  # (detector, beam, DetectorContext), most recently used last
 _GEOMETRIES = []  # (detector, pixel_step, [PanelGeometry])
 MAX_CONTEXTS = 2
-_SHARED = {}  # background, dynamic mask, jobs (for forked workers)
+_WORKER_CACHE = {}  # Dask workers: background and dynamic mask of the current run
 
 
 def context_for(task, params):
@@ -939,24 +940,20 @@ def extract_one(job: ImageJob, background, dynamic) -> dict:
     return entry
 
 
-def _forked_job(index):
-    try:
-        return extract_one(_SHARED["jobs"][index], _SHARED["background"], _SHARED["dynamic"])
-    except Sorry as e:
-        # Sorry does not pickle: hand the message back to the parent
-        return {"sorry": str(e)}
+def _forked_job(shared, index):
+    return extract_one(shared["jobs"][index], shared["background"], shared["dynamic"])
 
 
 def _dask_job(spec):
     """Run one image on a Dask worker from a serialisable spec."""
     from dxtbx.model.experiment_list import ExperimentListFactory
 
-    if _SHARED.get("run_token") != spec["run_token"]:
+    if _WORKER_CACHE.get("run_token") != spec["run_token"]:
         _CONTEXTS.clear()
         _GEOMETRIES.clear()
-        for key in [k for k in _SHARED if isinstance(k, tuple)]:
-            del _SHARED[key]
-        _SHARED["run_token"] = spec["run_token"]
+        for key in [k for k in _WORKER_CACHE if isinstance(k, tuple)]:
+            del _WORKER_CACHE[key]
+        _WORKER_CACHE["run_token"] = spec["run_token"]
     experiment = ExperimentListFactory.from_json(spec["experiment_json"], check_format=True)[0]
     task = ImageTask(
         spec["still_id"], spec["experiment_id"], experiment, experiment.imageset,
@@ -965,18 +962,18 @@ def _dask_job(spec):
     )
     job = ImageJob(task, spec["params"], tuple(spec["ndiv"]), spec["out_dir"], spec["reflections"])
     bg_key = ("background", spec["params"].corrections.background.map)
-    if bg_key not in _SHARED:
-        _SHARED[bg_key] = load_background(spec["params"], experiment.detector)
-    background = _SHARED[bg_key]
+    if bg_key not in _WORKER_CACHE:
+        _WORKER_CACHE[bg_key] = load_background(spec["params"], experiment.detector)
+    background = _WORKER_CACHE[bg_key]
     dynamic = None
     if spec["dynamic_mask_path"]:
         key = ("dynamic", spec["dynamic_mask_path"])
-        if key not in _SHARED:
+        if key not in _WORKER_CACHE:
             import pickle
 
             with open(spec["dynamic_mask_path"], "rb") as fh:
-                _SHARED[key] = masks.from_flex(pickle.load(fh))
-        dynamic = _SHARED[key]
+                _WORKER_CACHE[key] = masks.from_flex(pickle.load(fh))
+        dynamic = _WORKER_CACHE[key]
     return extract_one(job, background, dynamic)
 
 
@@ -995,27 +992,17 @@ def run_jobs(jobs, params, background, dynamic, show_progress=True):
             _log_entry(entry, len(entries), len(jobs))
             entries.append(entry)
         return entries
-    import concurrent.futures
-    import multiprocessing
-
     # compute the shared context (and scan predictions) once before forking:
     # the workers inherit them (done already when the dynamic pass ran)
     _prepare_shared_state([job.task for job in jobs], params)
-    _SHARED.update(jobs=jobs, background=background, dynamic=dynamic)
-    try:
-        with concurrent.futures.ProcessPoolExecutor(
-            max_workers=nproc, mp_context=multiprocessing.get_context("fork")
-        ) as pool:
-            entries = []
-            for entry in progress(pool.map(_forked_job, range(len(jobs))), total=len(jobs),
-                                  disable=not show_progress or None):
-                if "sorry" in entry:
-                    raise Sorry(entry["sorry"])
-                _log_entry(entry, len(entries), len(jobs))
-                entries.append(entry)
-            return entries
-    finally:
-        _SHARED.pop("jobs", None)
+    shared = {"jobs": jobs, "background": background, "dynamic": dynamic}
+    with ForkPool(shared, nproc) as pool:
+        entries = []
+        for entry in progress(pool.map(_forked_job, range(len(jobs))), total=len(jobs),
+                              disable=not show_progress or None):
+            _log_entry(entry, len(entries), len(jobs))
+            entries.append(entry)
+        return entries
 
 
 def _predict_scans(tasks, params):
@@ -1131,8 +1118,8 @@ def _accumulate_dynamic(tasks, params):
     return acc.sums()
 
 
-def _forked_dynamic(indices):
-    return _accumulate_dynamic([_SHARED["tasks"][i] for i in indices], _SHARED["params"])
+def _forked_dynamic(shared, indices):
+    return _accumulate_dynamic([shared["tasks"][i] for i in indices], shared["params"])
 
 
 def dynamic_mask(tasks, params, while_waiting=None):
@@ -1142,23 +1129,13 @@ def dynamic_mask(tasks, params, while_waiting=None):
     acc = _dynamic_accumulator(tasks, params)
     nproc = min(resolve_nproc(params), len(tasks))
     if nproc > 1 and params.mp.method == "multiprocessing":
-        import concurrent.futures
-        import multiprocessing
-
         shares = [list(range(k, len(tasks), nproc)) for k in range(nproc)]
-        _SHARED.update(tasks=tasks, params=params)
-        try:
-            with concurrent.futures.ProcessPoolExecutor(
-                max_workers=nproc, mp_context=multiprocessing.get_context("fork")
-            ) as pool:
-                partial_sums = pool.map(_forked_dynamic, shares)  # submitted (forked) now
-                if while_waiting is not None:
-                    while_waiting()
-                for sums in partial_sums:
-                    acc.add_sums(sums)
-        finally:
-            _SHARED.pop("tasks", None)
-            _SHARED.pop("params", None)
+        with ForkPool({"tasks": tasks, "params": params}, nproc) as pool:
+            partial_sums = pool.map(_forked_dynamic, shares)  # submitted (forked) now
+            if while_waiting is not None:
+                while_waiting()
+            for sums in partial_sums:
+                acc.add_sums(sums)
     else:
         acc.add_sums(_accumulate_dynamic(tasks, params))
     result = acc.masks()

@@ -37,6 +37,7 @@ from typing import Iterable
 
 from dials_diffuse import dials_programs
 from dials_diffuse.dials_compat import ensure_stills_indexing
+from dials_diffuse.parallel import fork_map
 
 logger = logging.getLogger("dials.diffuse_process")
 
@@ -413,28 +414,13 @@ def index_stills(
     return StillsIndexingResult(indexed_experiments, combined, report)
 
 
-# Stills indexing jobs, inherited by forked workers (imagesets do not pickle).
-_INDEXING = {}
-
-
 def _run_indexing(jobs, params, min_spots, nproc):
     """(report entry, (crystal, beam, detector) or None, indexed reflections)
-    of every job, in job order, on 1..nproc processes."""
-    nproc = max(1, min(int(nproc or 1), len(jobs)))
-    if nproc == 1:
-        return [_index_one(job, params, min_spots) for job in jobs]
-    import concurrent.futures
-    import multiprocessing
-
-    _INDEXING.update(jobs=jobs, params=params, min_spots=min_spots)
-    try:
-        with concurrent.futures.ProcessPoolExecutor(
-            max_workers=nproc, mp_context=multiprocessing.get_context("fork"),
-            initializer=_quiet_indexer_logs,
-        ) as pool:
-            return list(pool.map(_forked_index_one, range(len(jobs))))
-    finally:
-        _INDEXING.clear()
+    of every job, in job order, on 1..nproc processes (forked: the workers
+    inherit the jobs, whose imagesets do not pickle)."""
+    shared = {"jobs": jobs, "params": params, "min_spots": min_spots}
+    return fork_map(_forked_index_one, range(len(jobs)), nproc, shared,
+                    initializer=_quiet_indexer_logs)
 
 
 def _quiet_indexer_logs():
@@ -444,8 +430,8 @@ def _quiet_indexer_logs():
     logging.getLogger(dials_programs.PROGRAMS_LOGGER).setLevel(logging.WARNING)
 
 
-def _forked_index_one(k):
-    return _index_one(_INDEXING["jobs"][k], _INDEXING["params"], _INDEXING["min_spots"])
+def _forked_index_one(shared, k):
+    return _index_one(shared["jobs"][k], shared["params"], shared["min_spots"])
 
 
 def _index_one(job, params, min_spots):

@@ -30,6 +30,9 @@ from typing import List, Optional
 
 import numpy as np
 
+from dials_diffuse.observations import keep_freed_memory, shared_array
+from dials_diffuse.parallel import ForkPool
+
 logger = logging.getLogger("dials.diffuse_merge")
 
 
@@ -208,14 +211,11 @@ class SharedRows:
     coupling: np.ndarray  # float32: C = w W^2 b I of the last Gauss-Newton sums (0 if not used)
 
 
-# The SharedRows of the running ObservationPasses, set before its workers are
-# forked (they inherit them: no copy, no pickling).
-_FORKED = {}
-
-
-def _run_partition(task):
+def _run_partition(rows, task):
+    """One pass over one partition in a worker; ``rows``: the SharedRows the
+    workers inherited (no copy, no pickling)."""
     func, start, stop, args = task
-    return func(_FORKED["rows"], start, stop, *args)
+    return func(rows, start, stop, *args)
 
 
 class ObservationPasses:
@@ -229,8 +229,6 @@ class ObservationPasses:
     """
 
     def __init__(self, obs, nproc=1):
-        from dials_diffuse.observations import keep_freed_memory, shared_array
-
         keep_freed_memory()
         self.obs = obs
         # untouched pages of shared memory cost nothing: the coupling column
@@ -246,10 +244,7 @@ class ObservationPasses:
         # cost more than the rows it sums (measured: no gain at 1e7, 6.6e6
         # observations of a 100-image sweep 7.8 s -> 10.6 s with 2 workers)
         if nproc > 1 and len(self.bounds) > 1 and obs.n_obs >= PARALLEL_MIN_OBS:
-            import multiprocessing
-
-            _FORKED.update(rows=self.rows)
-            self._pool = multiprocessing.get_context("fork").Pool(min(nproc, len(self.bounds)))
+            self._pool = ForkPool(self.rows, min(nproc, len(self.bounds))).__enter__()
 
     def reduce(self, func, *args, concat=()):
         t0 = time.perf_counter()
@@ -264,7 +259,7 @@ class ObservationPasses:
         if self._pool is None:
             results = (func(self.rows, a, b, *args) for a, b in self.bounds)
         else:
-            results = self._pool.imap(_run_partition, tasks)
+            results = self._pool.map(_run_partition, tasks)
         total = None
         for result in results:
             if total is None:
@@ -279,15 +274,13 @@ class ObservationPasses:
 
     def log_timings(self):
         logger.info("Passes over the observations (%d partitions, %s): %s", len(self.bounds),
-                    f"{self._pool._processes} processes" if self._pool else "1 process",
+                    f"{self._pool.nproc} processes" if self._pool else "1 process",
                     ", ".join(f"{name} {n}x {t:.1f} s" for name, (n, t) in self.timings.items()))
 
     def close(self):
         if self._pool is not None:
-            self._pool.terminate()
-            self._pool.join()
+            self._pool.close()
             self._pool = None
-            _FORKED.clear()
 
     def __enter__(self):
         return self
