@@ -27,6 +27,7 @@ from dials.util import Sorry
 
 from dials_diffuse.command_util import ensure_output_directory
 from dials_diffuse import io, symmetry
+from dials_diffuse.statistics import isotropic_profile
 
 logger = logging.getLogger("dials.diffuse_merge")
 
@@ -128,8 +129,6 @@ def _error_model_document(model):
 
 def write_all(out_dir, grid, obs, result, merged, stats, params, operators):
     ensure_output_directory(out_dir)
-    from dials_diffuse.merging import isotropic_profile
-
     centres, means, counts = isotropic_profile(merged.qmag, merged.intensity,
                                                merged.multiplicity, merged.on_bragg)
     stats = dict(stats)

@@ -258,7 +258,8 @@ d_max = None
   .type = float(value_min=0)
 cell_tolerance = 0.03
   .type = float(value_min=0)
-  .help = "Largest relative deviation of a cell edge from the mean cell."
+  .help = "Largest relative deviation of a cell edge from the median cell of "
+          "the crystal models (the rule of dials_diffuse.crystal_checks)."
 cell_outliers = *fail exclude
   .type = choice
   .help = "What to do with crystals whose cell is outside cell_tolerance."
