@@ -28,6 +28,9 @@ from dials.util import Sorry
 from dials_diffuse.command_util import ensure_output_directory
 from dials_diffuse import io, symmetry
 from dials_diffuse.statistics import isotropic_profile
+from cctbx import sgtbx, uctbx
+from iotbx import mrcfile
+from scitbx.array_family import flex
 
 logger = logging.getLogger("dials.diffuse_merge")
 
@@ -177,6 +180,7 @@ def write_all(out_dir, grid, obs, result, merged, stats, params, operators):
 
 
 def write_hdf5(path, arrays):
+    # local: h5py is optional, needed only with output.hdf5=True
     import h5py
 
     with io.atomic_path(path) as tmp:
@@ -187,9 +191,6 @@ def write_hdf5(path, arrays):
 
 def write_ccp4(path, grid, voxel_grid, values, operators, output, label):
     """Expand the ASU map by symmetry into an hkl box and write it as CCP4/MRC."""
-    from cctbx import sgtbx, uctbx
-    from iotbx import mrcfile
-    from scitbx.array_family import flex
 
     ndiv = np.array(grid.ndiv)
     full, vals = symmetry.expand_to_p1(voxel_grid, values, operators, ndiv)

@@ -24,6 +24,8 @@ from dials_diffuse.diffuse_files import image_frame
 from dials_diffuse.observations import find_extraction_files, load_observations
 from dials_diffuse.command_util import resolve_nproc
 from dials_diffuse.phil_scopes import check_grid_params
+from dials_diffuse.diffuse_files import read_image_file
+from dials.util import tabulate
 
 logger = logging.getLogger("dials.diffuse_merge")
 
@@ -113,7 +115,6 @@ def misorientation_summary(experiments, params):
 
 
 def extracted_ndiv(path):
-    from dials_diffuse.diffuse_files import read_image_file
 
     _, meta = read_image_file(path, keys=())
     return tuple(meta.get("ndiv", (None, None, None)))
@@ -241,7 +242,6 @@ def _select_images(obs, keep_images):
 
 
 def _log_cc_half(stats):
-    from dials.util import tabulate
 
     rows = [["d_max", "d_min", "voxels", "CC1/2", "CC1/2 no Bragg", "CC1/2 aniso", "CC1/2 aniso no Bragg"]]
     for r in stats["shells"]:

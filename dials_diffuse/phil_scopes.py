@@ -428,3 +428,9 @@ def _with_output(scope_str, output_str):
 extract_params_scope = _with_output(extract_phil_str, extract_output_phil_str)
 merge_params_scope = _with_output(merge_phil_str, merge_output_phil_str)
 check_params_scope = _with_output(check_phil_str, check_output_phil_str)
+
+
+def argument_interpreter(scope):
+    """libtbx's interpreter of ``key=value`` arguments for ``scope`` (the one
+    place this name, libtbx's, appears in the library)."""
+    return scope.command_line_argument_interpreter()

@@ -20,6 +20,7 @@ from dials_diffuse.diagnostics import merged_plots as plots
 from dials_diffuse.diagnostics import sections as sec
 from dials_diffuse.diagnostics.extraction_plots import plot_intensity_histogram
 from dials_diffuse.diagnostics.plotting import Inventory, describe, subsample
+from cctbx import uctbx
 
 logger = logging.getLogger("dials.diffuse_check")
 
@@ -65,7 +66,6 @@ class MergedMap:
 
     @property
     def unit_cell(self):
-        from cctbx import uctbx
 
         return uctbx.unit_cell(tuple(self.grid["crystal_avg_ref"]["unit_cell"]))
 

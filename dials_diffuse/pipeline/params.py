@@ -15,7 +15,7 @@ import iotbx.phil
 import libtbx
 
 from dials_diffuse import dials_programs, phil_scopes
-from dials_diffuse.phil_scopes import grid_phil_str
+from dials_diffuse.phil_scopes import argument_interpreter, grid_phil_str
 
 logger = logging.getLogger("dials.diffuse_process")
 
@@ -174,7 +174,7 @@ def params_from(*args, **kwargs):
     Short names resolve as on the command line (diffuse scopes first)."""
     items = list(args) + [f"{k}={_phil_value(v)}" for k, v in kwargs.items()]
     items = resolve_short_names(items)
-    interpreter = phil_scope.command_line_argument_interpreter()
+    interpreter = argument_interpreter(phil_scope)
     sources = [interpreter.process(arg=a) for a in items]
     return phil_scope.fetch(sources=sources).extract()
 
@@ -193,7 +193,7 @@ def resolve_short_names(args: List[str], master=None) -> List[str]:
     arguments pass unchanged (PHIL reports real ambiguities)."""
     master = master or phil_scope
     paths = [d.path for d in master.all_definitions()]
-    interpreter = master.command_line_argument_interpreter()
+    interpreter = argument_interpreter(master)
     out = []
     for arg in args:
         if "=" not in arg or os.path.exists(arg) or "://" in arg:
@@ -243,7 +243,7 @@ def dials_arguments(args: List[str], master=None) -> list:
     """The ``key=value`` arguments that set DIALS parameters, as PHIL scopes
     with full paths (for :func:`process`'s ``dials_args``)."""
     master = master or phil_scope
-    interpreter = master.command_line_argument_interpreter()
+    interpreter = argument_interpreter(master)
     out = []
     for arg in args:
         if "=" not in arg or os.path.exists(arg):

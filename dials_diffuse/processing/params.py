@@ -8,6 +8,8 @@ import logging
 
 import libtbx.phil
 
+from dials_diffuse.phil_scopes import argument_interpreter
+
 logger = logging.getLogger("dials.diffuse_process")
 
 
@@ -54,7 +56,7 @@ def make_params(working_phil, *override_sets):
     extracted parameter object (``libtbx.phil.scope_extract``) replaces
     everything before it.
     """
-    interpreter = working_phil.command_line_argument_interpreter()
+    interpreter = argument_interpreter(working_phil)
     sources = []
     base = None
     for overrides in override_sets:
