@@ -26,9 +26,10 @@ and the merged map of a ``dials.diffuse_merge`` directory as a
 
 and the per-image pixel counts after each mask stage in ``table.stages``
 (a dict attribute, not a column). Inside, the per-pixel work runs on numpy
-arrays over whole panel rasters (docs/PERFORMANCE.md: the numpy core is
-faster than the flex equivalent); the conversion to flex here costs about
-0.1 s per million kept pixels.
+arrays over whole panel rasters: on 6.2 M pixels numpy is 7-8x faster than
+the same operations in flex (bench/numpy_vs_flex.py, docs/PERFORMANCE.md);
+the hand-over to flex here goes through flumpy (a view where the dtype
+allows).
 """
 
 from __future__ import annotations
