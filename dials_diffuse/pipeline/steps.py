@@ -164,7 +164,7 @@ def run_diagnostics(run: RunState, kind, models, inputs, out_dir, upstream_signa
         if found.mode != ("extraction" if kind == "extraction" else "merged"):
             raise RuntimeError(f"diagnostics inputs not recognised as {kind} outputs")
         inventory = run_check(found, sub, models)
-        n_files = len(getattr(inventory, "entries", []) or [])
+        n_files = len(inventory.entries)
         html = out_dir / REPORT_NAME
         run.step(step, "done", time.perf_counter() - t0, directory=rel(run.base, out_dir),
                  n_outputs=n_files, report=rel(run.base, html) if html.exists() else None)
