@@ -23,6 +23,10 @@ setup(
         "dials_diffuse",
         "dials_diffuse.simulate",
         "dials_diffuse.diagnostics",
+        "dials_diffuse.pipeline",
+        "dials_diffuse.extraction",
+        "dials_diffuse.scaling",
+        "dials_diffuse.processing",
         "dials_diffuse.command_line",
     ],
     package_dir={

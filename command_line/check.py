@@ -62,62 +62,25 @@ import dials.util.log
 from dials.util import Sorry
 from dials.util.options import ArgumentParser, flatten_experiments
 
-from dials_diffuse.command_util import parse_command_line
+from dials_diffuse.command_util import parse_arguments
 
 from dials_diffuse.diagnostics import run_check
 from dials_diffuse.diagnostics.inputs import classify
 
 logger = logging.getLogger("dials.diffuse_check")
 
-check_phil_str = """
-image = None
-  .type = int(value_min=0)
-  .help = "Extraction mode with a directory: the still id of the image to "
-          "diagnose (default: the first extracted)."
-max_plot_points = 50000
-  .type = int(value_min=1)
-  .help = "At most this many points in each scatter plot (seeded random subsample)."
-seed = 0
-  .type = int
-  .help = "Seed of the subsampling."
-input
-{
-  pixel_mask = None
-    .type = path
-    .help = "Pixel mask pickle (tuple of flex.bool per panel, True = use)."
-  bragg_mask = None
-    .type = path
-  total_mask = None
-    .type = path
-  background_map = None
-    .type = path
-    .help = "Background map (.npy (slow, fast) or (panel, slow, fast), or a pickle)."
-}
-extraction
-{
-  sample_rows = 50
-    .type = int(value_min=1)
-    .help = "Rows of the correction sample listed in intensity_correction_summary.txt."
-}
-merged
-{
-  radial_bins = 50
-    .type = int(value_min=2)
-}
+phil_scope = libtbx.phil.parse(
+    """
+include scope dials_diffuse.phil_scopes.check_phil_scope
 output
 {
-  directory = None
-    .type = path
-    .help = "Default: extraction_visual_check (extraction) or phase3_diagnostics (merged)."
-  html = True
-    .type = bool
-    .help = "Write dials.diffuse_check.html, every plot and summary on one page."
+  include scope dials_diffuse.phil_scopes.check_output_phil_scope
   log = dials.diffuse_check.log
     .type = path
 }
-"""
-
-phil_scope = libtbx.phil.parse(check_phil_str)
+""",
+    process_includes=True,
+)
 
 
 @dials.util.show_mail_handle_errors()
@@ -134,7 +97,7 @@ def run(args: List[str] = None, phil: libtbx.phil.scope = phil_scope) -> None:
         check_format=False,
         epilog=__doc__,
     )
-    params, options, unhandled = parse_command_line(parser, args, phil, logger)
+    params, options, unhandled = parse_arguments(parser, args, phil, logger)
     for arg in unhandled:
         if "=" in arg and not os.path.exists(arg):
             raise Sorry(f"unknown parameter: {arg}")

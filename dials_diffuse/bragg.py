@@ -137,7 +137,9 @@ def _estimate_from_spots(models, reflections) -> dict:
     """sigma_b, sigma_m per rotation experiment from indexed spots: DIALS'
     integration recipe (clean reference, match to predictions, Gaussian RS
     calculator). Experiments without enough spots are left out."""
-    from dials.command_line.integrate import filter_reference_pixels, process_reference
+    # local: 0.9 s of DIALS program imports, needed only for rotation data
+    # without a profile model
+    from dials_diffuse.dials_programs import filter_reference_pixels, process_reference
 
     rotation = ExperimentList([e for e in models if not _is_still(e)])
     index_of = [i for i, e in enumerate(models) if not _is_still(e)]

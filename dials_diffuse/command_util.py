@@ -11,6 +11,14 @@ import libtbx.phil
 from dials.util import Sorry
 
 from dials_diffuse import io
+import sys
+import json
+from dxtbx.model.experiment_list import ExperimentListFactory
+from dxtbx.format.Registry import get_format_class_for_file
+import dials.util.log
+from dials.util.version import dials_version
+import libtbx
+from dials.util.mp import available_cores
 
 
 def split_preset_files(args: List[str], phil_scope) -> Tuple[List[str], List[str]]:
@@ -24,7 +32,6 @@ def split_preset_files(args: List[str], phil_scope) -> Tuple[List[str], List[str
     command-line ``key=value`` arguments stay strict.
     """
     if args is None:
-        import sys
 
         args = sys.argv[1:]
     known = _definition_paths(phil_scope)
@@ -98,7 +105,6 @@ def explain_unreadable(path: str):
     """Why DIALS could not read ``path`` as an experiment list (None: no idea)."""
     if not path.endswith((".expt", ".json")) or not os.path.isfile(path):
         return None
-    import json
 
     try:
         with open(path) as fh:
@@ -113,13 +119,11 @@ def explain_unreadable(path: str):
             if isinstance(index, int) and isinstance(models, list) and not 0 <= index < len(models):
                 return (f"{path}: experiment {i} refers to {key} {index}, "
                         f"but the file has {len(models)} {key} model(s)")
-    from dxtbx.model.experiment_list import ExperimentListFactory
 
     try:
         experiments = ExperimentListFactory.from_json_file(path, check_format=False)
     except Exception as e:
         return f"{path} is not a valid experiment list: {type(e).__name__}: {e}"
-    from dxtbx.format.Registry import get_format_class_for_file
 
     for imageset in experiments.imagesets():
         for k in range(len(imageset)):
@@ -135,15 +139,13 @@ def explain_unreadable(path: str):
     return None
 
 
-def parse_command_line(parser, args, phil_scope, logger):
+def parse_arguments(parser, args, phil_scope, logger):
     """The start every dials.diffuse_* command shares: PHIL parameter-set
     files filtered to this command, DIALS' parser, the log file, the DIALS
     version and the modified parameters in the log.
 
     Returns (params, options, unhandled positional arguments).
     """
-    import dials.util.log
-    from dials.util.version import dials_version
 
     args, ignored_presets = split_preset_files(args, phil_scope)
     try:
@@ -182,8 +184,6 @@ def ensure_output_directory(path, parameter="output.directory"):
 
 def resolve_nproc(params):
     """params.mp.nproc as a number: Auto (or unset) means the available cores."""
-    import libtbx
-    from dials.util.mp import available_cores
 
     nproc = params.mp.nproc
     if nproc is None or nproc is libtbx.Auto:

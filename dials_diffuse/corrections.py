@@ -26,6 +26,7 @@ from typing import Optional
 import numpy as np
 
 from dials_diffuse.geometry import PanelGeometry
+from cctbx.eltbx import attenuation_coefficient
 
 # Dry air, mole fractions (N2, O2, Ar); CO2 and traces are below 0.1 %.
 AIR_COMPOSITION = (("N", 2, 0.7808), ("O", 2, 0.2095), ("Ar", 1, 0.0093))
@@ -65,7 +66,6 @@ def air_attenuation_coefficient(
     wavelength_angstrom: float, temperature_k: float = 293.15, pressure_atm: float = 1.0
 ) -> float:
     """Linear attenuation coefficient of dry air (1/mm) at the given T and P."""
-    from cctbx.eltbx import attenuation_coefficient
 
     if temperature_k <= 0 or pressure_atm < 0:
         raise ValueError("air temperature must be > 0 K and pressure >= 0 atm")

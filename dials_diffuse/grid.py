@@ -9,6 +9,7 @@ whose centre is nearest along each axis: g = rint(hkl * ndiv).
 from __future__ import annotations
 
 import numpy as np
+from cctbx import uctbx
 
 
 def voxel_indices(hkl: np.ndarray, ndiv) -> np.ndarray:
@@ -98,7 +99,6 @@ class GlobalVoxelGrid:
 
     def __init__(self, unit_cell, space_group, ndiv, d_min=None, d_max=None,
                  cell_spread=None, orientation=None, n_crystals=0):
-        from cctbx import uctbx
 
         self.unit_cell = uctbx.unit_cell(tuple(unit_cell))
         self.space_group = space_group

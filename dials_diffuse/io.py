@@ -20,6 +20,8 @@ from typing import Any
 import numpy as np
 
 from dials.util import Sorry
+import zipfile
+from dxtbx import flumpy
 
 
 @contextlib.contextmanager
@@ -114,7 +116,6 @@ def write_npz(path: str, compress_level: int = 6, deflate_floats: bool = True,
     """An .npz that ``np.load`` reads; ``compress_level`` 0 stores, 1 is fast
     deflate, 9 smallest. ``deflate_floats=False`` stores floating-point arrays
     uncompressed (deflate gains little on noisy floats and costs the most)."""
-    import zipfile
 
     # ZipInfo's level is private before Python 3.13
     level_slot = (
@@ -159,11 +160,8 @@ def read_background_map(path: str):
     """Background per panel as float64 arrays (slow, fast): a .npy of shape
     (slow, fast) or (panel, slow, fast), or a pickle of per-panel arrays.
     Sorry unless readable, 2-D per panel and finite."""
-    import pickle
 
-    from dxtbx import flumpy
 
-    from dials.util import Sorry
 
     try:
         if path.lower().endswith(".npy"):

@@ -13,6 +13,8 @@ from typing import List, Sequence
 
 import numpy as np
 from dxtbx import flumpy
+import dials.util.masking
+from scipy.ndimage import median_filter
 
 logger = logging.getLogger("dials.diffuse_extract")
 
@@ -36,7 +38,6 @@ def static_mask(imageset, masking_params, beamstop_params=None) -> PanelMasks:
     resolution ranges, ice rings). The trusted range depends on the counts and
     is applied per image by ``trusted_range_mask``.
     """
-    import dials.util.masking
 
     # phil_scope.extract() (without fetch) yields one all-default "untrusted"
     # element, which generate_mask reads as "mask panel 0": drop such elements
@@ -150,7 +151,6 @@ class DynamicMaskAccumulator:
                 self.sum_counts[i][rows] += block * valid
 
     def masks(self) -> PanelMasks:
-        from scipy.ndimage import median_filter
 
         result = []
         for i in range(len(self.sum_counts)):

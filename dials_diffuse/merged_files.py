@@ -32,6 +32,10 @@ from dials.util import Sorry
 
 from dials_diffuse.command_util import ensure_output_directory
 from dials_diffuse import io, symmetry
+from dials_diffuse.statistics import isotropic_profile
+from cctbx import sgtbx, uctbx
+from iotbx import mrcfile
+from scitbx.array_family import flex
 
 logger = logging.getLogger("dials.diffuse_merge")
 
@@ -135,8 +139,6 @@ def _error_model_document(model):
 
 def write_all(out_dir, grid, obs, result, merged, stats, params, operators, absolute=None):
     ensure_output_directory(out_dir)
-    from dials_diffuse.merging import isotropic_profile
-
     centres, means, counts = isotropic_profile(merged.qmag, merged.intensity,
                                                merged.multiplicity, merged.on_bragg)
     stats = dict(stats)
@@ -194,6 +196,7 @@ def write_all(out_dir, grid, obs, result, merged, stats, params, operators, abso
 
 
 def write_hdf5(path, arrays):
+    # local: h5py is optional, needed only with output.hdf5=True
     import h5py
 
     with io.atomic_path(path) as tmp:
@@ -204,9 +207,6 @@ def write_hdf5(path, arrays):
 
 def write_ccp4(path, grid, voxel_grid, values, operators, output, label):
     """Expand the ASU map by symmetry into an hkl box and write it as CCP4/MRC."""
-    from cctbx import sgtbx, uctbx
-    from iotbx import mrcfile
-    from scitbx.array_family import flex
 
     ndiv = np.array(grid.ndiv)
     full, vals = symmetry.expand_to_p1(voxel_grid, values, operators, ndiv)

@@ -18,12 +18,15 @@ from dials.util import Sorry
 
 from dials_diffuse import geometry
 from dials_diffuse import grid as grid_module
-from dials_diffuse import merged_files, scaling, symmetry
+from dials_diffuse import crystal_checks, merged_files, scaling, symmetry
+from dials_diffuse.statistics import cc_half, image_halves, isotropic_at, isotropic_profile
 from dials_diffuse.diffuse_files import image_frame
 from dials_diffuse.observations import find_extraction_files, load_observations
 from dials_diffuse.command_util import resolve_nproc
 from dials_diffuse import absolute_scale
 from dials_diffuse.phil_scopes import check_grid_params
+from dials_diffuse.diffuse_files import read_image_file
+from dials.util import tabulate
 
 logger = logging.getLogger("dials.diffuse_merge")
 
@@ -43,129 +46,23 @@ class MergedMap:
     multiplicity: np.ndarray  # grid points each ASU voxel stands for
 
 
-def radial_profile(qmag, intensity, n_bins=50, weights=None):
-    """Mean intensity in equal-width |q| bins; returns (centres, means, counts)."""
-    ok = np.isfinite(intensity)
-    q, v = qmag[ok], intensity[ok]
-    w = np.ones_like(v) if weights is None else weights[ok]
-    edges = np.linspace(q.min(), q.max() * (1 + 1e-9), n_bins + 1) if q.size else np.array([0, 1])
-    idx = np.clip(np.digitize(q, edges) - 1, 0, n_bins - 1)
-    sums = np.bincount(idx, weights=w * v, minlength=n_bins)
-    counts = np.bincount(idx, weights=w, minlength=n_bins)
-    with np.errstate(invalid="ignore", divide="ignore"):
-        means = sums / counts
-    centres = 0.5 * (edges[1:] + edges[:-1])
-    return centres, means, counts
-
-
-def isotropic_profile(qmag, intensity, multiplicity, on_bragg, n_bins=50):
-    """The radial average of a symmetry-merged map: each asymmetric-unit
-    voxel weighted by the number of reciprocal-space voxels it stands for
-    (its symmetry multiplicity), voxels centred on a Bragg position left out
-    (their residual Bragg intensity is no part of the isotropic diffuse
-    scattering). Returns (centres, means, weights) like radial_profile."""
-    use = ~on_bragg
-    return radial_profile(qmag[use], intensity[use], n_bins,
-                          weights=multiplicity[use].astype(np.float64))
-
-
-def isotropic_at(qmag, centres, means):
-    ok = np.isfinite(means)
-    if not ok.any():
-        return np.zeros_like(qmag)
-    return np.interp(qmag, centres[ok], means[ok])
-
-
-def resolution_shells(qmag, n_shells):
-    """Shell index for each |q|: equal numbers of voxels per shell."""
-    order = np.argsort(qmag, kind="stable")
-    shell = np.empty(qmag.size, np.int64)
-    shell[order] = np.arange(qmag.size) * n_shells // max(qmag.size, 1)
-    edges = [float(qmag[order[np.searchsorted(shell[order], s)]]) for s in range(n_shells)] if qmag.size else []
-    return shell, edges
-
-
-def _pearson(x, y):
-    if x.size < 3:
-        return float("nan")
-    xm, ym = x - x.mean(), y - y.mean()
-    denom = np.sqrt((xm * xm).sum() * (ym * ym).sum())
-    return float((xm * ym).sum() / denom) if denom > 0 else float("nan")
-
-
-def image_halves(n_images, seed=0):
-    """The random half of the images (a bool per image) of the CC1/2 maps."""
-    rng = np.random.default_rng(seed)
-    in_first_half = np.zeros(n_images, bool)
-    in_first_half[rng.permutation(n_images)[: n_images // 2]] = True
-    return in_first_half
-
-
-def cc_half(obs, model, use, on_bragg, multiplicity, n_shells=10, seed=0, n_bins=50,
-            half_maps=None):
-    """Half-dataset correlations per resolution shell (random halves by image).
-
-    ``half_maps``: the (I, sigma, n) of each half when the scaling made them
-    already (in its last pass); otherwise both are merged in one pass."""
-    if half_maps is None:
-        half_maps = scaling.merge_intensities(obs, model, use, halves=image_halves(obs.n_images, seed))
-    halves = [(intensity, n) for intensity, _, n in half_maps]
-    both = (halves[0][1] > 0) & (halves[1][1] > 0)
-    maps = {}
-    for name in ("total", "anisotropic"):
-        values = []
-        for intensity, _ in halves:
-            if name == "anisotropic":
-                c, m, _ = isotropic_profile(obs.voxel_qmag, intensity, multiplicity, on_bragg,
-                                            n_bins)
-                intensity = intensity - isotropic_at(obs.voxel_qmag, c, m)
-            values.append(intensity)
-        maps[name] = values
-    shell, _ = resolution_shells(obs.voxel_qmag[both], n_shells)
-    qboth = obs.voxel_qmag[both]
-    table = []
-    for s in range(n_shells):
-        in_shell = shell == s
-        if not in_shell.any():
-            continue
-        row = {
-            "shell": s,
-            "q_min": float(qboth[in_shell].min()),
-            "q_max": float(qboth[in_shell].max()),
-            "d_max": float(1 / qboth[in_shell].min()) if qboth[in_shell].min() > 0 else None,
-            "d_min": float(1 / qboth[in_shell].max()),
-            "n_voxels": int(in_shell.sum()),
-        }
-        bragg = on_bragg[both][in_shell]
-        for name, (a, b) in maps.items():
-            a, b = a[both][in_shell], b[both][in_shell]
-            row[f"cc_half_{name}"] = _pearson(a, b)
-            row[f"cc_half_{name}_no_bragg"] = _pearson(a[~bragg], b[~bragg])
-        table.append(row)
-    overall = {}
-    for name, (a, b) in maps.items():
-        overall[f"cc_half_{name}"] = _pearson(a[both], b[both])
-        overall[f"cc_half_{name}_no_bragg"] = _pearson(a[both & ~on_bragg], b[both & ~on_bragg])
-    return {"seed": seed, "n_shells": n_shells, "overall": overall, "shells": table,
-            "n_voxels_in_both_halves": int(both.sum())}
-
-
 def build_grid(experiments, params, extracted_ndiv=None):
     """The GlobalVoxelGrid of a run, with cell and orientation checks."""
     ndiv = check_grid_params(params.grid, default=extracted_ndiv or (None,) * 3)
     crystals = [e.crystal for e in experiments if e.crystal is not None]
     if not crystals:
         raise Sorry("the experiments have no crystal models")
-    groups = {c.get_space_group().type().lookup_symbol() for c in crystals}
+    groups = crystal_checks.space_group_symbols(crystals)
     if len(groups) > 1:
         raise Sorry(f"the crystal models have different space groups: {', '.join(sorted(groups))}")
     mean, std, cells = grid_module.unit_cell_statistics(crystals)
-    rel = np.abs(cells[:, :3] - mean[:3]) / mean[:3]
-    bad = np.flatnonzero(rel.max(axis=1) > params.cell_tolerance)
+    spread = crystal_checks.cell_spread(crystals)
+    rel = spread.relative_deviation
+    bad = spread.outliers(params.cell_tolerance)
     if bad.size:
         msg = (
             f"{bad.size} crystal model(s) have a cell edge more than "
-            f"{100 * params.cell_tolerance:.1f} % from the mean "
+            f"{100 * params.cell_tolerance:.1f} % from the median "
             f"(experiments {', '.join(map(str, bad[:10]))})"
         )
         if params.cell_outliers == "fail":
@@ -192,10 +89,6 @@ def build_grid(experiments, params, extracted_ndiv=None):
 
 def misorientation_summary(experiments, params):
     """RMS misorientation of the crystal models from the first (modulo symmetry)."""
-    from dials.algorithms.indexing.compare_orientation_matrices import (
-        difference_rotation_matrix_axis_angle,
-    )
-
     crystals = [e.crystal for e in experiments if e.crystal is not None]
     is_sequence = any(not e.is_still() for e in experiments if e.crystal is not None)
     single = params.misorientation.single_crystal
@@ -203,15 +96,8 @@ def misorientation_summary(experiments, params):
         single = "yes" if is_sequence else "no"
     if len(crystals) < 2:
         return {"n_crystals": len(crystals), "rms_misorientation_deg": 0.0, "checked": single == "yes"}
-    angles = []
-    for c in crystals[1:]:
-        try:
-            _, _, angle, _ = difference_rotation_matrix_axis_angle(crystals[0], c)
-        except Exception:
-            angle = float("nan")
-        angles.append(angle)
-    angles = np.array(angles, dtype=float)
-    rms = float(np.sqrt(np.nanmean(angles**2))) if np.isfinite(angles).any() else float("nan")
+    angles = crystal_checks.misorientations_from_first(crystals)
+    rms = crystal_checks.rms_misorientation(angles)
     summary = {
         "n_crystals": len(crystals),
         "rms_misorientation_deg": rms,
@@ -230,7 +116,6 @@ def misorientation_summary(experiments, params):
 
 
 def extracted_ndiv(path):
-    from dials_diffuse.diffuse_files import read_image_file
 
     _, meta = read_image_file(path, keys=())
     return tuple(meta.get("ndiv", (None, None, None)))
@@ -363,7 +248,6 @@ def _select_images(obs, keep_images):
 
 
 def _log_cc_half(stats):
-    from dials.util import tabulate
 
     rows = [["d_max", "d_min", "voxels", "CC1/2", "CC1/2 no Bragg", "CC1/2 aniso", "CC1/2 aniso no Bragg"]]
     for r in stats["shells"]:

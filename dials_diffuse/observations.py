@@ -27,11 +27,13 @@ import numpy as np
 from dials.util import Sorry
 
 from dials_diffuse import symmetry
+from dials_diffuse.parallel import fork_map
 from dials_diffuse.diffuse_files import (
     MANIFEST_NAME,
     read_image_file,
     read_manifest,
 )
+import ctypes
 
 logger = logging.getLogger("dials.diffuse_merge")
 
@@ -125,7 +127,6 @@ def keep_freed_memory():
     the arithmetic (measured: 0.78 s instead of 0.42 s for one merge pass
     over 3e7 observations). Forked workers inherit the setting.
     """
-    import ctypes
 
     try:
         libc = ctypes.CDLL("libc.so.6")
@@ -188,36 +189,28 @@ def read_one(path, ndiv, operators, d_min=None, d_max=None):
     )
 
 
-# Set before forking the reading workers, inherited by them.
-_READ = {}
-
-
-def _read_files(task):
+def _read_files(r, task):
     """Read a group of files into the shared columns at their row offsets.
 
     Returns the kept rows per file and the sorted union of the group's voxel
-    keys (small: one entry per distinct voxel), or ("sorry", message).
+    keys (small: one entry per distinct voxel). ``r``: the shared columns,
+    files, row offsets and reading options (inherited by forked workers).
     """
-    r = _READ
     union, pending, n_pending, kept = np.zeros(0, np.int64), [], 0, []
-    try:
-        for k, i in enumerate(task):
-            if k + 1 < len(task):
-                _prefetch(r["files"][task[k + 1]])
-            keys, signal, factor, variance, _ = read_one(r["files"][i], **r["kwargs"])
-            sl = slice(r["offsets"][i], r["offsets"][i] + keys.size)
-            r["keys"][sl], r["signal"][sl], r["factor"][sl], r["variance"][sl] = (
-                keys, signal, factor, variance)
-            r["image"][sl] = i
-            kept.append(keys.size)
-            pending.append(_sorted_unique(keys))
-            n_pending += pending[-1].size
-            if n_pending > 10_000_000:  # unions in batches: sorting is the cost
-                union = np.union1d(union, np.concatenate(pending))
-                pending, n_pending = [], 0
-    except Sorry as e:
-        # Sorry does not pickle across processes: hand the message back
-        return ("sorry", str(e))
+    for k, i in enumerate(task):
+        if k + 1 < len(task):
+            _prefetch(r["files"][task[k + 1]])
+        keys, signal, factor, variance, _ = read_one(r["files"][i], **r["kwargs"])
+        sl = slice(r["offsets"][i], r["offsets"][i] + keys.size)
+        r["keys"][sl], r["signal"][sl], r["factor"][sl], r["variance"][sl] = (
+            keys, signal, factor, variance)
+        r["image"][sl] = i
+        kept.append(keys.size)
+        pending.append(_sorted_unique(keys))
+        n_pending += pending[-1].size
+        if n_pending > 10_000_000:  # unions in batches: sorting is the cost
+            union = np.union1d(union, np.concatenate(pending))
+            pending, n_pending = [], 0
     if pending:
         union = np.union1d(union, np.concatenate(pending))
     return kept, union
@@ -245,22 +238,11 @@ def _sorted_unique(keys):
     return keys[np.concatenate(([True], keys[1:] != keys[:-1]))]
 
 
-def _compact_voxels(task):
+def _compact_voxels(r, task):
     """Compact voxel index of each row (a binary search in the sorted union)."""
     start, stop = task
-    r = _READ
     r["voxel"][start:stop] = np.searchsorted(r["union"], r["keys"][start:stop])
     return None
-
-
-def _run_tasks(func, tasks, nproc):
-    """func over tasks, in task order, in forked workers when nproc > 1."""
-    if nproc <= 1 or len(tasks) < 2:
-        return [func(t) for t in tasks]
-    import multiprocessing
-
-    with multiprocessing.get_context("fork").Pool(min(nproc, len(tasks))) as pool:
-        return pool.map(func, tasks, chunksize=1)
 
 
 def _headers(files, ndiv):
@@ -301,28 +283,26 @@ def load_observations(files, grid, operators, d_min=None, d_max=None, nproc=1) -
     n_rows = int(offsets[-1])
     columns = dict(keys=np.int64, signal=np.float32, factor=np.float32,
                    variance=np.float32, image=np.int32, voxel=np.int32)
-    _READ.update({name: shared_array(n_rows, dtype) for name, dtype in columns.items()})
-    _READ.update(files=files, offsets=offsets,
-                 kwargs=dict(ndiv=ndiv, operators=operators, d_min=d_min, d_max=d_max))
+    # the state the reading workers inherit (columns in shared memory)
+    shared = {name: shared_array(n_rows, dtype) for name, dtype in columns.items()}
+    shared.update(files=files, offsets=offsets,
+                  kwargs=dict(ndiv=ndiv, operators=operators, d_min=d_min, d_max=d_max))
     try:
         # a few groups of consecutive files per worker (balance), whatever nproc
         groups = np.array_split(np.arange(len(files)), min(len(files), 4 * max(nproc, 1)))
-        results = _run_tasks(_read_files, [g for g in groups if g.size], nproc)
-        for result in results:
-            if len(result) == 2 and isinstance(result[0], str) and result[0] == "sorry":
-                raise Sorry(result[1])
+        results = fork_map(_read_files, [g for g in groups if g.size], nproc, shared)
         kept = np.concatenate([np.asarray(k, np.int64) for k, _ in results])
         voxel_keys = np.unique(np.concatenate([u for _, u in results]))
         if voxel_keys.size == 0:
             raise Sorry("no voxel observations within the resolution limits")
-        n_obs = _compact_rows(offsets, kept)
-        _READ["union"] = voxel_keys
+        n_obs = _compact_rows(shared, offsets, kept)
+        shared["union"] = voxel_keys
         bounds = _row_ranges(n_obs, 8 * max(nproc, 1))
-        _run_tasks(_compact_voxels, bounds, nproc)
+        fork_map(_compact_voxels, bounds, nproc, shared)
         voxel, image, signal, factor, variance = (
-            _READ[k][:n_obs] for k in ("voxel", "image", "signal", "factor", "variance"))
+            shared[k][:n_obs] for k in ("voxel", "image", "signal", "factor", "variance"))
     finally:
-        _READ.clear()  # frees the int64 keys
+        shared.clear()  # frees the int64 keys
     voxel_grid = _unpack(voxel_keys)
     qmag = np.linalg.norm(grid.q_of(voxel_grid / np.array(ndiv)), axis=1)
     obs = ObservationSet(
@@ -345,7 +325,7 @@ def load_observations(files, grid, operators, d_min=None, d_max=None, nproc=1) -
     return obs
 
 
-def _compact_rows(offsets, kept):
+def _compact_rows(shared, offsets, kept):
     """Close the gaps left by rows dropped in the reading (resolution limits,
     W = 0), in file order (a move only overwrites rows already moved).
     Returns the number of rows kept."""
@@ -354,7 +334,7 @@ def _compact_rows(offsets, kept):
         src = int(offsets[i])
         if src != dest:
             for name in ("keys", "signal", "factor", "variance", "image"):
-                column = _READ[name]
+                column = shared[name]
                 column[dest:dest + k] = column[src:src + k]
         dest += int(k)
     return dest

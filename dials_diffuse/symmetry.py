@@ -25,6 +25,7 @@ only the <= 48 operators are looped over.
 from __future__ import annotations
 
 import numpy as np
+from cctbx import sgtbx
 
 __all__ = [
     "laue_operators",
@@ -49,7 +50,6 @@ _CHUNK = 65536
 
 def _as_space_group(space_group):
     """Accept a symbol string, sgtbx.space_group(_info) or crystal.symmetry."""
-    from cctbx import sgtbx
 
     if isinstance(space_group, sgtbx.space_group):
         return space_group

@@ -301,18 +301,18 @@ def test_parallel_passes_byte_identical(stills_run, tmp_path, monkeypatch, overr
     same bytes in every output."""
     import filecmp
 
-    from dials_diffuse import scaling
+    from dials_diffuse.scaling import passes
 
     truth, base, _ = stills_run
     # small chunks: the run has many partitions, as a large one does
-    monkeypatch.setattr(scaling, "CHUNK_ROWS", 3000)
-    monkeypatch.setattr(scaling, "PARALLEL_MIN_OBS", 0)  # workers even for a small run
+    monkeypatch.setattr(passes, "CHUNK_ROWS", 3000)
+    monkeypatch.setattr(passes, "PARALLEL_MIN_OBS", 0)  # workers even for a small run
     outputs = []
     for nproc in (1, 2):
         out = tmp_path / f"n{nproc}"
         result = merge_run(truth.experiments, [str(base / "extracted")],
                            merge_params(out, **{"mp.nproc": nproc, **overrides}))
-        assert len(scaling.partition_bounds(result["observations"].n_obs)) > 4
+        assert len(passes.partition_bounds(result["observations"].n_obs)) > 4
         outputs.append(out)
     names = sorted(p.name for p in outputs[0].iterdir())
     assert "voxel_data_relative.npz" in names
@@ -323,7 +323,7 @@ def test_parallel_passes_byte_identical(stills_run, tmp_path, monkeypatch, overr
 @pytest.mark.parametrize("sparse", [True, False])
 def test_schur_matrix_sparse_and_dense_paths(sparse, monkeypatch):
     """Both ways of forming diag(d_b) - k C D^-1 C^T equal the explicit product."""
-    from dials_diffuse import scaling
+    from dials_diffuse.scaling import gauss_newton
 
     rng = np.random.default_rng(5)
     n_img, n_vox, n = 12, 300, 4000
@@ -335,8 +335,8 @@ def test_schur_matrix_sparse_and_dense_paths(sparse, monkeypatch):
     c = np.zeros((n_img, n_vox))
     np.add.at(c, (images, sampled), couplings)
     expected = np.diag(d_b) - 3.0 * (c * inv_d) @ c.T
-    monkeypatch.setattr(scaling, "_sparse_is_cheaper", lambda *a: sparse)
-    got = scaling._schur_matrix(d_b, images, sampled, couplings, inv_d, 3)
+    monkeypatch.setattr(gauss_newton, "_sparse_is_cheaper", lambda *a: sparse)
+    got = gauss_newton._schur_matrix(d_b, images, sampled, couplings, inv_d, 3)
     assert np.allclose(got, expected, rtol=1e-12, atol=1e-9)
 
 

@@ -242,7 +242,7 @@ def test_validation_against_reference_pdb(sim_run, tmp_path):
     good.write_text("CRYST1   50.000   60.000   70.000  90.00  90.00  90.00 P 21 21 21    4\nEND\n")
     bad = tmp_path / "bad.pdb"
     bad.write_text("CRYST1   55.000   55.000   70.000  90.00  90.00  90.00 P 41 21 2     8\nEND\n")
-    expts = pipeline._load_expts(base / "refined.expt", check_format=False)
+    expts = pipeline.load_expts(base / "refined.expt", check_format=False)
     params = pipeline.default_params()
     ok = pipeline.validate(expts, params, pipeline.read_reference_symmetry(str(good)))
     assert ok["failed"] == {} and ok["passed"] == 4

@@ -30,6 +30,8 @@ def run_check(found, params, experiments=None):
     out_dir = params.output.directory
     ensure_output_directory(out_dir)
     logger.info("%s diagnostics into %s", found.mode.capitalize(), out_dir)
+    # local imports: the check modules load matplotlib (about 1 s), needed
+    # only when diagnostics run (dials.diffuse_process imports this package)
     if found.mode == "extraction":
         from dials_diffuse.diagnostics.extraction_check import run_extraction_check
 

@@ -20,6 +20,7 @@ from dials.util import Sorry
 from dials_diffuse.io import read_background_map
 from dials_diffuse import diffuse_files, geometry
 from dials_diffuse.diffuse_files import image_frame
+from dials_diffuse.statistics import radial_profile
 from dials_diffuse.diagnostics import extraction_plots as plots
 from dials_diffuse.diagnostics import inputs as inp
 from dials_diffuse.diagnostics.plotting import Inventory, describe, subsample
@@ -339,8 +340,6 @@ def run_extraction_check(found: inp.Inputs, params, experiments=None) -> Invento
         out.save_figure(plots.plot_q_projection(obs.q[pick], obs.intensity[pick], (i, j), n),
                         name, f"q projection {plots.AXIS_NAMES[i]}-{plots.AXIS_NAMES[j]}")
     # 4. radial
-    from dials_diffuse.merging import radial_profile
-
     profile = radial_profile(obs.qmag, obs.intensity)
     out.save_figure(plots.plot_radial(obs.qmag[pick], obs.intensity[pick], profile, n),
                     "radial_q_distribution.png", "Intensity vs |q|")

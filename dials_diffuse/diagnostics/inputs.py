@@ -22,6 +22,8 @@ import numpy as np
 from dials.util import Sorry
 
 from dials_diffuse import diffuse_files, merged_files
+from dxtbx import flumpy
+import dxtbx
 
 logger = logging.getLogger("dials.diffuse_check")
 
@@ -176,7 +178,6 @@ def find_masks_beside(npz_path: str, still_id: int, masks: dict) -> dict:
 
 def load_mask(path: str, kind: str) -> List[np.ndarray]:
     """A DIALS mask pickle (tuple of flex.bool per panel, True = use) as numpy."""
-    from dxtbx import flumpy
 
     try:
         with open(path, "rb") as fh:
@@ -213,8 +214,6 @@ def read_raw_image(metadata: dict, experiments=None):
     ``experiment_id``, image ``image_index`` of its imageset when experiments
     are given, else the file ``image_path``.
     """
-    import dxtbx
-    from dxtbx import flumpy
 
     path, frame = metadata.get("image_path"), None
     if experiments is not None:

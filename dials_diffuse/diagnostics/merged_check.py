@@ -17,10 +17,12 @@ import time
 import numpy as np
 
 from dials_diffuse import diffuse_files, merged_files
+from dials_diffuse.statistics import radial_profile
 from dials_diffuse.diagnostics import merged_plots as plots
 from dials_diffuse.diagnostics import sections as sec
 from dials_diffuse.diagnostics.extraction_plots import plot_intensity_histogram
 from dials_diffuse.diagnostics.plotting import Inventory, describe, subsample
+from cctbx import uctbx
 
 logger = logging.getLogger("dials.diffuse_check")
 
@@ -66,7 +68,6 @@ class MergedMap:
 
     @property
     def unit_cell(self):
-        from cctbx import uctbx
 
         return uctbx.unit_cell(tuple(self.grid["crystal_avg_ref"]["unit_cell"]))
 
@@ -314,8 +315,6 @@ def run_merged_check(found, params, experiments=None) -> Inventory:
             out.skip("scaling_resolution_smoother.png", "the resolution smoother was not enabled")
         out.save_text(scaling_summary_text(m.scaling, ids, b, c, context),
                       "scaling_parameters_summary.txt", "Scaling parameters summary")
-
-    from dials_diffuse.merging import radial_profile
 
     qmag = m.voxels["q_magnitude_center"].astype(np.float64)
     profile = (m.stats or {}).get("radial_profile")

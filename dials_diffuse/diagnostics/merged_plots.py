@@ -3,6 +3,7 @@ anisotropic sections). Functions take arrays and return Figures."""
 
 from __future__ import annotations
 
+import matplotlib
 import numpy as np
 from matplotlib.colors import LogNorm, Normalize, TwoSlopeNorm
 from matplotlib.ticker import MaxNLocator
@@ -44,8 +45,6 @@ def plot_section(section, title, label, scale="linear", cmap="viridis", recip_le
     if scale == "log":
         # non-positive values: below the colour range, not "no voxel"
         shown = np.where(np.isfinite(values) & (values <= 0), norm.vmin * 0.5, values)
-    import matplotlib
-
     cm = matplotlib.colormaps[cmap].copy()
     cm.set_bad("lightgrey")
     cm.set_under("black" if scale == "log" else cm(0.0))

@@ -17,6 +17,7 @@ from typing import Dict, Optional
 import numpy as np
 
 from dials_diffuse import symmetry
+from cctbx import sgtbx
 
 logger = logging.getLogger("dials.diffuse_check")
 
@@ -62,7 +63,6 @@ class Section:
 
 def space_group_of(grid: dict):
     """cctbx space group of a grid definition (by its Hall symbol)."""
-    from cctbx import sgtbx
 
     ref = grid.get("crystal_avg_ref", {})
     hall = ref.get("space_group_hall")

@@ -1,0 +1,217 @@
+"""What stays the same from image to image on one detector and beam
+(:class:`DetectorContext`): per panel the pixel raster, the static mask,
+lab-frame q and the product of the static corrections, with the
+process-wide cache of contexts and per-pixel geometry (inherited by forked
+workers)."""
+
+from __future__ import annotations
+
+import dataclasses
+import logging
+from typing import List
+
+import numpy as np
+
+from dials.util import Sorry
+
+from dials_diffuse import corrections, geometry, masks
+
+logger = logging.getLogger("dials.diffuse_extract")
+
+
+@dataclasses.dataclass
+class PanelPixels:
+    """One panel's pixel raster (every ``step``-th pixel along slow and fast)
+    with everything about it that is the same on every image.
+
+    Per-image work runs over the whole raster in raster order, never gathering
+    the kept pixels: pixels that are not kept get a sentinel voxel key, so
+    the runs of equal keys along a row are contiguous ranges of kept pixels,
+    and the per-run sums of the static columns (factor, q) are differences of
+    running sums computed here once.
+    """
+
+    panel_id: int
+    step: int
+    shape: tuple  # raster (n_slow, n_fast)
+    selected: np.ndarray  # (n,) bool: passes the static mask and the resolution limits
+    q_t: np.ndarray  # (3, n) float32 lab-frame q (1/Angstrom) of every raster pixel
+    factor: np.ndarray  # (n,) float32 P * Omega * eta * T_air (exposure applied per image)
+    parts: dict  # each correction factor separately, float32 (for the correction sample)
+    running: dict  # (n + 1,) float64 running sums of factor, qx, qy, qz over selected pixels
+    n_static: int  # raster pixels passing the static mask
+    n_selected: int  # raster pixels in ``selected`` (counted once, used per image)
+
+    @property
+    def n_total(self):
+        return self.selected.size
+
+    def raster(self, image: np.ndarray) -> np.ndarray:
+        """A full-resolution (slow, fast) panel array on this raster, flattened."""
+        if self.step == 1:
+            return image.reshape(-1)
+        return np.ascontiguousarray(image[:: self.step, :: self.step]).reshape(-1)
+
+    def blocks(self, rows: int = 64):
+        """Slices of the raster covering ``rows`` rows each."""
+        n_slow, n_fast = self.shape
+        return [slice(r * n_fast, min(r + rows, n_slow) * n_fast) for r in range(0, n_slow, rows)]
+
+    def slow_fast(self, index: np.ndarray):
+        """Full-resolution (slow, fast) pixel coordinates of raster indices."""
+        slow, fast = np.divmod(index, self.shape[1])
+        return (slow * self.step).astype(np.int32), (fast * self.step).astype(np.int32)
+
+
+@dataclasses.dataclass
+class DetectorContext:
+    """What does not change between images that share a detector and beam."""
+
+    panels: List[PanelPixels]
+    static_full: List[np.ndarray]  # static mask of every pixel (for mask output)
+    predictions: dict  # cache of Bragg predictions of rotation experiments
+    q_max: float  # largest |q| of a selected pixel (bounds the voxel key box)
+    dynamic_cache: dict = dataclasses.field(default_factory=dict)
+
+    def usable(self, dynamic_mask):
+        """Per panel: selected pixels that the dynamic mask keeps, and their number
+        (computed once per dynamic mask)."""
+        if dynamic_mask is None:
+            return [(pp.selected, pp.n_selected) for pp in self.panels]
+        if self.dynamic_cache.get("source") is not dynamic_mask:
+            usable = [pp.selected & pp.raster(dynamic_mask[pp.panel_id]) for pp in self.panels]
+            self.dynamic_cache = {
+                "source": dynamic_mask,
+                "usable": [(u, int(np.count_nonzero(u))) for u in usable],
+            }
+        return self.dynamic_cache["usable"]
+
+
+def detector_context(experiment, imageset, params, static_mask,
+                     geometries=None) -> DetectorContext:
+    """The per-pixel context of an experiment's detector and beam;
+    ``geometries``: its detector_geometry when already computed."""
+    beam, detector = experiment.beam, experiment.detector
+    c = params.corrections
+    f = params.filter
+    panels = []
+    q_max = 0.0
+    if geometries is None:
+        geometries = geometry.detector_geometry(detector, params.filter.pixel_step)
+    for g in geometries:
+        parts = corrections.correction_factors(
+            g,
+            beam,
+            detector[g.panel_id],
+            polarization=c.polarization,
+            solid_angle_on=c.solid_angle,
+            efficiency=c.efficiency,
+            air=c.air,
+            air_temperature_k=c.air_temperature,
+            air_pressure_atm=c.air_pressure,
+            polarization_fraction=c.polarization_fraction,
+        )
+        q = geometry.scattering_vectors(g.unit_s1, beam.get_s0())
+        qmag = np.sqrt(np.einsum("ij,ij->i", q, q))
+        static = static_mask[g.panel_id][g.slow, g.fast]
+        selected = static.copy()
+        if f.d_min is not None:
+            selected &= qmag <= 1.0 / f.d_min
+        if f.d_max is not None:
+            selected &= qmag >= 1.0 / f.d_max
+        if selected.any():
+            q_max = max(q_max, float(qmag[selected].max()))
+        # running sums in float64: a difference of two gives a run's sum exactly
+        # enough (|q| < 1, 1e7 pixels: error ~1e-9); unselected pixels add 0
+        # so that a non-finite value there cannot spread
+        running = {}
+        for name, values in (("factor", parts.total), ("qx", q[:, 0]), ("qy", q[:, 1]),
+                             ("qz", q[:, 2])):
+            running[name] = np.zeros(g.n_pixels + 1)
+            np.cumsum(np.where(selected, values, 0.0), out=running[name][1:])
+        step = params.filter.pixel_step
+        n_slow, n_fast = g.image_shape
+        panels.append(
+            PanelPixels(
+                panel_id=g.panel_id,
+                step=step,
+                shape=(-(-n_slow // step), -(-n_fast // step)),
+                selected=selected,
+                # float32 halves the memory traffic of the per-image passes;
+                # 7 digits are ample for binning and for the factors
+                q_t=np.ascontiguousarray(q.T, dtype=np.float32),
+                factor=parts.total.astype(np.float32),
+                parts={k: getattr(parts, k).astype(np.float32) for k in
+                       ("polarization", "solid_angle", "efficiency", "air")},
+                running=running,
+                n_static=int(static.sum()),
+                n_selected=int(np.count_nonzero(selected)),
+            )
+        )
+    return DetectorContext(panels=panels, static_full=static_mask, predictions={}, q_max=q_max)
+
+
+def panel_gains(detector, params) -> List[float]:
+    """Photons per count of each panel: corrections.gain, else the inverse of
+    dxtbx's Panel.get_gain() (counts per photon)."""
+    if params.corrections.gain is not None:
+        return [float(params.corrections.gain)] * len(detector)
+    gains = []
+    for i, panel in enumerate(detector):
+        counts_per_photon = panel.get_gain()
+        if not counts_per_photon > 0:
+            raise Sorry(f"detector panel {i} has gain {counts_per_photon}: set corrections.gain")
+        gains.append(1.0 / counts_per_photon)
+    return gains
+
+
+def gain_metadata(gains):
+    """One gain, or one per panel when they differ (for the file metadata)."""
+    return gains[0] if len(set(gains)) == 1 else gains
+
+
+# Per-process state: contexts are expensive (per-pixel geometry), computed once
+# per process and inherited by forked workers. Stills refined one by one have
+# a beam each, so a context (~400 MB for 6M pixels) serves one image: only the
+# most recent few are kept, and the beam-independent per-pixel geometry of a
+# detector is kept apart and shared by all of them.
+MAX_CONTEXTS = 2
+_CONTEXTS = []  # (detector, beam, DetectorContext), most recently used last
+_GEOMETRIES = []  # (detector, pixel_step, [PanelGeometry])
+
+
+def clear_caches():
+    """Forget every context and geometry (they depend on a run's parameters)."""
+    _CONTEXTS.clear()
+    _GEOMETRIES.clear()
+
+
+def context_for(task, params):
+    context = _find_context(_CONTEXTS, task)
+    if context is None:
+        static = masks.static_mask(task.imageset, params.masking, params.masking.beamstop)
+        context = detector_context(task.experiment, task.imageset, params, static,
+                                   panel_geometries(task.experiment.detector, params))
+        _CONTEXTS.append((task.experiment.detector, task.experiment.beam, context))
+        del _CONTEXTS[:-MAX_CONTEXTS]
+    return context
+
+
+def panel_geometries(detector, params):
+    """geometry.detector_geometry of a detector, computed once per process."""
+    step = params.filter.pixel_step
+    for known, known_step, geometries in _GEOMETRIES:
+        if known_step == step and known == detector:
+            return geometries
+    geometries = geometry.detector_geometry(detector, step)
+    for g in geometries:
+        g.lab_mm = None  # not needed here: distance and direction are kept
+    _GEOMETRIES[:] = [(detector, step, geometries)]
+    return geometries
+
+
+def _find_context(contexts, task):
+    for detector, beam, context in contexts:
+        if task.experiment.detector == detector and task.experiment.beam == beam:
+            return context
+    return None

@@ -1,0 +1,60 @@
+"""The dynamic pass: hot and dead pixels from every image of the run
+(:func:`dynamic_mask`), in forked workers that each sum a share of the
+images."""
+
+from __future__ import annotations
+
+import logging
+
+from dials_diffuse.command_util import resolve_nproc
+from dials_diffuse import masks
+from dials_diffuse.parallel import ForkPool
+from dials_diffuse.extraction.tasks import ImageError, read_image
+
+logger = logging.getLogger("dials.diffuse_extract")
+
+
+def _dynamic_accumulator(tasks, params):
+    d = params.masking.dynamic
+    return masks.DynamicMaskAccumulator(
+        tasks[0].experiment.detector, d.hot_threshold, d.hot_fraction, d.hot_ratio,
+        d.dead_min_expected_counts,
+    )
+
+
+def _accumulate_dynamic(tasks, params):
+    """Per-pixel sums of the dynamic-mask pass over some images."""
+    acc = _dynamic_accumulator(tasks, params)
+    for task in tasks:
+        try:
+            raw = read_image(task)
+        except ImageError:
+            continue
+        acc.add(raw)
+    return acc.sums()
+
+
+def _forked_dynamic(shared, indices):
+    return _accumulate_dynamic([shared["tasks"][i] for i in indices], shared["params"])
+
+
+def dynamic_mask(tasks, params, while_waiting=None):
+    """Hot and dead pixels from a pass over every image (in parallel with
+    mp.method=multiprocessing: each worker sums its share of the images;
+    ``while_waiting()`` runs in this process meanwhile)."""
+    acc = _dynamic_accumulator(tasks, params)
+    nproc = min(resolve_nproc(params), len(tasks))
+    if nproc > 1 and params.mp.method == "multiprocessing":
+        shares = [list(range(k, len(tasks), nproc)) for k in range(nproc)]
+        with ForkPool({"tasks": tasks, "params": params}, nproc) as pool:
+            partial_sums = pool.map(_forked_dynamic, shares)  # submitted (forked) now
+            if while_waiting is not None:
+                while_waiting()
+            for sums in partial_sums:
+                acc.add_sums(sums)
+    else:
+        acc.add_sums(_accumulate_dynamic(tasks, params))
+    result = acc.masks()
+    n_bad = sum(int((~m).sum()) for m in result)
+    logger.info("Dynamic mask: %d hot or dead pixels", n_bad)
+    return result
