@@ -39,6 +39,7 @@ import dials.util.log
 from dials.util import Sorry
 from dials.util.options import ArgumentParser, flatten_experiments
 
+from dials_diffuse.ambiguity import ambiguity_phil_str  # issue 15
 from dials_diffuse.merging import merge_run
 from dials_diffuse.command_util import check_unhandled, parse_command_line
 from dials_diffuse.phil_scopes import grid_phil_str
@@ -154,6 +155,8 @@ output
 }
 """
 )
+
+merge_phil_str += ambiguity_phil_str  # issue 15: ambiguity { resolve reference ... }
 
 phil_scope = libtbx.phil.parse(merge_phil_str)
 

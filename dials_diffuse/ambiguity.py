@@ -675,6 +675,8 @@ def _nanmean(x):
 
 
 def _write_report(out_dir, report):
-    os.makedirs(out_dir, exist_ok=True)
+    from dials_diffuse.command_util import ensure_output_directory
+
+    ensure_output_directory(out_dir)
     with open(os.path.join(out_dir, REPORT_NAME), "w") as fh:
         json.dump(report, fh, indent=1)

@@ -290,6 +290,13 @@ def merge_run(experiments, inputs, params):
     if excluded:
         keep_images = np.array([m["experiment_id"] not in excluded for m in obs.metadata])
         obs = _select_images(obs, keep_images)
+    # --- issue 15: indexing ambiguity (dials_diffuse/ambiguity.py; writes ambiguity.json)
+    if hasattr(params, "ambiguity"):
+        from dials_diffuse import ambiguity
+
+        obs, _ = ambiguity.resolve_in_merge(experiments, obs, grid, operators, params,
+                                            params.output.directory)
+    # --- end issue 15
     basis = smooth_scale_basis(experiments, obs, params.scaling)
     t_read = time.time()
     # one set of forked workers for every pass over the observations
