@@ -425,7 +425,9 @@ class Resolution:
     assignment: np.ndarray  # operator index per group (crystal)
     score_before: np.ndarray  # CC with the others' map, as indexed
     score_after: np.ndarray  # CC with the others' map, as reindexed
-    scores: np.ndarray  # (n_groups, n_ops) final CC under every operator
+    # (n_groups, n_ops): CC with the others' (final) map when the group's data
+    # as indexed are reindexed by operator k (column k <-> ops[k] as applied)
+    scores: np.ndarray
     pairwise_groups: np.ndarray  # groups of the pairwise stage
     pairwise_passes: int
     reference_passes: int
@@ -501,6 +503,10 @@ def resolve(obs, ndiv, table: CosetTable, group_of_image, params, reference=None
     final = table.mul[assignment, global_op]
     # scores are invariant under the global operator (all groups move together)
     after = scores[np.arange(n_groups), assignment]
+    # scores[i, k] was group i reindexed by k with the others before the
+    # global operator g; with everything moved by g, operator k here is
+    # operator k g^-1 there
+    scores = scores[:, table.mul[np.arange(table.n), table.inv[global_op]]]
     return Resolution(assignment=final, score_before=before, score_after=after,
                       scores=scores, pairwise_groups=pair_groups, pairwise_passes=pair_passes,
                       reference_passes=ref_passes, global_operator=global_op, global_choice=how)
@@ -651,6 +657,10 @@ def resolve_in_merge(experiments, obs, grid, laue_ops, params, out_dir):
                 "operator": symbols[res.assignment[g]],
                 "score_before": _num(res.score_before[g]),
                 "score_after": _num(res.score_after[g]),
+                # CC with the others' final map under each operator applied to
+                # the data as indexed; a small margin: an undecidable still
+                "scores": [_num(res.scores[g, k]) for k in range(table.n)],
+                "margin": _num(_margin(res.scores[g])),
             }
             for m, g in zip(obs.metadata, group_of_image)
         ],
@@ -663,6 +673,11 @@ def resolve_in_merge(experiments, obs, grid, laue_ops, params, out_dir):
         report["mean_score_before"], report["mean_score_after"], res.global_choice)
     _write_report(out_dir, report)
     return new_obs, report
+
+
+def _margin(row):
+    row = np.sort(np.asarray(row, float)[np.isfinite(row)])
+    return row[-1] - row[-2] if row.size >= 2 else np.nan
 
 
 def _num(x):

@@ -217,6 +217,10 @@ def test_p63_stills_resolved(p63_run):
     assert report["mean_score_after"] > report["mean_score_before"] + 0.05
     for im in report["images"]:
         assert im["score_after"] is not None and im["score_before"] is not None
+        # the applied operator is the best for every still against the others
+        own = im["scores"][report["operators"].index(im["operator"])]
+        assert abs(own - im["score_after"]) < 1e-9
+        assert own >= max(im["scores"]) - 1e-9 and im["margin"] >= 0
     assert len(report["images"]) == len(choice)
 
 
