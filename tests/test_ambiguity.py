@@ -103,6 +103,73 @@ def test_reindexing_commutes_with_asu_mapping():
             assert np.array_equal(direct, via)
 
 
+def _synthetic_observations(cell, group, n_images, settings, seed, n_voxels=1500):
+    """An ObservationSet of stills that each see a random part of a random map
+    invariant under the Laue group only, labelled in the given settings
+    (index into ``settings``, hkl_label = hkl_true @ O): the truth is built
+    from symmetry.map_to_asu and random numbers, not from ambiguity.py."""
+    from dials_diffuse.grid import GlobalVoxelGrid
+    from dials_diffuse.observations import ObservationSet
+
+    rng = np.random.default_rng(seed)
+    ndiv = np.array([4, 4, 4])
+    laue = symmetry.laue_operators(group)
+    box = np.stack(np.meshgrid(*[np.arange(-14, 15)] * 3, indexing="ij"), -1).reshape(-1, 3)
+    asu = symmetry.map_to_asu(box, ndiv, laue)
+    keys, inverse = np.unique(asu, axis=0, return_inverse=True)
+    value = rng.lognormal(0, 0.5, len(keys))[inverse.ravel()]  # invariant under G only
+    grid = GlobalVoxelGrid(cell, symmetry._as_space_group(group), ndiv)
+    rows = []
+    for i, s in enumerate(settings):
+        pick = rng.choice(len(box), n_voxels, replace=False)
+        label = symmetry.map_to_asu(box[pick] @ _matrix(s), ndiv, laue)
+        scale = rng.lognormal(0, 0.3)
+        signal = rng.poisson(200 * scale * value[pick]).astype(np.float32)
+        rows.append((label, signal, np.full(n_voxels, i), box[pick]))
+    label = np.concatenate([r[0] for r in rows])
+    uniq, voxel = np.unique(label, axis=0, return_inverse=True)
+    signal = np.concatenate([r[1] for r in rows])
+    obs = ObservationSet(
+        voxel=voxel.ravel().astype(np.int32), image=np.concatenate([r[2] for r in rows]).astype(np.int32),
+        signal=signal, factor=np.ones_like(signal), variance=np.maximum(signal, 1),
+        voxel_grid=uniq.astype(np.int32),
+        voxel_qmag=np.linalg.norm(grid.q_of(uniq / ndiv), axis=1),
+        image_ids=np.arange(n_images), image_gain=np.ones(n_images),
+        metadata=[{"still_id": i, "experiment_id": i} for i in range(n_images)])
+    return obs, grid, np.concatenate([r[3] for r in rows])
+
+
+@pytest.mark.parametrize("cell,group,n_pairwise", [
+    (HEX, "P 3", 500), (CUB, "I 21 3", 500), (TET, "P 4", 15), (HEX, "P 63", 10)])
+def test_resolve_synthetic(cell, group, n_pairwise):
+    """The choice on synthetic observations: every still consistent, also
+    when only some stills go through the pairwise stage (the rest against
+    their map); applying it brings every still's voxels to one setting."""
+    from dials_diffuse.command_line import merge as merge_command
+
+    table = ambiguity.reindexing_operators(cell, group, table=True)
+    rng = np.random.default_rng(3)
+    n = 50
+    symbols = table.symbols()
+    settings = [symbols[k] for k in rng.integers(0, table.n, n)]
+    obs, grid, true_g = _synthetic_observations(cell, group, n, settings, seed=5)
+    p = merge_command.phil_scope.extract().ambiguity
+    p.max_pairwise = n_pairwise
+    res = ambiguity.resolve(obs, np.array(grid.ndiv), table, np.arange(n), p)
+    total = [tuple((_matrix(s) @ table.ops[a]).ravel()) for s, a in zip(settings, res.assignment)]
+    keys = [next(k for k in range(table.n) if _same_coset(table.ops[k], np.reshape(t, (3, 3)),
+                                                          table.laue)) for t in total]
+    assert np.bincount(keys).max() == n, keys
+    assert np.nanmean(res.score_after) > np.nanmean(res.score_before)
+    assert res.pairwise_groups.size == min(n, n_pairwise)
+    # applied: every observation's voxel is its true voxel in that one setting
+    new = ambiguity.apply(obs, res.assignment, grid, table)
+    common = table.ops[keys[0]]
+    expected = symmetry.map_to_asu(true_g @ common, np.array(grid.ndiv), table.laue)
+    assert np.array_equal(new.voxel_grid[new.voxel], expected)
+    assert np.allclose(new.voxel_qmag, np.linalg.norm(grid.q_of(new.voxel_grid / 4), axis=1))
+
+
 # ---------------------------------------------------------------------------
 # simulated stills indexed in random settings
 # ---------------------------------------------------------------------------
