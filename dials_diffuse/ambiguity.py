@@ -611,7 +611,14 @@ def resolve_in_merge(experiments, obs, grid, laue_ops, params, out_dir):
         table = reindexing_operators(grid.unit_cell.parameters(), grid.space_group, p.max_delta,
                                      table=True)
     except ValueError as e:
-        raise Sorry(f"ambiguity: {e}")
+        if p.resolve == "true":
+            raise Sorry(f"ambiguity: {e}")
+        # auto: a pseudo-symmetric lattice this method cannot handle
+        report["done"] = False
+        report["reason"] = f"not resolvable here: {e}"
+        logger.warning("Warning: indexing ambiguity not resolved: %s", e)
+        _write_report(out_dir, report)
+        return obs, report
     report["operators"] = table.symbols()
     report["lattice_max_delta_deg"] = p.max_delta
     if not wanted(p, experiments, obs, table.n):
