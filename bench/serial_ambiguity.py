@@ -103,6 +103,10 @@ def main(argv=None):
     ap.add_argument("--detector", default="487x619", help="n_fast x n_slow")
     ap.add_argument("--reuse", action="store_true", help="keep an existing simulation")
     a = ap.parse_args(argv)
+    if a.mode == "models":  # the pipeline configures its own log
+        import logging
+
+        logging.basicConfig(level=logging.INFO, format="%(message)s")
 
     from dials_diffuse.simulate import load_truth, params_from, simulate_dataset
 
