@@ -170,6 +170,25 @@ def test_resolve_synthetic(cell, group, n_pairwise):
     assert np.allclose(new.voxel_qmag, np.linalg.norm(grid.q_of(new.voxel_grid / 4), axis=1))
 
 
+def test_resolve_groups_of_images():
+    """Images of one crystal (a sweep, or several stills of one crystal
+    indexed together) share one choice: groups, not images, are assigned."""
+    from dials_diffuse.command_line import merge as merge_command
+
+    table = ambiguity.reindexing_operators(HEX, "P 63", table=True)
+    rng = np.random.default_rng(8)
+    group = np.repeat(np.arange(15), 3)  # 15 crystals of 3 images each
+    setting_of_group = rng.integers(0, 2, 15)
+    settings = [table.symbols()[setting_of_group[g]] for g in group]
+    obs, grid, _ = _synthetic_observations(HEX, "P 63", group.size, settings, seed=9,
+                                           n_voxels=600)
+    p = merge_command.phil_scope.extract().ambiguity
+    res = ambiguity.resolve(obs, np.array(grid.ndiv), table, group, p)
+    assert res.assignment.shape == (15,)
+    total = table.mul[setting_of_group, res.assignment]
+    assert len(set(total.tolist())) == 1, total
+
+
 # ---------------------------------------------------------------------------
 # simulated stills indexed in random settings
 # ---------------------------------------------------------------------------
