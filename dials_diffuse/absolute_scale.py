@@ -50,6 +50,42 @@ COMPTON_WAVELENGTH = 0.02426310238
 #: water molecules per cubic Angstrom of bulk solvent (1.0 g/cm^3)
 WATER_PER_A3 = 0.03343
 
+#: PHIL of the merge's absolute_scale scope (included by phil_scopes.merge_phil_str)
+absolute_scale_phil_str = """
+absolute_scale
+  .help = "Put the merged map in electron units per unit cell (sum rule over "
+          "the cell contents) and subtract the incoherent (Compton) scattering."
+{
+  composition = None
+    .type = str
+    .help = "The unit cell's contents: element / count pairs per cell "
+            "('C 600 H 950 N 160 O 190 S 8'), or a PDB / mmCIF model file "
+            "(its atoms times occupancy, expanded by the space group's operators)."
+  sequence = None
+    .type = str
+    .help = "Instead of composition: a protein sequence (one-letter codes, or "
+            "a FASTA / plain sequence file) of the molecule(s) in the "
+            "asymmetric unit; hydrogens included, times the space group's order."
+  molecules_per_asu = 1
+    .type = int(value_min=1)
+    .help = "Copies of the sequence in the asymmetric unit."
+  solvent_fraction = None
+    .type = float(value_min=0, value_max=1)
+    .help = "With a model file or a sequence: the volume fraction of the cell "
+            "filled by bulk water (0.0334 molecules per cubic Angstrom)."
+  d_min = None
+    .type = float(value_min=0)
+    .help = "High-resolution end of the fit (Angstrom); default: the data's."
+  d_max = None
+    .type = float(value_min=0)
+    .help = "Low-resolution end of the fit (Angstrom); default: |s| half the "
+            "data's largest."
+  n_bins = 20
+    .type = int(value_min=2)
+    .help = "Shells of equal |s| width in the fit range."
+}
+"""
+
 
 @dataclasses.dataclass
 class AbsoluteScale:

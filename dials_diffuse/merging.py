@@ -24,6 +24,7 @@ from dials_diffuse.diffuse_files import image_frame
 from dials_diffuse.observations import find_extraction_files, load_observations
 from dials_diffuse.command_util import resolve_nproc
 from dials_diffuse import absolute_scale
+from dials_diffuse.merge_ambiguity import resolve_in_merge
 from dials_diffuse.phil_scopes import check_grid_params
 from dials_diffuse.diffuse_files import read_image_file
 from dials.util import tabulate
@@ -177,6 +178,9 @@ def merge_run(experiments, inputs, params):
     if excluded:
         keep_images = np.array([m["experiment_id"] not in excluded for m in obs.metadata])
         obs = _select_images(obs, keep_images)
+    # indexing ambiguity: every image brought to one setting (writes ambiguity.json)
+    obs, _ = resolve_in_merge(experiments, obs, grid, operators, params,
+                              params.output.directory)
     basis = smooth_scale_basis(experiments, obs, params.scaling)
     t_read = time.time()
     # one set of forked workers for every pass over the observations

@@ -10,7 +10,9 @@ under ``extract``, ``merge`` and ``check`` for ``dials.diffuse_process``.
 * ``extract_phil_scope`` + ``extract_output_phil_scope``:
   :func:`dials_diffuse.extraction.extract`;
 * ``merge_phil_scope`` + ``merge_output_phil_scope``:
-  :func:`dials_diffuse.merging.merge_run`;
+  :func:`dials_diffuse.merging.merge_run` (its ``absolute_scale`` and
+  ``ambiguity`` scopes are defined beside their algorithms, in
+  :mod:`dials_diffuse.absolute_scale` and :mod:`dials_diffuse.merge_ambiguity`);
 * ``check_phil_scope`` + ``check_output_phil_scope``:
   :func:`dials_diffuse.diagnostics.run_check`;
 * ``extract_params_scope``, ``merge_params_scope``, ``check_params_scope``:
@@ -21,6 +23,9 @@ under ``extract``, ``merge`` and ``check`` for ``dials.diffuse_process``.
 from libtbx.phil import parse
 
 from dials.util import Sorry
+
+from dials_diffuse.absolute_scale import absolute_scale_phil_str
+from dials_diffuse.merge_ambiguity import ambiguity_phil_str
 
 grid_phil_str = """
 grid
@@ -246,45 +251,10 @@ extract_output_phil_scope = parse(extract_output_phil_str)
 # --------------------------------------------------------------------------
 # Scaling and merging (dials_diffuse.merging)
 # --------------------------------------------------------------------------
-# read by dials_diffuse.absolute_scale
-absolute_scale_phil_str = """
-absolute_scale
-  .help = "Put the merged map in electron units per unit cell (sum rule over "
-          "the cell contents) and subtract the incoherent (Compton) scattering."
-{
-  composition = None
-    .type = str
-    .help = "The unit cell's contents: element / count pairs per cell "
-            "('C 600 H 950 N 160 O 190 S 8'), or a PDB / mmCIF model file "
-            "(its atoms times occupancy, expanded by the space group's operators)."
-  sequence = None
-    .type = str
-    .help = "Instead of composition: a protein sequence (one-letter codes, or "
-            "a FASTA / plain sequence file) of the molecule(s) in the "
-            "asymmetric unit; hydrogens included, times the space group's order."
-  molecules_per_asu = 1
-    .type = int(value_min=1)
-    .help = "Copies of the sequence in the asymmetric unit."
-  solvent_fraction = None
-    .type = float(value_min=0, value_max=1)
-    .help = "With a model file or a sequence: the volume fraction of the cell "
-            "filled by bulk water (0.0334 molecules per cubic Angstrom)."
-  d_min = None
-    .type = float(value_min=0)
-    .help = "High-resolution end of the fit (Angstrom); default: the data's."
-  d_max = None
-    .type = float(value_min=0)
-    .help = "Low-resolution end of the fit (Angstrom); default: |s| half the "
-            "data's largest."
-  n_bins = 20
-    .type = int(value_min=2)
-    .help = "Shells of equal |s| width in the fit range."
-}
-"""
-
 merge_phil_str = (
     grid_phil_str
     + absolute_scale_phil_str
+    + ambiguity_phil_str
     + """
 d_min = None
   .type = float(value_min=0)

@@ -36,10 +36,17 @@ class DiffuseParameters:
     streak_amplitude: float = 1.0
     streak_length: float = 0.01
     streak_width: float = 0.002
+    # smooth anisotropic lobes (issue 15; 0 = none): see DiffuseModel.lobes
+    lobe_amplitude: float = 0.0
+    lobe_direction: tuple = (1.0, 0.35, 0.3)
+    lobe_angle: float = 0.15
+    lobe_q0: float = 0.2
+    lobe_q_width: float = 0.08
 
     def as_dict(self):
         d = dataclasses.asdict(self)
         d["unit_cell"] = list(self.unit_cell)
+        d["lobe_direction"] = [float(x) for x in self.lobe_direction]
         return d
 
 
@@ -112,6 +119,26 @@ class DiffuseModel:
             )
         return out
 
+    def lobes(self, hkl: np.ndarray) -> np.ndarray:
+        """Smooth lobes round the Laue-group images of a direction u:
+        A exp(-(|q| - q0)^2 / 2 w^2) sum_R exp((q_R . u / |q| - 1) / angle^2),
+        q_R = B (h R): about A on a lobe. Invariant under the Laue group (the
+        sum over all its operators, inversion included); for a general u not under the extra
+        operators of the lattice (the alternative indexings)."""
+        p = self.params
+        if p.lobe_amplitude == 0:
+            return np.zeros(len(hkl))
+        u = self.B @ np.asarray(p.lobe_direction, dtype=np.float64)
+        u = u / np.linalg.norm(u)
+        q = np.sqrt(np.einsum("ij,ij->i", hkl @ self.B.T, hkl @ self.B.T))
+        qs = np.maximum(q, 1e-12)
+        acc = np.zeros(len(hkl))
+        for r in self.laue_ops:
+            cos = ((hkl @ r) @ self.B.T) @ u / qs
+            acc += np.exp((cos - 1.0) / p.lobe_angle**2)
+        radial = np.exp(-0.5 * ((q - p.lobe_q0) / p.lobe_q_width) ** 2)
+        return p.lobe_amplitude * radial * acc
+
     def symmetrised_local(self, hkl: np.ndarray) -> np.ndarray:
         acc = np.zeros(len(hkl))
         for r in self.rotations:
@@ -130,7 +157,7 @@ class DiffuseModel:
         out = np.empty(len(hkl))
         for start in range(0, len(hkl), CHUNK):
             h = hkl[start : start + CHUNK]
-            out[start : start + CHUNK] = self.isotropic(h) + self.symmetrised_local(h)
+            out[start : start + CHUNK] = self.isotropic(h) + self.symmetrised_local(h) + self.lobes(h)
         return out[0] if single else out
 
     def voxel_average(

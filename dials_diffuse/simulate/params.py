@@ -22,6 +22,13 @@ crystal {
   space_group = "P 21 21 21"
     .type = str
     .help = "Space group symbol (any setting cctbx understands, e.g. P41212, R3:H, Fm-3m)."
+  cell_spread = 0.0
+    .type = float(value_min=0)
+    .help = "Stills: relative sigma of each crystal's cell edges about unit_cell"
+            "(symmetrised to the space group; simulate/serial.py)."
+  stills_per_crystal = 1
+    .type = int(value_min=1)
+    .help = "Stills: consecutive stills from one crystal (same cell, random orientations)."
 }
 beam {
   wavelength = 1.0
@@ -165,6 +172,24 @@ diffuse {
               "electron unit per steradian per second (about 1e4 times less than for"
               "the default D of order 1). See dials_diffuse/simulate/absolute.py."
     contrast = 0.3
+      .type = float(value_min=0)
+  }
+  lobe {
+    amplitude = 0.0
+      .type = float
+      .help = "Smooth anisotropic lobes (0: none): A exp(-(|q| - q0)^2 / 2 q_width^2)"
+              "times the sum over the Laue group of exp((cos angle(q, u) - 1) / angle^2),"
+              "u the direction. A general direction makes D invariant under the Laue"
+              "group only, not the lattice's holohedry (indexing ambiguity)."
+    direction = 1 0.35 0.3
+      .type = floats(size=3)
+      .help = "Lobe axis u in reciprocal-lattice coordinates (h k l of a direction)."
+    angle = 0.15
+      .type = float(value_min=0)
+      .help = "Angular width of a lobe (radians)."
+    q0 = 0.2
+      .type = float
+    q_width = 0.08
       .type = float(value_min=0)
   }
 }

@@ -23,6 +23,7 @@ from dials.util import Sorry
 from dials_diffuse.io import write_json
 from dials_diffuse.simulate import models, writer
 from dials_diffuse.simulate import reference_physics as ref
+from dials_diffuse.simulate import serial
 from dials_diffuse.simulate.diffuse_model import DiffuseParameters, laue_rotations
 from dials_diffuse.simulate.params import phil_scope
 from dials_diffuse.simulate.truth import BRAGG_REFL, TRUTH_EXPT, TRUTH_JSON, Truth
@@ -77,9 +78,10 @@ def _build_experiments(params, beam, detector, rng_orient):
     if params.mode == "stills":
         Us = models.random_rotations(rng_orient, params.n_images)
         experiments = ExperimentList()
-        for U in Us:
+        cells = serial.still_cells(params, uc, sgi)  # issue 15: cell spread
+        for U, cell in zip(Us, cells):
             experiments.append(
-                Experiment(beam=beam, detector=detector, crystal=models.make_crystal(uc, sgi, U))
+                Experiment(beam=beam, detector=detector, crystal=models.make_crystal(cell, sgi, U))
             )
         return experiments, Us
     U = models.random_rotations(rng_orient, 1)[0]
@@ -289,6 +291,10 @@ def _truth_dict(params, beam, detector, Us, scales, fmt):
             "n_laue_operators": int(len(laue_rotations(str(sgi)))),
             "U": [np.asarray(U).tolist() for U in Us],
             "scan_varying": bool(params.mode == "rotation" and params.rotation.scan_varying),
+            # issue 15 (simulate/serial.py): each still's crystal and its cell
+            "cell_spread": params.crystal.cell_spread,
+            "crystal_of_still": (serial.crystal_of_still(params).tolist()
+                                 if params.mode == "stills" else [0]),
         },
         "beam": {
             "wavelength": beam.get_wavelength(),
@@ -332,6 +338,11 @@ def _truth_dict(params, beam, detector, Us, scales, fmt):
             streak_amplitude=params.diffuse.streak.amplitude,
             streak_length=params.diffuse.streak.length,
             streak_width=params.diffuse.streak.width,
+            lobe_amplitude=params.diffuse.lobe.amplitude,
+            lobe_direction=tuple(params.diffuse.lobe.direction),
+            lobe_angle=params.diffuse.lobe.angle,
+            lobe_q0=params.diffuse.lobe.q0,
+            lobe_q_width=params.diffuse.lobe.q_width,
         ).as_dict(),
         "absolute": {
             "composition": params.diffuse.absolute.composition,
