@@ -4,7 +4,7 @@
     .venv/bin/python bench/bench_extract.py            # or: bash bench/run_extract.sh
 
 On a simulated 2463 x 2527 (172 um) rotation sequence, all corrections,
-filter.pixel_step=1, binning included, output.save_pixels=False, one thread:
+filter.pixel_step=1, binning included, output.save_pixels=off, one thread:
 
 * dxtbx read only (``imageset.get_raw_data``) and read + conversion to numpy;
 * the static/detector context (static mask, per-pixel geometry and correction
@@ -47,7 +47,7 @@ def extract_params(out_dir):
 
     params = extract_cmd.phil_scope.fetch().extract()
     params.filter.pixel_step = 1
-    params.output.save_pixels = False
+    params.output.save_pixels = "off"
     params.output.directory = str(out_dir)
     params.grid.ndiv_h = params.grid.ndiv_k = params.grid.ndiv_l = 4
     if hasattr(params, "mp"):
@@ -251,7 +251,7 @@ def main():
                     "image_size": list(panel.get_image_size()),
                     "pixel_size_mm": list(panel.get_pixel_size()),
                     "oscillation_deg": expt.scan.get_oscillation()[1]},
-        "settings": {"pixel_step": 1, "save_pixels": False, "ndiv": list(ndiv),
+        "settings": {"pixel_step": 1, "save_pixels": "off", "ndiv": list(ndiv),
                      "corrections": "polarization, solid angle, efficiency, air, gain, exposure",
                      "bragg_mask": params.masking.bragg.method, "dynamic_mask": True,
                      "threads": 1},

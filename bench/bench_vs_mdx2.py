@@ -13,7 +13,7 @@ Chains, each stage a separate process timed for wall time and peak memory of
 its process tree (psutil polling every 50 ms, plus the kernel's maxrss):
 
 * ours: dials.diffuse_extract (static + dynamic + predicted-Bragg masks, all
-  corrections, voxel binning at grid.ndiv = --ndiv, output.save_pixels=False)
+  corrections, voxel binning at grid.ndiv = --ndiv, output.save_pixels=off)
   then dials.diffuse_merge (scaling, merging, CC1/2, maps);
   with mp.nproc=1 and 2 when dials.diffuse_extract has mp.nproc.
 * mdx2 (PyPI, in its own venv bench/.mdx2-venv with the system site packages,
@@ -139,7 +139,7 @@ def ours(directory, work, ndiv, nproc, mp_supported, inputs=None, extra=()):
     inputs = [str(p) for p in (inputs or [directory / "truth.expt"])]
     expt = inputs[0]
     extract = [str(common.VENV_BIN / "dials.diffuse_extract"), *inputs,
-               "output.directory=extracted", "output.save_pixels=False",
+               "output.directory=extracted", "output.save_pixels=off",
                f"grid.ndiv_h={ndiv}", f"grid.ndiv_k={ndiv}", f"grid.ndiv_l={ndiv}", *extra]
     if mp_supported:
         extract.append(f"mp.nproc={nproc}")

@@ -50,7 +50,7 @@ def widths(n_frames, work):
     data = simulate_dataset(params_from(**{**ROTATION_FINE_PARAMS, "n_images": n_frames,
                                            "output.directory": str(work / "data")}))
     truth = load_truth(data)
-    params = extraction_params(truth, work / "ex", **{"output.save_pixels": True})
+    params = extraction_params(truth, work / "ex", **{"output.save_pixels": "all"})
     extract(truth.experiments, params, progress=False)
     result = merge_run(truth.experiments, [str(work / "ex")], merge_params(work / "m"))
     obs, merged = result["observations"], result["merged"]

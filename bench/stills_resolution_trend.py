@@ -73,7 +73,7 @@ def simulate(work, name, n_images, **overrides):
 
 
 def run_extract(truth, out, **overrides):
-    params = extraction_params(truth, out, **{"output.save_pixels": True, **overrides})
+    params = extraction_params(truth, out, **{"output.save_pixels": "all", **overrides})
     extract(truth.experiments, params)
     return sorted(str(p) for p in pathlib.Path(out).glob("image_*.npz"))
 

@@ -89,7 +89,7 @@ def _task(experiment, index):
 
 def _run(experiment, index, params, background=None, dynamic_mask=None, want_masks=False):
     """(task, context, ImageResult) of one image; ``params`` is a copy."""
-    params.output.save_pixels = True
+    params.output.save_pixels = "all"
     params.output.masks = want_masks
     ndiv = check_params(params)
     task = _task(experiment, index)

@@ -9,7 +9,7 @@ Each ``image_<still_id>.npz`` holds
   ``voxel_sum_variance`` sum of gain^2 * counts,
   ``voxel_n_pixels``, ``voxel_mean_qmag`` (1/Angstrom), ``voxel_mean_hkl`` (m, 3);
   the voxel's corrected intensity is sum_signal / sum_factor;
-* per-pixel arrays (unless output.save_pixels=False), float32:
+* per-pixel arrays (output.save_pixels: every kept pixel, a grid sample, or none), float32:
   ``q_vectors`` (n, 3), ``intensities``, ``sigmas``, ``hkl`` (n, 3),
   ``original_panel_ids``, ``original_fast_coords``, ``original_slow_coords``;
 * ``sample_*``: a few hundred pixels with raw counts and every correction factor;

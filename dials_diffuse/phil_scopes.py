@@ -236,10 +236,18 @@ extract_phil_scope = parse(extract_phil_str, process_includes=True)
 extract_output_phil_str = """
   directory = diffuse_extracted
     .type = path
-  save_pixels = True
-    .type = bool
-    .help = "Also store per-pixel arrays (q, I, sigma, hkl, pixel coordinates) "
-            "for the diagnostics; large for big detectors."
+  save_pixels = all *sample off
+    .type = choice
+    .help = "Per-pixel arrays (q, I, sigma, hkl, pixel coordinates) in each "
+            "image's file, for the diagnostics. sample: the kept pixels on a "
+            "regular grid of every s-th row and column, s chosen so that a "
+            "detector holds at most pixel_sample_size of them (a 256 x 256 "
+            "detector keeps every pixel; a Pilatus 6M every 8th row and "
+            "column, ~4 MB per image); all: every kept pixel (~190 MB per "
+            "6M image); off: voxel sums only."
+  pixel_sample_size = 100000
+    .type = int(value_min=1)
+    .help = "save_pixels=sample: at most this many pixels per detector (before masking)."
   masks = False
     .type = bool
     .help = "Write pixel, Bragg and total masks per image as DIALS mask pickles."

@@ -94,7 +94,7 @@ def absolute_run(tmp_path_factory):
         "diffuse.halo.width": 0.012,
         "diffuse.absolute.composition": COMPOSITION,
         "output.directory": str(base / "data")})))
-    extract(truth.experiments, extraction_params(truth, base / "ex", **{"output.save_pixels": False}),
+    extract(truth.experiments, extraction_params(truth, base / "ex", **{"output.save_pixels": "off"}),
             progress=False)
     result = merge_run(truth.experiments, [str(base / "ex")],
                        merge_params(base / "merged", **{"absolute_scale.composition": COMPOSITION}))

@@ -236,7 +236,7 @@ def _serial_run(tmp_path_factory, name, space_group, symbols, n_images, seed):
     ops = [_matrix(s) for s in symbols]
     experiments, choice = scramble_settings(truth.experiments, ops, seed + 1)
     extract(experiments, extraction_params(truth, base / "extracted",
-                                           **{"output.save_pixels": False}), progress=False)
+                                           **{"output.save_pixels": "off"}), progress=False)
     return truth, base, experiments, choice, ops
 
 

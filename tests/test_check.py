@@ -317,7 +317,7 @@ def streak_dataset(tmp_path_factory):
         "diffuse.streak.width": 0.003, "diffuse.isotropic.amplitude": 0.3,
     }))
     expt = data / "truth.expt"
-    _extract([expt, f"output.directory={work / 'ext'}", "output.save_pixels=False",
+    _extract([expt, f"output.directory={work / 'ext'}", "output.save_pixels=off",
               f"output.log={work / 'ex.log'}"])
     _merge([expt, work / "ext", f"output.directory={work / 'mrg'}", "output.ccp4_maps=False",
             f"output.log={work / 'mg.log'}"])

@@ -313,7 +313,7 @@ def run_command(args, cwd):
 def test_command_line(simulated_stills, tmp_path):
     result = run_command(
         [str(simulated_stills / "truth.expt"), "filter.pixel_step=2",
-         "output.save_pixels=False", "output.directory=ex"], tmp_path,
+         "output.save_pixels=off", "output.directory=ex"], tmp_path,
     )
     assert result.returncode == 0, result.stderr
     assert (tmp_path / "ex" / MANIFEST_NAME).exists()
@@ -450,3 +450,36 @@ def test_scan_varying_rotation(tmp_path):
     overall, by_region, by_shell = flatness(truth, tmp_path / "out", truth.n_images)
     assert overall == pytest.approx(1.0, abs=0.01)
     assert np.all(np.abs(by_shell - 1) < 0.015), by_shell
+
+
+def test_pixel_arrays_sampled_by_default(simulated_stills, tmp_path):
+    """output.save_pixels=sample (the default) keeps the arrays of the kept
+    pixels on every s-th row and column, s from pixel_sample_size: exactly
+    the save_pixels=all arrays there; a 256 x 256 detector keeps them all."""
+    truth = load_truth(simulated_stills)
+    default = extraction_params(truth, tmp_path / "default")
+    assert default.output.save_pixels == "sample"
+    runs = {}
+    for name, overrides in (("all", {"output.save_pixels": "all"}),
+                            ("sample", {"output.pixel_sample_size": 5000}),
+                            ("default", {}),
+                            ("off", {"output.save_pixels": "off"})):
+        extract(truth.experiments, extraction_params(truth, tmp_path / name, **overrides),
+                progress=False)
+        path = tmp_path / name / "image_000000.npz"
+        with np.load(path) as npz:
+            runs[name] = ({k: npz[k] for k in npz.files if k != "metadata_json"},
+                          json.loads(str(npz["metadata_json"])))
+    every, every_meta = runs["all"]
+    sampled, meta = runs["sample"]
+    assert every_meta["pixel_sample_step"] == 1 and runs["default"][1]["pixel_sample_step"] == 1
+    assert meta["pixel_sample_step"] == 4  # ceil(sqrt(65536 / 5000))
+    on_grid = (every["original_slow_coords"] % 4 == 0) & (every["original_fast_coords"] % 4 == 0)
+    assert 0 < sampled["intensities"].size == on_grid.sum() < every["intensities"].size / 10
+    for key in ("intensities", "q_vectors", "original_fast_coords"):
+        assert np.array_equal(sampled[key], every[key][on_grid])
+    assert np.array_equal(runs["default"][0]["intensities"], every["intensities"])
+    # the voxel sums do not depend on it
+    for name in ("sample", "off"):
+        assert np.array_equal(runs[name][0]["voxel_sum_signal"], every["voxel_sum_signal"])
+    assert "intensities" not in runs["off"][0] and runs["off"][1]["pixel_sample_step"] == 0

@@ -32,7 +32,7 @@ def simulate_and_extract(tmp_path_factory, name, **sim):
     settings.update(sim)
     truth = load_truth(simulate_dataset(params_from(**settings)))
     extract(truth.experiments, extraction_params(truth, base / "extracted",
-                                                 **{"output.save_pixels": False}))
+                                                 **{"output.save_pixels": "off"}))
     return truth, base
 
 

@@ -326,7 +326,7 @@ def test_thaumatin_subset(tmp_path):
         [*THAUMATIN, PRESETS / "thaumatin_grid_stills.phil",
          "indexing.known_symmetry.space_group=P41212",
          "indexing.known_symmetry.unit_cell=57.9,57.9,150.2,90,90,90",
-         "filter.pixel_step=4", "output.save_pixels=False", "check.max_plot_points=5000",
+         "filter.pixel_step=4", "output.save_pixels=off", "check.max_plot_points=5000",
          "output.base_dir=run"],
         cwd=tmp_path,
     )

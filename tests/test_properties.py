@@ -126,7 +126,7 @@ def extraction(tmp_path_factory):
         "detector.n_fast": 128, "detector.n_slow": 128, "detector.distance": 80,
         "output.directory": str(base / "data")})))
     params = extraction_params(truth, base / "ex", **{
-        "output.save_pixels": False, "filter.pixel_step": 2, "mp.nproc": 1})
+        "output.save_pixels": "off", "filter.pixel_step": 2, "mp.nproc": 1})
     params.grid.ndiv_h = params.grid.ndiv_k = params.grid.ndiv_l = 2
     manifest = extract(truth.experiments, params, progress=False)
     files = [str(base / "ex" / e["file"]) for e in manifest["images"]]

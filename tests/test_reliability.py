@@ -97,7 +97,7 @@ def inputs(tmp_path_factory):
     good = dict(base=base, sim=sim, expt=expt)
     for name, ndiv in (("ex", 2), ("ex3", 3)):
         r = run("extract", [expt, f"output.directory={base / name}", "filter.pixel_step=2",
-                            "output.save_pixels=False", *(f"grid.ndiv_{a}={ndiv}" for a in "hkl")],
+                            "output.save_pixels=off", *(f"grid.ndiv_{a}={ndiv}" for a in "hkl")],
                 base)
         assert r.returncode == 0, r.stderr
     good["ex"], good["ex3"] = base / "ex", base / "ex3"
@@ -316,7 +316,7 @@ def fifty(tmp_path_factory):
     sim = simulate(base / "sim", 50, 31)
     expt = sim / "truth.expt"
     (base / "cwd").mkdir()
-    r = run("extract", [expt, *NDIV, "output.save_pixels=False", "mp.nproc=2",
+    r = run("extract", [expt, *NDIV, "output.save_pixels=off", "mp.nproc=2",
                         f"output.directory={base / 'ex'}"], base / "cwd")
     assert r.returncode == 0, r.stderr
     r = run("merge", [expt, base / "ex", f"output.directory={base / 'mg'}"], base / "cwd")
@@ -325,7 +325,7 @@ def fifty(tmp_path_factory):
 
 
 def extract_args(expt, out, nproc=1, extra=()):
-    return [expt, *NDIV, "output.save_pixels=False", f"mp.nproc={nproc}", f"output.directory={out}", *extra]
+    return [expt, *NDIV, "output.save_pixels=off", f"mp.nproc={nproc}", f"output.directory={out}", *extra]
 
 
 def extract_and_merge(expt, cwd):

@@ -39,7 +39,7 @@ def bragg_leak(truth, directory):
 
 def run_extraction(truth, directory, **overrides):
     params = extraction_params(truth, directory, **{"output.masks": True,
-                                                    "output.save_pixels": False, **overrides})
+                                                    "output.save_pixels": "off", **overrides})
     extract(truth.experiments, params, progress=False)
     return bragg_leak(truth, directory)
 
@@ -81,7 +81,7 @@ def test_fine_sliced_merged_sigma_calibrated(simulated_rotation_fine, tmp_path):
     from test_merge import robust_width
 
     truth = load_truth(simulated_rotation_fine)
-    params = extraction_params(truth, tmp_path / "ex", **{"output.save_pixels": True})
+    params = extraction_params(truth, tmp_path / "ex", **{"output.save_pixels": "all"})
     extract(truth.experiments, params, progress=False)
     files = sorted(str(p) for p in (tmp_path / "ex").glob("image_*.npz"))
     real = merge_run(truth.experiments, files, merge_params(tmp_path / "m"))
@@ -125,7 +125,7 @@ def test_fine_sliced_merged_vs_truth(tmp_path):
     truth = load_truth(simulate_dataset(params_from(**{
         **ROTATION_FINE_PARAMS, "n_images": 100, "output.directory": str(tmp_path / "data")})))
     extract(truth.experiments, extraction_params(truth, tmp_path / "ex",
-                                                 **{"output.save_pixels": False}),
+                                                 **{"output.save_pixels": "off"}),
             progress=False)
     result = merge_run(truth.experiments, [str(tmp_path / "ex")], merge_params(tmp_path / "m"))
     merged = result["merged"]

@@ -82,7 +82,7 @@ def observations_from(arrays, metadata, experiments=None) -> Observations:
             fast=arrays.get("original_fast_coords"),
             slow=arrays.get("original_slow_coords"),
         )
-    logger.info("The extraction file has no per-pixel arrays (output.save_pixels=False): "
+    logger.info("The extraction file has no per-pixel arrays (output.save_pixels=off): "
                 "plotting per-voxel values; the intensity heatmaps need pixel arrays")
     factor = arrays["voxel_sum_factor"].astype(np.float64)
     with np.errstate(divide="ignore", invalid="ignore"):
@@ -246,7 +246,10 @@ def extraction_summary_text(path, metadata, arrays, obs, sample, masks, mask_pat
         "",
         f"Statistics ({obs.level} level: {'kept pixels' if obs.level == 'pixel' else 'voxels of this image'})",
         f"  kept pixels: {int(metadata.get('pixel_counts', {}).get('kept', 0))}"
-        + (f" (pixel arrays: {obs.intensity.size})" if obs.level == "pixel" else ""),
+        + (f" (pixel arrays: {obs.intensity.size}"
+           + (f", every {int(metadata['pixel_sample_step'])}th row and column"
+              if int(metadata.get("pixel_sample_step") or 1) > 1 else "") + ")"
+           if obs.level == "pixel" else ""),
         f"  voxels: {n_vox}, pixels per voxel: mean {arrays['voxel_n_pixels'].mean():.2f}, "
         f"max {int(arrays['voxel_n_pixels'].max()) if n_vox else 0}",
         "  " + describe(i, "intensity"),
@@ -349,10 +352,11 @@ def run_extraction_check(found: inp.Inputs, params, experiments=None) -> Invento
     # 6. heatmaps
     if not have_coords:
         out.skip("intensity_heatmap_panel_0.png",
-                 "no per-pixel coordinates in the file (output.save_pixels=False)"
+                 "no per-pixel coordinates in the file (output.save_pixels=off)"
                  if obs.level == "voxel" else "no detector description")
     else:
-        step = int(metadata.get("pixel_step") or 1)
+        # pixel arrays sampled on every n-th raster row and column (save_pixels=sample)
+        step = int(metadata.get("pixel_step") or 1) * max(1, int(metadata.get("pixel_sample_step") or 1))
         for pid, shape in enumerate(shapes):
             sel = obs.panel == pid
             if not sel.any():

@@ -112,9 +112,10 @@ def extract_image(task, context: DetectorContext, params, ndiv, background=None,
         "voxel_mean_qmag": np.linalg.norm(mean_q, axis=1).astype(np.float32),
         "voxel_mean_hkl": (mean_q @ setting_inv.T).astype(np.float32),
     }
-    if params.output.save_pixels:
+    sample_step = pixel_sample_step(context, params.output)
+    if sample_step:
         arrays.update(_pixel_arrays(context, runs, raw, background, bg_constant,
-                                    setting_inv, t_exp, gains))
+                                    setting_inv, t_exp, gains, sample_step))
     arrays.update(_correction_sample(context, runs, raw, background, bg_constant, t_exp, gains))
     image_masks = None
     if params.output.masks:
@@ -212,10 +213,29 @@ def _kept_pixels(runs):
     return out
 
 
-def _pixel_arrays(context, runs, raw, background, bg_constant, setting_inv, t_exp, gains):
-    """The per-pixel arrays of the guide (output.save_pixels)."""
+def pixel_sample_step(context, output) -> int:
+    """Rows and columns between the pixels whose arrays are written: 1 for
+    every kept pixel (save_pixels=all), 0 for off, else the smallest step s
+    with at most output.pixel_sample_size pixels on the detector's s x s grid."""
+    # True / False: scripts written when save_pixels was a bool
+    mode = {True: "all", False: "off"}.get(output.save_pixels, output.save_pixels)
+    if mode == "off":
+        return 0
+    if mode == "all":
+        return 1
+    n_pixels = sum(pp.q_t.shape[1] for pp in context.panels)
+    return max(1, int(np.ceil(np.sqrt(n_pixels / output.pixel_sample_size))))
+
+
+def _pixel_arrays(context, runs, raw, background, bg_constant, setting_inv, t_exp, gains,
+                  sample_step=1):
+    """The per-pixel arrays of the guide (output.save_pixels): every kept
+    pixel, or those on every sample_step-th row and column of the raster."""
     pieces = {k: [] for k in ("q", "counts", "bg", "factor", "panel", "slow", "fast", "gain")}
     for pp, index in zip(context.panels, _kept_pixels(runs)):
+        if sample_step > 1:
+            row, column = np.divmod(index, pp.shape[1])
+            index = index[(row % sample_step == 0) & (column % sample_step == 0)]
         pieces["q"].append(pp.q_t[:, index].T)
         pieces["counts"].append(pp.raster(raw[pp.panel_id])[index])
         pieces["bg"].append(

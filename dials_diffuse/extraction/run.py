@@ -28,7 +28,13 @@ from dials_diffuse.diffuse_files import (
 )
 from dials_diffuse.extraction.context import clear_caches, context_for, gain_metadata, panel_gains
 from dials_diffuse.extraction.dynamic import dynamic_mask
-from dials_diffuse.extraction.image import reflections_for, bragg_methods, extract_image, scan_predictions
+from dials_diffuse.extraction.image import (
+    bragg_methods,
+    extract_image,
+    pixel_sample_step,
+    reflections_for,
+    scan_predictions,
+)
 from dials_diffuse.extraction.tasks import ImageError, ImageTask, check_params, exposure_time, load_background, plan_tasks
 
 logger = logging.getLogger("dials.diffuse_extract")
@@ -173,6 +179,9 @@ def extract_one(job: ImageJob, background, dynamic) -> dict:
             "air_pressure": params.corrections.air_pressure,
         },
         "pixel_step": params.filter.pixel_step,
+        # per-pixel arrays: every kept pixel on every n-th raster row and
+        # column (1: all of them, 0: none written)
+        "pixel_sample_step": pixel_sample_step(context, params.output),
         "bragg_mask": "+".join(sorted(bragg_methods(params.masking.bragg))) or "none",
         "pixel_counts": result.stages,
     }

@@ -5,7 +5,7 @@ Merged like the real files, it gives what the map would be with no noise and
 no correction error, but the same sampling of each voxel by the pixels (and
 the same Bragg masking): the reference for checks finer than the binning
 (sigma calibration of fine-sliced data, per-shell ratios below 1 %).
-Needs the per-pixel arrays (output.save_pixels=True).
+Needs the per-pixel arrays (output.save_pixels=all).
 """
 
 from __future__ import annotations
