@@ -351,3 +351,18 @@ def test_error_model_k_makes_the_median_chi2():
     assert abs(k - 0.07) < 0.003
     assert np.median(resid**2 / (poisson + (k * expected) ** 2)) == pytest.approx(CHI2_1_MEDIAN)
     assert fit_error_model(rng.normal(0, np.sqrt(poisson)), poisson, expected) == 0.0
+
+
+def test_solver_auto_switches_to_alternating_for_many_scales():
+    """solver=auto: Gauss-Newton (a dense scales x scales matrix) up to
+    max_gauss_newton_scales, the alternating updates beyond (10^4 stills did
+    not converge with Gauss-Newton: bench/serial_10k.py)."""
+    from dials_diffuse.scaling.refine import use_gauss_newton
+
+    params = merge_params("unused").scaling
+    assert params.solver == "auto"
+    assert use_gauss_newton(params, 2000) and not use_gauss_newton(params, 2001)
+    params.solver = "gauss_newton"
+    assert use_gauss_newton(params, 10_000)
+    params.solver, params.offsets = "auto", True
+    assert not use_gauss_newton(params, 10)

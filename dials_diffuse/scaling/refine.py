@@ -18,6 +18,21 @@ from dials_diffuse.scaling.passes import ObservationChunk, ObservationPasses, bi
 logger = logging.getLogger("dials.diffuse_merge")
 
 
+def use_gauss_newton(params, n_scale_params) -> bool:
+    """Whether the scales are refined by Gauss-Newton (solver, offsets,
+    smoother; solver=auto: at most max_gauss_newton_scales scales, because its
+    dense normal matrix grows as their square: 10^4 stills did not converge)."""
+    if params.offsets or params.resolution_smoother.enable:
+        return False
+    if params.solver == "auto":
+        chosen = n_scale_params <= params.max_gauss_newton_scales
+        if not chosen:
+            logger.info("solver=auto: %d scale parameters (more than max_gauss_newton_scales="
+                        "%d): alternating updates", n_scale_params, params.max_gauss_newton_scales)
+        return chosen
+    return params.solver == "gauss_newton"
+
+
 CHI2_1_MEDIAN = 0.45493642311957  # median of chi-squared with one degree of freedom
 
 
@@ -123,7 +138,7 @@ def refine_scales(obs, params, passes=None, halves=None, scale_basis=None) -> Sc
         model.smoother_q.size * n_img if sm.enable else 0
     )
     reject = params.outlier_sigma is not None and params.outlier_sigma > 0
-    gauss_newton = params.solver == "gauss_newton" and not params.offsets and not sm.enable
+    gauss_newton = use_gauss_newton(params, n_scale_params)
     every = schur_sample_step(obs) if gauss_newton else 1
     merge_sums = passes.reduce(merge_partition, model)[0][0]
     numerator = merge_sums[0]
