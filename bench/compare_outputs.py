@@ -34,18 +34,11 @@ from pathlib import Path
 
 import numpy as np
 
-#: simulated stills that index reliably (tests/test_process.py's dataset)
-STILLS = {
-    "mode": "stills",
-    "n_images": 4,
-    "random_seed": 11,
-    "crystal.unit_cell": "50 60 70 90 90 90",
-    "detector.format": "generic",
-    "detector.n_fast": 320,
-    "detector.n_slow": 320,
-    "detector.distance": 80,
-    "bragg.mosaicity_deg": 0.3,
-}
+sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "tests"))
+from conftest import INDEXABLE_STILLS_PARAMS  # noqa: E402
+
+#: simulated stills that index reliably (the dataset of tests/test_process.py)
+STILLS = INDEXABLE_STILLS_PARAMS
 ROTATION = {**{k: v for k, v in STILLS.items() if k != "bragg.mosaicity_deg"},
             "mode": "rotation", "n_images": 10, "random_seed": 12,
             "rotation.oscillation": 0.5}

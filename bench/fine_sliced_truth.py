@@ -32,7 +32,12 @@ ROOT = pathlib.Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT / "tests"))
 
 from conftest import ROTATION_FINE_PARAMS  # noqa: E402
-from diffuse_helpers import extraction_params, merge_params, swept_voxels  # noqa: E402
+from diffuse_helpers import (  # noqa: E402
+    extraction_params,
+    merge_params,
+    robust_width,
+    swept_voxels,
+)
 
 from dials_diffuse.extraction import extract  # noqa: E402
 from dials_diffuse.merging import merge_run  # noqa: E402
@@ -40,10 +45,6 @@ from dials_diffuse.simulate import load_truth, params_from, simulate_dataset  # 
 from dials_diffuse.simulate.oracle import oracle_files  # noqa: E402
 
 NDIV = 4
-
-
-def robust_width(z):
-    return 1.4826 * np.median(np.abs(z - np.median(z)))
 
 
 def widths(n_frames, work):

@@ -19,13 +19,10 @@ import argparse
 import os
 import pathlib
 import resource
-import sys
 import tempfile
 import time
 
 import numpy as np
-
-ROOT = pathlib.Path(__file__).resolve().parents[1]
 
 from dxtbx.model import Crystal  # noqa: E402
 from dxtbx.model.experiment_list import (  # noqa: E402
@@ -102,7 +99,6 @@ def main():
         print("  ".join(f"{k} {v:.2f} s" if isinstance(v, float) and k != "peak RSS MB"
                         else f"{k} {v:.0f}" if isinstance(v, float) else f"{k} {v}"
                         for k, v in row.items()), flush=True)
-    sys.exit(0)
 
 
 if __name__ == "__main__":

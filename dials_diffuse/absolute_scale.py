@@ -181,11 +181,9 @@ def model_element_counts(path: str, space_group, unit_cell, solvent_fraction=Non
     symbols = [_check_element(e or n[:2], path) for e, n in
                zip(atoms.extract_element(), atoms.extract_name())]
     occupancy = atoms.extract_occ().as_numpy_array()
-    order = space_group.order_z()
-    counts = {}
-    for symbol in set(symbols):
-        pick = np.array([s == symbol for s in symbols])
-        counts[symbol] = float(occupancy[pick].sum() * order)
+    elements, atom_element = np.unique(symbols, return_inverse=True)
+    totals = np.bincount(atom_element, weights=occupancy) * space_group.order_z()
+    counts = {str(e): float(n) for e, n in zip(elements, totals)}
     if "H" not in counts:
         logger.warning("absolute_scale: %s has no hydrogen atoms; they are not counted "
                        "(about 7 %% of a protein's electrons)", os.path.basename(path))

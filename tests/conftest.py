@@ -33,6 +33,19 @@ ROTATION_PARAMS = {
 #: fine-sliced rotation data: 0.1 deg frames, realistic 0.1 deg mosaicity (spots
 #: span several frames, more near the rotation axis), images numbered from 5
 #: (array range 4..24), scan-varying crystal
+#: small simulated stills that index reliably from raw images (about 50-140
+#: strong spots each): dials.diffuse_process tests and bench/compare_outputs.py
+INDEXABLE_STILLS_PARAMS = {
+    "mode": "stills",
+    "n_images": 4,
+    "random_seed": 11,
+    "crystal.unit_cell": "50 60 70 90 90 90",
+    "detector.format": "generic",
+    "detector.n_fast": 320,
+    "detector.n_slow": 320,
+    "detector.distance": 80,
+    "bragg.mosaicity_deg": 0.3,
+}
 ROTATION_FINE_PARAMS = {
     "mode": "rotation",
     "n_images": 20,

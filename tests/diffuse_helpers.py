@@ -72,6 +72,11 @@ def extraction_params(truth, directory, **overrides):
 
 
 
+def robust_width(z):
+    """1.4826 x median absolute deviation: the sigma of a normal core."""
+    return 1.4826 * np.median(np.abs(z - np.median(z)))
+
+
 def swept_voxels(merged, observations):
     """Of the merged voxels, those the Ewald sphere swept through inside a
     rotation scan: observed on neither its first nor its last image. A voxel
@@ -79,5 +84,10 @@ def swept_voxels(merged, observations):
     average over that part, not over the voxel."""
     on_edge = np.isin(observations.image, [0, observations.n_images - 1])
     cut = np.bincount(observations.voxel[on_edge], minlength=observations.n_voxels) > 0
-    index = {tuple(g): i for i, g in enumerate(observations.voxel_grid)}
-    return ~cut[[index[tuple(g)] for g in merged.voxel_grid]]
+    # each merged voxel's row among the observed ones, by its grid key
+    lower = observations.voxel_grid.min(axis=0)
+    shape = observations.voxel_grid.max(axis=0) - lower + 1
+    keys = np.ravel_multi_index((observations.voxel_grid - lower).T, shape)
+    order = np.argsort(keys)
+    wanted = np.ravel_multi_index((merged.voxel_grid - lower).T, shape)
+    return ~cut[order[np.searchsorted(keys[order], wanted)]]

@@ -17,7 +17,7 @@ from dials_diffuse.extraction import extract
 from dials_diffuse.merging import merge_run
 from dials_diffuse.simulate import load_truth, params_from, simulate_dataset
 
-from diffuse_helpers import extraction_params, merge_params
+from diffuse_helpers import extraction_params, merge_params, robust_width
 
 VENV_BIN = os.path.dirname(sys.executable)
 NDIV = 4
@@ -80,11 +80,6 @@ def test_stills_map_scales_and_shells(stills_run):
     truth, _, result = stills_run
     _, ratio, _ = check_against_truth(truth, result, shell_tolerance=0.01)
     print("merged / true per shell:", np.round(ratio / ratio.mean(), 4))
-
-
-def robust_width(z):
-    """1.4826 x median absolute deviation: the sigma of a normal core."""
-    return 1.4826 * np.median(np.abs(z - np.median(z)))
 
 
 def check_calibrated_errors(truth, result):

@@ -24,22 +24,13 @@ from pathlib import Path
 import numpy as np
 import pytest
 
+from conftest import INDEXABLE_STILLS_PARAMS
+
 DATA = Path(__file__).resolve().parents[1].parent / "shared" / "data" / "thaumatin_grid_stills"
 THAUMATIN = [DATA / f"thau_3_2_{n:04d}.cbf.bz2" for n in (1, 2, 17)]
 PRESETS = Path(__file__).resolve().parents[1] / "phil"
 
-#: small simulated stills that index reliably (about 50-140 strong spots each)
-SIM_PARAMS = {
-    "mode": "stills",
-    "n_images": 4,
-    "random_seed": 11,
-    "crystal.unit_cell": "50 60 70 90 90 90",
-    "detector.format": "generic",
-    "detector.n_fast": 320,
-    "detector.n_slow": 320,
-    "detector.distance": 80,
-    "bragg.mosaicity_deg": 0.3,
-}
+SIM_PARAMS = INDEXABLE_STILLS_PARAMS
 SIM_SYMMETRY = [
     "indexing.known_symmetry.space_group=P212121",
     "indexing.known_symmetry.unit_cell=50,60,70,90,90,90",

@@ -16,7 +16,7 @@ import pytest
 from dials_diffuse.extraction import extract
 from dials_diffuse.simulate import load_truth
 
-from diffuse_helpers import extraction_params
+from diffuse_helpers import extraction_params, robust_width
 
 
 def bragg_leak(truth, directory):
@@ -78,7 +78,6 @@ def test_fine_sliced_merged_sigma_calibrated(simulated_rotation_fine, tmp_path):
     from dials_diffuse.simulate.oracle import oracle_files
 
     from diffuse_helpers import merge_params
-    from test_merge import robust_width
 
     truth = load_truth(simulated_rotation_fine)
     params = extraction_params(truth, tmp_path / "ex", **{"output.save_pixels": "all"})
@@ -120,7 +119,6 @@ def test_fine_sliced_merged_vs_truth(tmp_path):
     from dials_diffuse.simulate import params_from, simulate_dataset
 
     from diffuse_helpers import merge_params, swept_voxels
-    from test_merge import robust_width
 
     truth = load_truth(simulate_dataset(params_from(**{
         **ROTATION_FINE_PARAMS, "n_images": 100, "output.directory": str(tmp_path / "data")})))

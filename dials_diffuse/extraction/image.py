@@ -29,6 +29,8 @@ class ImageResult:
     arrays: dict
     stages: dict
     masks: Optional[dict] = None  # full-resolution pixel/bragg/total masks
+    # rows and columns between the pixels whose arrays were written (0: none)
+    pixel_sample_step: int = 0
 
 
 def extract_image(task, context: DetectorContext, params, ndiv, background=None,
@@ -128,7 +130,8 @@ def extract_image(task, context: DetectorContext, params, ndiv, background=None,
             "bragg": bragg_mask,
             "total": [p & b for p, b in zip(pixel, bragg_mask)],
         }
-    return ImageResult(arrays=arrays, stages=stages, masks=image_masks)
+    return ImageResult(arrays=arrays, stages=stages, masks=image_masks,
+                       pixel_sample_step=sample_step)
 
 
 class VoxelKeys:

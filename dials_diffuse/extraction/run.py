@@ -31,7 +31,6 @@ from dials_diffuse.extraction.dynamic import dynamic_mask
 from dials_diffuse.extraction.image import (
     bragg_methods,
     extract_image,
-    pixel_sample_step,
     reflections_for,
     scan_predictions,
 )
@@ -181,7 +180,7 @@ def extract_one(job: ImageJob, background, dynamic) -> dict:
         "pixel_step": params.filter.pixel_step,
         # per-pixel arrays: every kept pixel on every n-th raster row and
         # column (1: all of them, 0: none written)
-        "pixel_sample_step": pixel_sample_step(context, params.output),
+        "pixel_sample_step": result.pixel_sample_step,
         "bragg_mask": "+".join(sorted(bragg_methods(params.masking.bragg))) or "none",
         "pixel_counts": result.stages,
     }

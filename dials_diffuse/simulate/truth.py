@@ -305,19 +305,21 @@ class Truth:
             out *= surfaces.response(shape, settings["response"])
         return out.reshape(shape)
 
-    def compton_per_cell(self, qmag) -> np.ndarray:
+    def compton_per_cell(self, qmag, energy_ratio=None) -> np.ndarray:
         """The true incoherent scattering per cell at |s| (electron units,
         with the recoil factor (E'/E)^2 of photon counting), before the
         detector's response at the shifted energy."""
-        ratio = compton_energy_ratio(qmag, self.beam.get_wavelength())
-        return incoherent_per_cell(qmag, self.elements) * ratio ** 2
+        if energy_ratio is None:
+            energy_ratio = compton_energy_ratio(qmag, self.beam.get_wavelength())
+        return incoherent_per_cell(qmag, self.elements) * energy_ratio ** 2
 
     def _compton_pixels(self, q, factors) -> np.ndarray:
         """Compton of each pixel, in D units times the pixel's factors at E'."""
         qmag = np.sqrt(np.einsum("ij,ij->i", q, q))
         ratio = compton_energy_ratio(qmag, self.beam.get_wavelength())
         eta, air = shifted_response(factors.efficiency, factors.air, ratio)
-        return self.compton_per_cell(qmag) * factors.polarization * factors.solid_angle * eta * air
+        return (self.compton_per_cell(qmag, ratio) * factors.polarization * factors.solid_angle
+                * eta * air)
 
     @property
     def bragg(self):
