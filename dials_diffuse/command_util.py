@@ -157,6 +157,13 @@ def parse_arguments(parser, args, phil_scope, logger):
         # that DIALS' parser passes on: a bad value, not a program error
         message = str(e).split(": ", 1)[-1] if "Please report this error" in str(e) else str(e)
         raise Sorry(message)
+    log_directory = os.path.dirname(params.output.log or "")
+    if log_directory:
+        # output.log=run/merge.log: its directory is made, as for output.directory
+        try:
+            os.makedirs(log_directory, exist_ok=True)
+        except OSError as e:
+            raise Sorry(f"output.log={params.output.log}: cannot make its directory ({e.strerror})")
     dials.util.log.config(verbosity=options.verbose, logfile=params.output.log)
     for item in ignored_presets:
         logger.debug("Preset parameter not used by this command: %s", item)

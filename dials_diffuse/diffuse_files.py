@@ -7,7 +7,9 @@ Each ``image_<still_id>.npz`` holds
   ``voxel_sum_signal`` sum of (counts * gain - background),
   ``voxel_sum_factor`` sum of P * Omega * eta * T_air * exposure,
   ``voxel_sum_variance`` sum of gain^2 * counts,
-  ``voxel_n_pixels``, ``voxel_mean_qmag`` (1/Angstrom), ``voxel_mean_hkl`` (m, 3);
+  ``voxel_n_pixels``, ``voxel_mean_qmag`` (1/Angstrom), ``voxel_mean_hkl`` (m, 3),
+  ``voxel_mean_xy`` (m, 2) mean detector-plane position in mm (panel 0's
+  fast and slow axes from its origin; files of earlier versions lack it);
   the voxel's corrected intensity is sum_signal / sum_factor;
 * per-pixel arrays (output.save_pixels: every kept pixel, a grid sample, or none), float32:
   ``q_vectors`` (n, 3), ``intensities``, ``sigmas``, ``hkl`` (n, 3),
@@ -41,6 +43,8 @@ VOXEL_KEYS = (
     "voxel_mean_qmag",
     "voxel_mean_hkl",
 )
+#: voxel arrays files written by earlier versions may lack
+OPTIONAL_VOXEL_KEYS = ("voxel_mean_xy",)
 PIXEL_KEYS = (
     "q_vectors",
     "intensities",
@@ -91,7 +95,7 @@ def read_image_file(path, keys=VOXEL_KEYS, require=VOXEL_KEYS):
         raise
     except (OSError, ValueError, zipfile.BadZipFile, EOFError) as e:
         raise Sorry(f"{path} cannot be read as an extraction file: {e}")
-    _check_lengths(path, arrays, VOXEL_KEYS)
+    _check_lengths(path, arrays, VOXEL_KEYS + OPTIONAL_VOXEL_KEYS)
     _check_lengths(path, arrays, PIXEL_KEYS)
     return arrays, metadata
 
@@ -104,6 +108,10 @@ def _check_lengths(path, arrays, group):
     for k in ("voxel_indices", "voxel_mean_hkl", "q_vectors", "hkl"):
         if k in arrays and (arrays[k].ndim != 2 or arrays[k].shape[1] != 3):
             raise Sorry(f"{path}: {k} has shape {arrays[k].shape}, expected (n, 3)")
+    if "voxel_mean_xy" in arrays and (arrays["voxel_mean_xy"].ndim != 2
+                                      or arrays["voxel_mean_xy"].shape[1] != 2):
+        raise Sorry(f"{path}: voxel_mean_xy has shape {arrays['voxel_mean_xy'].shape}, "
+                    "expected (n, 2)")
 
 
 def image_frame(metadata: dict, experiment):

@@ -108,6 +108,7 @@ def scaling_dict(obs, result, params):
         "error_model": _error_model_document(model),
         "resolution_smoother": smoother,
         "scale_model": _scale_model_document(model),
+        "surfaces": None if result.surfaces is None else result.surfaces.as_dict(),
     }
 
 

@@ -166,7 +166,8 @@ def merge_run(experiments, inputs, params):
     except ValueError as e:
         raise Sorry(f"symmetry.merge={params.symmetry.merge}: {e}")
     obs = load_observations(files, grid, operators, params.d_min, params.d_max,
-                            nproc=resolve_nproc(params))
+                            nproc=resolve_nproc(params),
+                            detector_xy=scaling.needs_detector_xy(params.scaling.surfaces))
     n_expt = len(experiments)
     for meta in obs.metadata:
         if meta["experiment_id"] >= n_expt:
@@ -182,12 +183,14 @@ def merge_run(experiments, inputs, params):
     obs, _ = resolve_in_merge(experiments, obs, grid, operators, params,
                               params.output.directory)
     basis = smooth_scale_basis(experiments, obs, params.scaling)
+    # mdx2's surfaces: their shared columns exist before the workers fork
+    surfaces = scaling.setup_surfaces(params.scaling, obs, image_angles(experiments, obs))
     t_read = time.time()
     # one set of forked workers for every pass over the observations
     with scaling.ObservationPasses(obs, resolve_nproc(params)) as passes:
         result = scaling.refine_scales(
             obs, params.scaling, passes, halves=image_halves(obs.n_images, params.statistics.seed),
-            scale_basis=basis)
+            scale_basis=basis, surfaces=surfaces)
         passes.log_timings()
     if not result.converged and params.scaling.fail_if_not_converged:
         raise Sorry("scaling did not converge: raise scaling.max_iterations or check the data")
@@ -220,16 +223,11 @@ def smooth_scale_basis(experiments, obs, scaling_params):
     interval = scaling_params.scale_interval
     if interval is None or not interval > 0:
         raise Sorry(f"scaling.scale_interval={interval}: must be > 0 degrees")
-    phi, sweep = [], []
-    for meta in obs.metadata:
-        expt = experiments[meta["experiment_id"]]
-        if meta.get("is_still", expt.is_still()) or expt.scan is None or expt.goniometer is None:
-            raise Sorry(
-                "scaling.scale_model=smooth needs rotation sequences: image "
-                f"{meta['image_path']} is a still (use scale_model=per_image)"
-            )
-        phi.append(geometry.frame_centre_angle(expt.scan, image_frame(meta, expt), deg=True))
-        sweep.append(meta["experiment_id"])
+    phi = image_angles(experiments, obs)
+    if phi is None:
+        raise Sorry("scaling.scale_model=smooth needs rotation sequences: the images include "
+                    "stills (use scale_model=per_image)")
+    sweep = [meta["experiment_id"] for meta in obs.metadata]
     basis = scaling.SmoothScaleBasis.from_angles(phi, sweep, interval)
     logger.info(
         "Smooth scales: %d control points (every <= %g deg) for %d images in %d sweep(s)",
@@ -238,12 +236,24 @@ def smooth_scale_basis(experiments, obs, scaling_params):
     return basis
 
 
+def image_angles(experiments, obs):
+    """The rotation angle (deg) at the centre of each image, None if any
+    image is a still."""
+    phi = []
+    for meta in obs.metadata:
+        expt = experiments[meta["experiment_id"]]
+        if meta.get("is_still", expt.is_still()) or expt.scan is None or expt.goniometer is None:
+            return None
+        phi.append(geometry.frame_centre_angle(expt.scan, image_frame(meta, expt), deg=True))
+    return np.array(phi, np.float64)
+
+
 def _select_images(obs, keep_images):
     keep_obs = keep_images[obs.image]
     new_index = np.cumsum(keep_images) - 1
-    obs.voxel, obs.signal, obs.factor, obs.variance = (
-        a[keep_obs] for a in (obs.voxel, obs.signal, obs.factor, obs.variance)
-    )
+    for name in ("voxel", "signal", "factor", "variance", "detector_x", "detector_y"):
+        if getattr(obs, name) is not None:
+            setattr(obs, name, getattr(obs, name)[keep_obs])
     obs.image = new_index[obs.image[keep_obs]].astype(np.int32)
     obs.image_ids = obs.image_ids[keep_images]
     obs.image_gain = obs.image_gain[keep_images]

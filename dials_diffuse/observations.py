@@ -20,7 +20,7 @@ import logging
 import mmap
 import os
 import zipfile
-from typing import List
+from typing import List, Optional
 
 import numpy as np
 
@@ -52,6 +52,13 @@ class ObservationSet:
     image_ids: np.ndarray  # still id of each image
     image_gain: np.ndarray  # gain of each image (photons per count)
     metadata: List[dict]
+    # mdx2's surfaces (scaling.surfaces; None when they are off):
+    detector_x: Optional[np.ndarray] = None  # float32 mean detector-plane x (mm) of each row
+    detector_y: Optional[np.ndarray] = None  # float32 mean detector-plane y (mm) of each row
+    image_phi: Optional[np.ndarray] = None  # rotation angle (deg) at each image's centre
+    surface_gain: Optional[np.ndarray] = None  # float32 a(x, y, phi) d(x, y) of each row
+    surface_offset: Optional[np.ndarray] = None  # float32 c(|s|, phi) of each row
+    surface_terms: Optional[dict] = None  # float32 a and d of each row, by name
 
     @property
     def n_obs(self):
@@ -159,10 +166,16 @@ def _file_header(path):
         return metadata, len(arrays["voxel_sum_signal"])
 
 
-def read_one(path, ndiv, operators, d_min=None, d_max=None):
-    """One extraction file as (ASU keys, S, W, V, metadata), rows sorted by key."""
+def read_one(path, ndiv, operators, d_min=None, d_max=None, detector_xy=False):
+    """One extraction file as (ASU keys, S, W, V, metadata), rows sorted by key;
+    with ``detector_xy``, (ASU keys, S, W, V, x, y, metadata)."""
     keys = _MERGE_KEYS + (("voxel_mean_qmag",) if d_min is not None or d_max is not None else ())
+    if detector_xy:
+        keys += ("voxel_mean_xy",)
     arrays, meta = read_image_file(path, keys=keys)
+    if detector_xy and "voxel_mean_xy" not in arrays:
+        raise Sorry(f"{path} has no voxel_mean_xy (extracted by an earlier version): "
+                    "run dials.diffuse_extract again to use scaling.surfaces")
     if list(meta.get("ndiv", [])) != list(ndiv):
         raise Sorry(
             f"{path} was extracted with grid ndiv {meta.get('ndiv')}, "
@@ -181,12 +194,12 @@ def read_one(path, ndiv, operators, d_min=None, d_max=None):
     packed = _pack(symmetry.map_to_asu(g, np.asarray(ndiv), operators))
     # within an image, rows sorted by voxel: a deterministic order
     rows = np.argsort(packed, kind="stable")
-    return (
-        packed[rows],
-        *(arrays[k][keep][rows].astype(np.float32)
-          for k in ("voxel_sum_signal", "voxel_sum_factor", "voxel_sum_variance")),
-        meta,
-    )
+    columns = [arrays[k][keep][rows].astype(np.float32)
+               for k in ("voxel_sum_signal", "voxel_sum_factor", "voxel_sum_variance")]
+    if detector_xy:
+        xy = arrays["voxel_mean_xy"][keep][rows]
+        columns += [xy[:, 0].astype(np.float32), xy[:, 1].astype(np.float32)]
+    return (packed[rows], *columns, meta)
 
 
 def _read_files(r, task):
@@ -200,10 +213,11 @@ def _read_files(r, task):
     for k, i in enumerate(task):
         if k + 1 < len(task):
             _prefetch(r["files"][task[k + 1]])
-        keys, signal, factor, variance, _ = read_one(r["files"][i], **r["kwargs"])
+        keys, *columns, _ = read_one(r["files"][i], **r["kwargs"])
         sl = slice(r["offsets"][i], r["offsets"][i] + keys.size)
-        r["keys"][sl], r["signal"][sl], r["factor"][sl], r["variance"][sl] = (
-            keys, signal, factor, variance)
+        r["keys"][sl] = keys
+        for name, values in zip(r["value_columns"], columns):
+            r[name][sl] = values
         r["image"][sl] = i
         kept.append(keys.size)
         pending.append(_sorted_unique(keys))
@@ -261,7 +275,8 @@ def _headers(files, ndiv):
     return headers
 
 
-def load_observations(files, grid, operators, d_min=None, d_max=None, nproc=1) -> ObservationSet:
+def load_observations(files, grid, operators, d_min=None, d_max=None, nproc=1,
+                      detector_xy=False) -> ObservationSet:
     """Read every file, check it belongs to this grid, map voxels to the ASU.
 
     Images are ordered by still id. The files are read by ``nproc`` forked
@@ -270,7 +285,8 @@ def load_observations(files, grid, operators, d_min=None, d_max=None, nproc=1) -
     worker returns the union of its voxel keys, and a second parallel step
     turns the int64 keys into compact int32 voxel indices. Each observation
     keeps 20 bytes (voxel, image, S, W, V); the int64 keys are freed after
-    the read.
+    the read. With ``detector_xy`` the voxels' mean detector-plane x and y
+    are read too (8 bytes more per observation).
     """
     keep_freed_memory()
     ndiv = tuple(int(n) for n in grid.ndiv)
@@ -281,12 +297,15 @@ def load_observations(files, grid, operators, d_min=None, d_max=None, nproc=1) -
     counts = np.array([headers[i][1] for i in order], np.int64)
     offsets = np.concatenate([[0], np.cumsum(counts)])
     n_rows = int(offsets[-1])
-    columns = dict(keys=np.int64, signal=np.float32, factor=np.float32,
-                   variance=np.float32, image=np.int32, voxel=np.int32)
+    value_columns = ("signal", "factor", "variance") + (
+        ("detector_x", "detector_y") if detector_xy else ())
+    columns = dict(keys=np.int64, image=np.int32, voxel=np.int32,
+                   **{name: np.float32 for name in value_columns})
     # the state the reading workers inherit (columns in shared memory)
     shared = {name: shared_array(n_rows, dtype) for name, dtype in columns.items()}
-    shared.update(files=files, offsets=offsets,
-                  kwargs=dict(ndiv=ndiv, operators=operators, d_min=d_min, d_max=d_max))
+    shared.update(files=files, offsets=offsets, value_columns=value_columns,
+                  kwargs=dict(ndiv=ndiv, operators=operators, d_min=d_min, d_max=d_max,
+                              detector_xy=detector_xy))
     try:
         # a few groups of consecutive files per worker (balance), whatever nproc
         groups = np.array_split(np.arange(len(files)), min(len(files), 4 * max(nproc, 1)))
@@ -295,12 +314,13 @@ def load_observations(files, grid, operators, d_min=None, d_max=None, nproc=1) -
         voxel_keys = np.unique(np.concatenate([u for _, u in results]))
         if voxel_keys.size == 0:
             raise Sorry("no voxel observations within the resolution limits")
-        n_obs = _compact_rows(shared, offsets, kept)
+        n_obs = _compact_rows(shared, offsets, kept, ("keys", "image") + value_columns)
         shared["union"] = voxel_keys
         bounds = _row_ranges(n_obs, 8 * max(nproc, 1))
         fork_map(_compact_voxels, bounds, nproc, shared)
         voxel, image, signal, factor, variance = (
             shared[k][:n_obs] for k in ("voxel", "image", "signal", "factor", "variance"))
+        detector = {k: shared[k][:n_obs] for k in ("detector_x", "detector_y") if k in shared}
     finally:
         shared.clear()  # frees the int64 keys
     voxel_grid = _unpack(voxel_keys)
@@ -317,6 +337,7 @@ def load_observations(files, grid, operators, d_min=None, d_max=None, nproc=1) -
         # photons per count (the variance floor); a per-panel list: its mean
         image_gain=np.array([float(np.mean(m.get("gain", 1.0))) for m in metadata]),
         metadata=metadata,
+        **detector,
     )
     logger.info(
         "Read %d voxel observations of %d voxels from %d images",
@@ -325,15 +346,15 @@ def load_observations(files, grid, operators, d_min=None, d_max=None, nproc=1) -
     return obs
 
 
-def _compact_rows(shared, offsets, kept):
+def _compact_rows(shared, offsets, kept, names):
     """Close the gaps left by rows dropped in the reading (resolution limits,
-    W = 0), in file order (a move only overwrites rows already moved).
-    Returns the number of rows kept."""
+    W = 0) in the columns ``names``, in file order (a move only overwrites
+    rows already moved). Returns the number of rows kept."""
     dest = 0
     for i, k in enumerate(kept):
         src = int(offsets[i])
         if src != dest:
-            for name in ("keys", "signal", "factor", "variance", "image"):
+            for name in names:
                 column = shared[name]
                 column[dest:dest + k] = column[src:src + k]
         dest += int(k)

@@ -12,7 +12,8 @@ under ``extract``, ``merge`` and ``check`` for ``dials.diffuse_process``.
 * ``merge_phil_scope`` + ``merge_output_phil_scope``:
   :func:`dials_diffuse.merging.merge_run` (its ``absolute_scale`` and
   ``ambiguity`` scopes are defined beside their algorithms, in
-  :mod:`dials_diffuse.absolute_scale` and :mod:`dials_diffuse.merge_ambiguity`);
+  :mod:`dials_diffuse.absolute_scale` and :mod:`dials_diffuse.merge_ambiguity`,
+  and ``scaling.surfaces`` in :mod:`dials_diffuse.scaling.surfaces`);
 * ``check_phil_scope`` + ``check_output_phil_scope``:
   :func:`dials_diffuse.diagnostics.run_check`;
 * ``extract_params_scope``, ``merge_params_scope``, ``check_params_scope``:
@@ -26,6 +27,7 @@ from dials.util import Sorry
 
 from dials_diffuse.absolute_scale import absolute_scale_phil_str
 from dials_diffuse.merge_ambiguity import ambiguity_phil_str
+from dials_diffuse.scaling.surfaces import surfaces_phil_str
 
 grid_phil_str = """
 grid
@@ -336,6 +338,9 @@ scaling
     n_control_points = 4
       .type = int(value_min=2, value_max=20)
   }
+"""
+    + surfaces_phil_str
+    + """
 }
 statistics
 {

@@ -18,7 +18,6 @@ thousand control values at most) is solved densely.
 from __future__ import annotations
 
 import dataclasses
-import itertools
 from typing import Sequence
 
 import numpy as np
@@ -45,69 +44,128 @@ class ControlGrid:
         return int(np.prod(self.shape))
 
     def basis(self, coordinates: np.ndarray):
-        """(index, weight) arrays of shape (n, 2^d): the control values each
-        point interpolates and their multilinear weights."""
+        """(index, weight) arrays of shape (2^d, n): the control values each
+        of n points interpolates and their multilinear weights (corners in
+        the order of itertools.product((0, 1), repeat=d))."""
         coordinates = np.atleast_2d(np.asarray(coordinates, dtype=np.float64))
-        n, d = coordinates.shape
-        shape = np.array(self.shape)
-        position = (coordinates - self.lower) / (self.upper - self.lower) * (shape - 1)
-        position = np.clip(position, 0.0, shape - 1)
-        cell = np.minimum(np.floor(position).astype(np.int64), shape - 2)
-        frac = position - cell
-        corners = np.array(list(itertools.product((0, 1), repeat=d)))  # (2^d, d)
-        index_nd = cell[:, None, :] + corners[None, :, :]  # (n, 2^d, d)
-        weight = np.prod(np.where(corners[None, :, :] == 1, frac[:, None, :],
-                                  1.0 - frac[:, None, :]), axis=2)
-        index = np.ravel_multi_index(tuple(index_nd[..., k] for k in range(d)), self.shape)
+        n = coordinates.shape[0]
+        index = np.zeros((1, n), np.int64)
+        weight = np.ones((1, n))
+        # axis by axis, each doubling the corners (the new axis varies
+        # fastest); corners first, so every operation runs over n contiguous
+        # values
+        for axis, size in enumerate(self.shape):
+            position = ((coordinates[:, axis] - self.lower[axis])
+                        / (self.upper[axis] - self.lower[axis]) * (size - 1))
+            np.clip(position, 0.0, size - 1, out=position)
+            cell = np.minimum(position.astype(np.int64), size - 2)
+            frac = position - cell
+            stride = int(np.prod(self.shape[axis + 1:]))
+            base = cell * stride
+            index = np.stack([index + base, index + (base + stride)], axis=1).reshape(-1, n)
+            weight = np.stack([weight * (1.0 - frac), weight * frac], axis=1).reshape(-1, n)
         return index, weight
 
     def evaluate(self, values: np.ndarray, coordinates: np.ndarray) -> np.ndarray:
         index, weight = self.basis(coordinates)
-        return (np.asarray(values).ravel()[index] * weight).sum(axis=1)
+        return (np.asarray(values).ravel()[index] * weight).sum(axis=0)
 
     def roughness(self) -> np.ndarray:
         """D^T D of the second differences along every coordinate (size x size)."""
-        rows = []
-        for axis, n in enumerate(self.shape):
-            if n < 3:
-                continue
-            second = np.zeros((n - 2, n))
-            second[np.arange(n - 2), np.arange(n - 2)] = 1.0
-            second[np.arange(n - 2), np.arange(1, n - 1)] = -2.0
-            second[np.arange(n - 2), np.arange(2, n)] = 1.0
-            # the second difference along this axis, identity along the others
-            factors = [second if k == axis else np.eye(m) for k, m in enumerate(self.shape)]
+        return sum(self.roughness_by_axis())
+
+    def roughness_by_axis(self) -> list:
+        """D_a^T D_a of the second differences along each axis a (zeros for an
+        axis of fewer than 3 control values), made once per grid."""
+        cached = self.__dict__.get("_roughness")
+        if cached is None:
+            cached = self.__dict__["_roughness"] = [
+                self._second_differences(axis) for axis in range(len(self.shape))]
+        return cached
+
+    def mixed_roughness(self, axis_a, axis_b) -> np.ndarray:
+        """D^T D of the mixed second differences along two axes (the cross
+        term f_ab of the thin-plate energy f_aa^2 + 2 f_ab^2 + f_bb^2: without
+        it a saddle a b costs nothing)."""
+        key = f"_mixed_{axis_a}_{axis_b}"
+        cached = self.__dict__.get(key)
+        if cached is None:
+            factors = []
+            for k, m in enumerate(self.shape):
+                if k in (axis_a, axis_b):
+                    first = np.zeros((m - 1, m))
+                    first[np.arange(m - 1), np.arange(m - 1)] = -1.0
+                    first[np.arange(m - 1), np.arange(1, m)] = 1.0
+                    factors.append(first)
+                else:
+                    factors.append(np.eye(m))
             operator = factors[0]
             for f in factors[1:]:
                 operator = np.kron(operator, f)
-            rows.append(operator)
-        if not rows:
+            cached = self.__dict__[key] = operator.T @ operator
+        return cached
+
+    def _second_differences(self, axis) -> np.ndarray:
+        n = self.shape[axis]
+        if n < 3:
             return np.zeros((self.size, self.size))
-        stacked = np.vstack(rows)
-        return stacked.T @ stacked
+        second = np.zeros((n - 2, n))
+        second[np.arange(n - 2), np.arange(n - 2)] = 1.0
+        second[np.arange(n - 2), np.arange(1, n - 1)] = -2.0
+        second[np.arange(n - 2), np.arange(2, n)] = 1.0
+        # the second difference along this axis, identity along the others
+        factors = [second if k == axis else np.eye(m) for k, m in enumerate(self.shape)]
+        operator = factors[0]
+        for f in factors[1:]:
+            operator = np.kron(operator, f)
+        return operator.T @ operator
 
 
 def fit_surface(grid: ControlGrid, coordinates, observed, predicted, weights,
-                smoothness=1.0) -> np.ndarray:
-    """Control values c of g with observed ~ g(coordinates) predicted.
+                smoothness=1.0, prior=1.0) -> np.ndarray:
+    """Control values c of g with observed ~ g(coordinates) predicted (see
+    normal_equations and solve)."""
+    normal, rhs = normal_equations(grid, coordinates, observed, predicted, weights)
+    return solve(grid, normal, rhs, smoothness, prior)
+
+
+def normal_equations(grid: ControlGrid, coordinates, observed, predicted, weights,
+                     basis=None):
+    """(normal matrix, right-hand side) of sum w (observed - g(x) predicted)^2
+    over these observations: sums that add up over any split of them.
+    ``basis``: grid.basis(coordinates) when the caller has it already."""
+    index, weight = grid.basis(coordinates) if basis is None else basis
+    design = weight * np.asarray(predicted, dtype=np.float64)  # (2^d, n)
+    weighted = design * np.asarray(weights, dtype=np.float64)
+    k = grid.size
+    # sum over observations of w B_a B_b at (index_a, index_b), for each pair
+    # of corners a <= b (the matrix is symmetric)
+    normal = np.zeros(k * k)
+    for a in range(index.shape[0]):
+        for b in range(a, index.shape[0]):
+            pair = np.bincount(index[a] * k + index[b], weights=weighted[a] * design[b],
+                               minlength=k * k)
+            normal += pair
+            if b != a:
+                normal += pair.reshape(k, k).T.ravel()
+    rhs = np.bincount(index.ravel(), weights=(weighted * np.asarray(observed)).ravel(),
+                      minlength=k)
+    return normal.reshape(k, k), rhs
+
+
+def solve(grid: ControlGrid, normal, rhs, smoothness=1.0, prior=1.0) -> np.ndarray:
+    """The control values minimising the data term plus the roughness penalty.
 
     ``smoothness`` scales the second-difference penalty relative to the data
-    (it is multiplied by the mean of w P^2 per control value, so the same
-    value works for any number of observations or intensity scale)."""
-    index, weight = grid.basis(coordinates)
-    design = weight * np.asarray(predicted, dtype=np.float64)[:, None]  # (n, 2^d)
-    w = np.asarray(weights, dtype=np.float64)[:, None]
+    (it is multiplied by the mean diagonal of the normal matrix, so the same
+    value works for any number of observations or intensity scale).
+    Control values no observation reaches are pinned by the penalty; a tiny
+    ridge towards ``prior`` keeps the system regular where even that is
+    missing."""
     k = grid.size
-    # normal matrix: sum over observations of w B_i B_j at (index_i, index_j)
-    pair_index = (index[:, :, None] * k + index[:, None, :]).ravel()
-    pair_value = (w[:, :, None] * design[:, :, None] * design[:, None, :]).ravel()
-    normal = np.bincount(pair_index, weights=pair_value, minlength=k * k).reshape(k, k)
-    rhs = np.bincount(index.ravel(), weights=(w * design * np.asarray(observed)[:, None]).ravel(),
-                      minlength=k)
-    scale = np.trace(normal) / k if np.trace(normal) > 0 else 1.0
+    trace = np.trace(normal)
+    scale = trace / k if trace > 0 else 1.0
     normal = normal + smoothness * scale * grid.roughness()
-    # control values no observation reaches are pinned by the penalty; a tiny
-    # ridge towards 1 keeps the system regular where even that is missing
     ridge = 1e-9 * scale
-    values = np.linalg.solve(normal + ridge * np.eye(k), rhs + ridge)
+    values = np.linalg.solve(normal + ridge * np.eye(k), rhs + ridge * prior)
     return values.reshape(grid.shape)

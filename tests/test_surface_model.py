@@ -20,7 +20,7 @@ def test_multilinear_basis_reproduces_linear_functions():
     expected = 2 + 0.01 * points[:, 0] - 0.02 * points[:, 1] + 0.1 * points[:, 2]
     assert np.allclose(grid.evaluate(values, points), expected)
     index, weight = grid.basis(points)
-    assert index.shape == (1000, 8) and np.allclose(weight.sum(axis=1), 1)
+    assert index.shape == (8, 1000) and np.allclose(weight.sum(axis=0), 1)
 
 
 def test_roughness_is_zero_for_linear_surfaces():

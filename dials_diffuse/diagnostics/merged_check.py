@@ -18,6 +18,7 @@ import numpy as np
 
 from dials_diffuse import diffuse_files, merged_files
 from dials_diffuse.statistics import radial_profile
+from dials_diffuse.diagnostics.surface_plots import plot_scaling_surfaces
 from dials_diffuse.diagnostics import merged_plots as plots
 from dials_diffuse.diagnostics import sections as sec
 from dials_diffuse.diagnostics.extraction_plots import plot_intensity_histogram
@@ -168,6 +169,13 @@ def scaling_summary_text(scaling, ids, b, c, context) -> str:
         lines.append(f"  control points |q|: {', '.join(f'{x:.4f}' for x in sm.get('control_points_q', []))}")
         if v.size:
             lines.append("  a_i at the control points: " + describe(v, "a"))
+    surfaces = scaling.get("surfaces") or {}
+    terms = [k for k in ("absorption", "response", "offset") if surfaces.get(k)]
+    lines.append("scaling surfaces: " + (", ".join(
+        f"{k}({', '.join(surfaces[k]['coordinates'])}) on "
+        f"{' x '.join(map(str, surfaces[k]['shape']))} control values, "
+        + describe(np.array(surfaces[k]["control_values"], float).ravel(), k[0])
+        for k in terms) if terms else "none"))
     hist = st.get("history") or []
     if hist:
         keys = [k for k in hist[0] if isinstance(hist[0][k], (int, float))]
@@ -295,7 +303,7 @@ def run_merged_check(found, params, experiments=None) -> Inventory:
     ids = b = None
     if m.scaling is None:
         for name in ("scaling_params_b_i.png", "scaling_resolution_smoother.png",
-                     "scaling_parameters_summary.txt"):
+                     "scaling_surfaces.png", "scaling_parameters_summary.txt"):
             out.skip(name, f"no {merged_files.SCALING_NAME} in {found.merged_dir}")
     else:
         ids, b, c = scaling_table(m.scaling)
@@ -313,6 +321,11 @@ def run_merged_check(found, params, experiments=None) -> Inventory:
                             "scaling_resolution_smoother.png", "Resolution smoother")
         else:
             out.skip("scaling_resolution_smoother.png", "the resolution smoother was not enabled")
+        if m.scaling.get("surfaces"):
+            out.save_figure(plot_scaling_surfaces(m.scaling["surfaces"]), "scaling_surfaces.png",
+                            "Scaling surfaces a(x, y, phi), d(x, y), c(|s|, phi)")
+        else:
+            out.skip("scaling_surfaces.png", "no scaling.surfaces term was enabled")
         out.save_text(scaling_summary_text(m.scaling, ids, b, c, context),
                       "scaling_parameters_summary.txt", "Scaling parameters summary")
 

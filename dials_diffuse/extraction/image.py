@@ -113,6 +113,10 @@ def extract_image(task, context: DetectorContext, params, ndiv, background=None,
         "voxel_n_pixels": n_pix.astype(np.int32),
         "voxel_mean_qmag": np.linalg.norm(mean_q, axis=1).astype(np.float32),
         "voxel_mean_hkl": (mean_q @ setting_inv.T).astype(np.float32),
+        # mean detector-plane position (mm): where the surfaces a(x, y, phi)
+        # and d(x, y) of the merge are evaluated
+        "voxel_mean_xy": (np.stack([sums["x"], sums["y"]], axis=1)
+                          / n_pix[:, None]).astype(np.float32),
     }
     sample_step = pixel_sample_step(context, params.output)
     if sample_step:

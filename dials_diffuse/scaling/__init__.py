@@ -28,7 +28,9 @@ The package, by concern:
 * :mod:`.merge_sums`: merged intensities and sigmas, predictions, variances;
 * :mod:`.gauss_newton`: the Gauss-Newton scale update (Schur complement);
 * :mod:`.refine`: :func:`refine_scales`, rejection, error model, offsets,
-  smoother.
+  smoother;
+* :mod:`.surfaces`: mdx2's optional smooth terms a(x, y, phi), d(x, y) and
+  c(|s|, phi) (scaling.surfaces).
 """
 
 from dials_diffuse.scaling.merge_sums import (
@@ -46,6 +48,7 @@ from dials_diffuse.scaling.passes import (
     partition_bounds,
 )
 from dials_diffuse.scaling.refine import CHI2_1_MEDIAN, fit_error_model, refine_scales
+from dials_diffuse.scaling.surfaces import SurfaceModel, needs_detector_xy, setup_surfaces
 
 __all__ = [
     "CHI2_1_MEDIAN",
@@ -54,6 +57,7 @@ __all__ = [
     "ScalingModel",
     "ScalingResult",
     "SharedRows",
+    "SurfaceModel",
     "SmoothScaleBasis",
     "chunks",
     "fit_error_model",
@@ -61,6 +65,8 @@ __all__ = [
     "merged_error_k",
     "model_prediction",
     "model_variance",
+    "needs_detector_xy",
     "partition_bounds",
     "refine_scales",
+    "setup_surfaces",
 ]

@@ -34,7 +34,7 @@ def add_merge_sums(sums, ch, u, model, halves=None, expected=None):
     n = sums.shape[-1]
     a = model.observation_factor(ch)
     b = model.scale[ch.image]
-    c = model.offset[ch.image]
+    c = model.observation_offset(ch)
     # Poisson ML in photons (S is in photons, var(S) = E[S])
     numerator = ch.signal - c * ch.factor
     denominator = b * ch.factor if model.smoother_q is None else b * a * ch.factor
@@ -125,7 +125,7 @@ def merge_intensities(obs, model: ScalingModel, use: np.ndarray = None, passes=N
 
 
 def model_prediction(obs, model: ScalingModel, intensity):
-    """E[S] for the rows of ``obs`` (an ObservationChunk or a whole set)."""
+    """E[S] for the rows of ``obs`` (an ObservationChunk)."""
     return prediction(obs, model, intensity)[2]
 
 
@@ -139,6 +139,8 @@ def prediction(obs, model, intensity):
     expected = b * x
     if model.offset.any():
         expected += model.offset[obs.image]
+    if obs.row_offset is not None:
+        expected += obs.row_offset
     expected *= obs.factor
     return b, x, expected
 

@@ -39,6 +39,12 @@ class ScalingModel:
         state["scale_basis"] = None
         return state
 
+    def observation_offset(self, ch):
+        """c_i of each row of a chunk, plus c(|s|, phi) with mdx2's offset surface."""
+        if ch.row_offset is None:
+            return self.offset[ch.image]
+        return self.offset[ch.image] + ch.row_offset
+
     def interpolation(self, qmag):
         """Control-point index j and weight t: a(q) = (1-t) v_j + t v_{j+1}."""
         qs = self.smoother_q
@@ -117,6 +123,7 @@ class ScalingResult:
     sigma: Optional[np.ndarray] = None  # sigma of I_v, with the final model and rejections
     n_observations: Optional[np.ndarray] = None  # used observations per voxel
     half_maps: Optional[list] = None  # (I_v, sigma_v, n) of each half of the images
+    surfaces: object = None  # scaling.surfaces.SurfaceModel (mdx2's terms), None when off
 
 
 def solver(matrix):

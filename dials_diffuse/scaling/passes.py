@@ -46,6 +46,9 @@ class ObservationChunk:
     voxel_qmag: np.ndarray
     image_gain: np.ndarray
     gain: object = None  # gain of each row, or one number when every image has the same
+    # c(|s|, phi) of each row (scaling.surfaces.offset), None when off; the
+    # surfaces' a d is already in ``factor``
+    row_offset: object = None
 
 
 def row_gain(image_gain, image):
@@ -62,17 +65,30 @@ def chunks(obs, use=None, start=0, stop=None):
     stop = obs.n_obs if stop is None else stop
     for a in range(start, stop, CHUNK_ROWS):
         sl = slice(a, min(a + CHUNK_ROWS, stop))
-        image = obs.image[sl].astype(np.intp)
-        yield ObservationChunk(
-            voxel=obs.voxel[sl].astype(np.intp),
-            image=image,
-            signal=obs.signal[sl].astype(np.float64),
-            factor=obs.factor[sl].astype(np.float64),
-            variance=obs.variance[sl],  # float32: only the merge uses it
-            voxel_qmag=obs.voxel_qmag,
-            image_gain=obs.image_gain,
-            gain=row_gain(obs.image_gain, image),
-        ), (None if use is None else use[sl]), sl
+        yield observation_chunk(obs, sl), (None if use is None else use[sl]), sl
+
+
+def observation_chunk(obs, rows):
+    """The ObservationChunk of ``rows`` (a slice or an index array) of an
+    ObservationSet. With mdx2's surfaces on, W is the extraction's factor
+    times a(x, y, phi) d(x, y) of the row, and the row's offset c(|s|, phi)
+    comes along: every pass sees the whole model without knowing it."""
+    image = obs.image[rows].astype(np.intp)
+    factor = obs.factor[rows].astype(np.float64)
+    if obs.surface_gain is not None:
+        factor *= obs.surface_gain[rows]
+    return ObservationChunk(
+        voxel=obs.voxel[rows].astype(np.intp),
+        image=image,
+        signal=obs.signal[rows].astype(np.float64),
+        factor=factor,
+        variance=obs.variance[rows],  # float32: only the merge uses it
+        voxel_qmag=obs.voxel_qmag,
+        image_gain=obs.image_gain,
+        gain=row_gain(obs.image_gain, image),
+        row_offset=(None if obs.surface_offset is None
+                    else obs.surface_offset[rows].astype(np.float64)),
+    )
 
 
 def chunk_slices(start, stop):

@@ -13,7 +13,9 @@ from dials.util import tabulate
 from dials_diffuse.scaling.gauss_newton import add_gauss_newton_rows, denominator_partition, gauss_newton_partition, gauss_newton_scales, new_gauss_newton_sums, sample_columns, schur_sample_step
 from dials_diffuse.scaling.merge_sums import MAX_ERROR_K, MERGE_SUMS, add_merge_sums, intensities, merge_partition, prediction, merge_intensities, merged_error_k, model_prediction, model_variance
 from dials_diffuse.scaling.model import ScalingModel, ScalingResult
-from dials_diffuse.scaling.passes import ObservationChunk, ObservationPasses, bincount, chunks, row_gain
+from dials_diffuse.scaling.surface_steps import update_surfaces
+from dials_diffuse.scaling.surfaces import enabled as surfaces_enabled
+from dials_diffuse.scaling.passes import ObservationPasses, bincount, chunks, observation_chunk
 
 logger = logging.getLogger("dials.diffuse_merge")
 
@@ -22,7 +24,7 @@ def use_gauss_newton(params, n_scale_params) -> bool:
     """Whether the scales are refined by Gauss-Newton (solver, offsets,
     smoother; solver=auto: at most max_gauss_newton_scales scales, because its
     dense normal matrix grows as their square: 10^4 stills did not converge)."""
-    if params.offsets or params.resolution_smoother.enable:
+    if params.offsets or params.resolution_smoother.enable or surfaces_enabled(params.surfaces):
         return False
     if params.solver == "auto":
         chosen = n_scale_params <= params.max_gauss_newton_scales
@@ -42,7 +44,7 @@ def _scale_partition(rows, start, stop, model, intensity):
     num, den = np.zeros(n), np.zeros(n)
     for ch, u, _ in chunks(obs, use, start, stop):
         x = model.observation_factor(ch) * intensity[ch.voxel]
-        num += bincount(ch.image, np.where(u, ch.signal - model.offset[ch.image] * ch.factor, 0.0), n)
+        num += bincount(ch.image, np.where(u, ch.signal - model.observation_offset(ch) * ch.factor, 0.0), n)
         den += bincount(ch.image, np.where(u, ch.factor * x, 0.0), n)
     return num, den
 
@@ -66,13 +68,8 @@ def _residual_sample(obs, model, intensity, use, max_samples=1_000_000):
     step = max(1, obs.n_obs // max_samples)
     idx = np.arange(0, obs.n_obs, step)
     idx = idx[use[::step]]
-    sample = ObservationChunk(
-        voxel=obs.voxel[idx].astype(np.intp), image=obs.image[idx].astype(np.intp),
-        signal=obs.signal[idx].astype(np.float64), factor=obs.factor[idx].astype(np.float64),
-        variance=obs.variance[idx].astype(np.float64),
-        voxel_qmag=obs.voxel_qmag, image_gain=obs.image_gain,
-    )
-    sample.gain = row_gain(obs.image_gain, sample.image)
+    sample = observation_chunk(obs, idx)
+    sample.variance = sample.variance.astype(np.float64)
     expected = model_prediction(sample, model, intensity)
     return sample.signal - expected, model_variance(sample, expected), expected
 
@@ -107,7 +104,8 @@ def _rejection_partition(rows, start, stop, model, intensity, error_k, outlier_s
     return [totals] + sums + [np.concatenate(s) for s in samples]
 
 
-def refine_scales(obs, params, passes=None, halves=None, scale_basis=None) -> ScalingResult:
+def refine_scales(obs, params, passes=None, halves=None, scale_basis=None,
+                  surfaces=None) -> ScalingResult:
     """Refinement of b_i (and optionally c_i, a_i(|q|)) and I_v.
 
     ``passes`` (an ObservationPasses) runs the sums over the observations,
@@ -115,11 +113,13 @@ def refine_scales(obs, params, passes=None, halves=None, scale_basis=None) -> Sc
     ``halves`` (a bool per image) the result also has the two half-dataset
     maps (CC1/2), from the same last pass. With ``scale_basis`` (a
     SmoothScaleBasis of the images) b is refined as a smooth function of the
-    rotation angle instead of one value per image.
+    rotation angle instead of one value per image. With ``surfaces`` (a
+    scaling.surfaces.SurfaceModel, set up on ``obs`` before the passes were
+    made) mdx2's smooth terms are refined too, after the scales.
     """
     if passes is None:
         with ObservationPasses(obs) as passes:
-            return refine_scales(obs, params, passes, halves, scale_basis)
+            return refine_scales(obs, params, passes, halves, scale_basis, surfaces)
     n_img = obs.n_images
     model = ScalingModel(scale=np.ones(n_img), offset=np.zeros(n_img))
     if scale_basis is not None:
@@ -136,7 +136,7 @@ def refine_scales(obs, params, passes=None, halves=None, scale_basis=None) -> Sc
     n_scale_params = n_img if scale_basis is None else scale_basis.matrix.shape[1]
     n_params = n_scale_params + (n_img if params.offsets else 0) + (
         model.smoother_q.size * n_img if sm.enable else 0
-    )
+    ) + (surfaces.n_parameters if surfaces is not None else 0)
     reject = params.outlier_sigma is not None and params.outlier_sigma > 0
     gauss_newton = use_gauss_newton(params, n_scale_params)
     every = schur_sample_step(obs) if gauss_newton else 1
@@ -157,6 +157,9 @@ def refine_scales(obs, params, passes=None, halves=None, scale_basis=None) -> Sc
             _update_offsets(passes, model, intensity)
         if sm.enable:
             _update_smoother(passes, model, intensity)
+        surface_change = 0.0
+        if surfaces is not None:
+            surface_change = update_surfaces(passes, model, intensity, surfaces)
         # fix the free overall factor: mean scale 1
         mean_scale = model.scale.mean()
         if mean_scale > 0:
@@ -174,7 +177,8 @@ def refine_scales(obs, params, passes=None, halves=None, scale_basis=None) -> Sc
         error_k = fit_error_model(*_residual_sample(obs, model, intensity, passes.use))
         model.error_k = error_k
         shift = float(np.max(np.abs(model.scale - old_scale) / np.maximum(old_scale, 1e-12)))
-        last = shift < params.convergence_tolerance or iteration == params.max_iterations
+        done = max(shift, surface_change) < params.convergence_tolerance
+        last = done or iteration == params.max_iterations
         then = "merge" if last else ("gauss_newton" if gauss_newton else None)
         totals, *sums = passes.reduce(
             _rejection_partition, model, intensity, error_k, params.outlier_sigma if reject else None,
@@ -196,7 +200,9 @@ def refine_scales(obs, params, passes=None, halves=None, scale_basis=None) -> Sc
                 "error_model_k": error_k,
             }
         )
-        if shift < params.convergence_tolerance:
+        if surfaces is not None:
+            history[-1]["max_surface_change"] = surface_change
+        if done:
             converged = True
             break
     _log_history(history, converged)
@@ -207,7 +213,7 @@ def refine_scales(obs, params, passes=None, halves=None, scale_basis=None) -> Sc
     model.merged_error_k = (merged_error_k(merge_sums) if merge_sums.shape[0] == 2
                             else model.error_k)
     intensity, sigma, n_obs = intensities(merge_sums.sum(axis=0), model.merged_error_k)
-    return ScalingResult(model=model, intensity=intensity, rejected=~passes.use,
+    return ScalingResult(model=model, intensity=intensity, rejected=~passes.use, surfaces=surfaces,
                          history=history, converged=converged, sigma=sigma, n_observations=n_obs,
                          half_maps=None if halves is None else [
                              intensities(h, model.merged_error_k) for h in merge_sums])
@@ -273,7 +279,7 @@ def _smoother_partition(rows, start, stop, model, intensity):
     for ch, u, _ in chunks(obs, use, start, stop):
         j, t = model.interpolation(ch.voxel_qmag[ch.voxel])
         base = ch.factor * model.scale[ch.image] * intensity[ch.voxel]
-        offset = ch.factor * model.offset[ch.image]
+        offset = ch.factor * model.observation_offset(ch)
         target = ch.signal - offset
         expected = base * model.observation_factor(ch) + offset
         w = np.where(u, 1.0 / model_variance(ch, expected), 0.0)
@@ -308,24 +314,23 @@ def _update_smoother(passes, model, intensity):
 
 
 def _log_history(history, converged):
-    rows = [["iteration", "R", "chi2/dof", "max shift(b)", "used", "rejected", "error k"]]
+    surfaces = bool(history) and "max_surface_change" in history[0]
+    rows = [["iteration", "R", "chi2/dof", "max shift(b)"] + (["max change(surfaces)"] if surfaces else [])
+            + ["used", "rejected", "error k"]]
     for h in history:
         rows.append(
-            [
-                h["iteration"],
-                f"{h['R']:.4f}",
-                f"{h['chi2_per_dof']:.3f}",
-                f"{h['max_relative_scale_shift']:.2e}",
-                h["n_observations_used"],
-                h["n_rejected"],
-                f"{h['error_model_k']:.4f}",
-            ]
+            [h["iteration"], f"{h['R']:.4f}", f"{h['chi2_per_dof']:.3f}",
+             f"{h['max_relative_scale_shift']:.2e}"]
+            + ([f"{h['max_surface_change']:.2e}"] if surfaces else [])
+            + [h["n_observations_used"], h["n_rejected"], f"{h['error_model_k']:.4f}"]
         )
     logger.info("\nRelative scaling\n%s", tabulate(rows, headers="firstrow"))
     if converged:
         logger.info("Scaling converged after %d iterations", len(history))
     else:
+        last = history[-1] if history else {}
         logger.warning(
             "Scaling did not converge in %d iterations (last relative shift %.2e)",
-            len(history), history[-1]["max_relative_scale_shift"] if history else float("nan"),
+            len(history), max(last.get("max_relative_scale_shift", float("nan")),
+                              last.get("max_surface_change", 0.0)),
         )
