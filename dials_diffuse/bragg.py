@@ -38,6 +38,7 @@ from dials.algorithms.profile_model.gaussian_rs import BBoxCalculator3D
 from dials.algorithms.profile_model.gaussian_rs import Model as GaussianRSModel
 from dials.algorithms.shoebox import MaskCode
 from dials.algorithms.spot_prediction import StillsReflectionPredictor
+from dials.algorithms.spot_prediction import ScanStaticReflectionPredictor
 from dials.array_family import flex
 
 logger = logging.getLogger("dials.diffuse_extract")
@@ -200,6 +201,23 @@ class ScanBraggPredictions:
         return (self.z_lo < frame + 1) & (self.z_hi > frame)
 
 
+def predict_scan(experiment, d_min: float, padding_deg: float):
+    """DIALS' predictions for a rotation scan padded by ``padding_deg`` at each
+    end (``flex.reflection_table.from_predictions``), with one difference:
+    for a scan-static model the indices come from DIALS' generator over the
+    whole resolution sphere, which DIALS itself chooses for scans of more
+    than 50 images. Its cost does not grow with the padding: 0.8 s instead
+    of 4.3 s for a 10-image Pilatus 6M scan padded by 10 deg, the same
+    12170 reflections at the same positions (tests/test_rotation_bragg.py)."""
+    models = (experiment.crystal, experiment.beam, experiment.goniometer)
+    n_points = experiment.scan.get_num_images() + 1
+    scan_varying = any(getattr(m, "num_scan_points", 0) == n_points for m in models)
+    if scan_varying or experiment.profile is not None:
+        return flex.reflection_table.from_predictions(experiment, dmin=d_min, padding=padding_deg)
+    predictor = ScanStaticReflectionPredictor(experiment, dmin=d_min, padding=padding_deg)
+    return predictor.for_ub_old_index_generator(experiment.crystal.get_A())
+
+
 def scan_bragg_predictions(experiment, d_min: float, widths: ProfileWidths,
                            n_sigma: float) -> ScanBraggPredictions:
     """The reflections of a rotation experiment and their rocking reach."""
@@ -209,9 +227,7 @@ def scan_bragg_predictions(experiment, d_min: float, widths: ProfileWidths,
     reach_deg = min(np.degrees(n_sigma * sigma_m / MIN_ZETA), MAX_REACH_DEG)
     # predict beyond the scan's ends: reflections centred outside it still
     # reach its first or last frames
-    table = flex.reflection_table.from_predictions(
-        experiment, dmin=d_min, padding=float(reach_deg) + abs(osc_width)
-    )
+    table = predict_scan(experiment, d_min, float(reach_deg) + abs(osc_width))
     if len(table) == 0:
         empty = np.zeros(0)
         return ScanBraggPredictions(empty.astype(int), *([empty] * 6))

@@ -8,8 +8,9 @@ Each ``image_<still_id>.npz`` holds
   ``voxel_sum_factor`` sum of P * Omega * eta * T_air * exposure,
   ``voxel_sum_variance`` sum of gain^2 * counts,
   ``voxel_n_pixels``, ``voxel_mean_qmag`` (1/Angstrom), ``voxel_mean_hkl`` (m, 3),
-  ``voxel_mean_xy`` (m, 2) mean detector-plane position in mm (panel 0's
-  fast and slow axes from its origin; files of earlier versions lack it);
+  ``voxel_mean_xy`` (m, 2) where the voxel's mean scattering vector meets
+  the detector plane, in mm (panel 0's fast and slow axes from its origin;
+  files of earlier versions lack it);
   the voxel's corrected intensity is sum_signal / sum_factor;
 * per-pixel arrays (output.save_pixels: every kept pixel, a grid sample, or none), float32:
   ``q_vectors`` (n, 3), ``intensities``, ``sigmas``, ``hkl`` (n, 3),

@@ -169,16 +169,15 @@ def detector_geometry(detector, pixel_step: int = 1) -> List[PanelGeometry]:
     return [panel_geometry(p, i, pixel_step) for i, p in enumerate(detector)]
 
 
-def detector_plane_xy(detector, lab_mm: np.ndarray) -> np.ndarray:
-    """(n, 2) position (mm) of lab points in the detector's plane: along the
-    fast and slow axes of panel 0 from its origin. One coordinate system for
-    every panel, so that a surface over the detector (mdx2's absorption and
-    response) is continuous across panels; on one panel it is the pixel
-    position in mm."""
-    panel = detector[0]
-    origin = np.array(panel.get_origin(), dtype=np.float64)
-    axes = np.array([panel.get_fast_axis(), panel.get_slow_axis()], dtype=np.float64)
-    return (lab_mm - origin) @ axes.T
+def detector_plane_xy(detector, s1: np.ndarray) -> np.ndarray:
+    """(n, 2) position (mm) where rays s1 (any length, lab frame) meet the
+    plane of panel 0, along its fast and slow axes from its origin (dxtbx's
+    D matrix): one coordinate system for every panel, so that a surface over
+    the detector (mdx2's absorption and response) is continuous across
+    panels; on one panel it is the position in mm."""
+    d_matrix = np.array(detector[0].get_D_matrix(), dtype=np.float64).reshape(3, 3)
+    v = np.asarray(s1, dtype=np.float64) @ d_matrix.T
+    return v[:, :2] / v[:, 2:3]
 
 
 def scattering_vectors(unit_s1: np.ndarray, s0) -> np.ndarray:

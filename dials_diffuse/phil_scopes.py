@@ -144,7 +144,7 @@ masking
   {
     enable = True
       .type = bool
-      .help = "Find hot and dead pixels across all images of the run."
+      .help = "Find hot and dead pixels across the images of the run."
     hot_threshold = None
       .type = float
       .help = "Counts at or above which a pixel counts as hot in an image "
@@ -158,7 +158,13 @@ masking
     dead_min_expected_counts = 20
       .type = float(value_min=0)
       .help = "Dead if it never counts where its neighbours imply this many "
-              "counts over the run."
+              "counts over the images read."
+    max_images = 20
+      .type = int(value_min=0)
+      .help = "Images the pass reads, evenly spaced over the run (0: every "
+              "image). A hot pixel is hot on most images and a dead one on "
+              "all, so a sample finds them at a fraction of the cost: the pass "
+              "is a second read of every image otherwise."
   }
   bragg
   {

@@ -214,6 +214,27 @@ def test_rotation_sequence(simulated_rotation, tmp_path):
     assert np.all(np.abs(by_shell - 1) < 0.01), by_shell
 
 
+def test_dynamic_mask_from_a_sample_of_images(simulated_rotation, tmp_path):
+    """masking.dynamic.max_images=3 of 10 images: the simulator's hot and dead
+    pixels are all found, as with every image, and only they."""
+    from dials_diffuse.extraction import DYNAMIC_MASK_NAME
+
+    truth = load_truth(simulated_rotation)
+    found = {}
+    for n in (3, 0):
+        out = tmp_path / f"max_{n}"
+        extract(truth.experiments, extraction_params(
+            truth, out, **{"masking.dynamic.max_images": n, "output.save_pixels": "off"}),
+            progress=False)
+        with open(out / DYNAMIC_MASK_NAME, "rb") as fh:
+            mask = [m.as_numpy_array() for m in pickle.load(fh)]
+        found[n] = {(p, s, f) for p, m in enumerate(mask) for s, f in zip(*np.nonzero(~m))}
+    bad = {tuple(p) for p in truth.hot_pixels.tolist()} | {
+        tuple(p) for p in truth.dead_pixels.tolist()}
+    assert found[3] == found[0]
+    assert bad <= found[3] and len(found[3]) <= len(bad) + 2
+
+
 def test_multipanel(simulated_multipanel, tmp_path):
     truth = load_truth(simulated_multipanel)
     # the full-CBF images carry no sensor model or exposure time: use the truth

@@ -181,9 +181,10 @@ def test_offset_surface_runs_and_stays_non_negative(surfaces_run):
 
 
 def test_extraction_writes_mean_detector_positions(surfaces_run):
-    """voxel_mean_xy is the mean detector-plane position of the voxel's
-    pixels: within the detector, and each voxel's pixels (from its own
-    per-pixel arrays, positions through dxtbx) average to it."""
+    """voxel_mean_xy, where the voxel's mean scattering vector meets the
+    detector, is the mean position of the voxel's pixels (from its own
+    per-pixel arrays, positions through dxtbx) within 1 um (measured 0.17 um
+    on 0.5 mm pixels)."""
     truth, base, _ = surfaces_run
     directory = base / "ex_pixels"
     extract(truth.experiments, extraction_params(truth, directory, **{"output.save_pixels": "all"}),

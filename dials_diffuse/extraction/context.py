@@ -38,7 +38,7 @@ class PanelPixels:
     q_t: np.ndarray  # (3, n) float32 lab-frame q (1/Angstrom) of every raster pixel
     factor: np.ndarray  # (n,) float32 P * Omega * eta * T_air (exposure applied per image)
     parts: dict  # each correction factor separately, float32 (for the correction sample)
-    running: dict  # (n + 1,) float64 running sums of factor, qx, qy, qz, x, y over selected pixels
+    running: dict  # (n + 1,) float64 running sums of factor, qx, qy, qz over selected pixels
     n_static: int  # raster pixels passing the static mask
     n_selected: int  # raster pixels in ``selected`` (counted once, used per image)
 
@@ -124,11 +124,9 @@ def detector_context(experiment, imageset, params, static_mask,
         # running sums in float64: a difference of two gives a run's sum exactly
         # enough (|q| < 1, 1e7 pixels: error ~1e-9); unselected pixels add 0
         # so that a non-finite value there cannot spread
-        # detector-plane x, y: the voxels' mean positions (mdx2's surfaces)
-        plane_xy = geometry.detector_plane_xy(detector, g.unit_s1 * g.distance_mm[:, None])
         running = {}
         for name, values in (("factor", parts.total), ("qx", q[:, 0]), ("qy", q[:, 1]),
-                             ("qz", q[:, 2]), ("x", plane_xy[:, 0]), ("y", plane_xy[:, 1])):
+                             ("qz", q[:, 2])):
             running[name] = np.zeros(g.n_pixels + 1)
             np.cumsum(np.where(selected, values, 0.0), out=running[name][1:])
         step = params.filter.pixel_step

@@ -6,6 +6,8 @@ from __future__ import annotations
 
 import logging
 
+import numpy as np
+
 from dials_diffuse.command_util import resolve_nproc
 from dials_diffuse import masks
 from dials_diffuse.parallel import ForkPool
@@ -38,10 +40,20 @@ def _forked_dynamic(shared, indices):
     return _accumulate_dynamic([shared["tasks"][i] for i in indices], shared["params"])
 
 
+def sampled_tasks(tasks, max_images):
+    """At most ``max_images`` tasks evenly spaced over the run (all for 0)."""
+    if not max_images or len(tasks) <= max_images:
+        return list(tasks)
+    picks = np.unique(np.round(np.linspace(0, len(tasks) - 1, max_images)).astype(int))
+    return [tasks[i] for i in picks]
+
+
 def dynamic_mask(tasks, params, while_waiting=None):
-    """Hot and dead pixels from a pass over every image (in parallel with
+    """Hot and dead pixels from a pass over the images (masking.dynamic.
+    max_images of them, evenly spaced; in parallel with
     mp.method=multiprocessing: each worker sums its share of the images;
     ``while_waiting()`` runs in this process meanwhile)."""
+    tasks = sampled_tasks(tasks, params.masking.dynamic.max_images)
     acc = _dynamic_accumulator(tasks, params)
     nproc = min(resolve_nproc(params), len(tasks))
     if nproc > 1 and params.mp.method == "multiprocessing":

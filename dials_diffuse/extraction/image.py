@@ -113,10 +113,12 @@ def extract_image(task, context: DetectorContext, params, ndiv, background=None,
         "voxel_n_pixels": n_pix.astype(np.int32),
         "voxel_mean_qmag": np.linalg.norm(mean_q, axis=1).astype(np.float32),
         "voxel_mean_hkl": (mean_q @ setting_inv.T).astype(np.float32),
-        # mean detector-plane position (mm): where the surfaces a(x, y, phi)
-        # and d(x, y) of the merge are evaluated
-        "voxel_mean_xy": (np.stack([sums["x"], sums["y"]], axis=1)
-                          / n_pix[:, None]).astype(np.float32),
+        # where the voxel's mean scattering vector meets the detector plane
+        # (mm): the surfaces a(x, y, phi) and d(x, y) of the merge are
+        # evaluated there (the pixels' mean position to second order, with
+        # no per-pixel sums)
+        "voxel_mean_xy": geometry.detector_plane_xy(
+            detector, mean_q + np.asarray(task.experiment.beam.get_s0())).astype(np.float32),
     }
     sample_step = pixel_sample_step(context, params.output)
     if sample_step:

@@ -27,7 +27,7 @@ from dials_diffuse.diffuse_files import (
     write_image_file,
 )
 from dials_diffuse.extraction.context import clear_caches, context_for, gain_metadata, panel_gains
-from dials_diffuse.extraction.dynamic import dynamic_mask
+from dials_diffuse.extraction.dynamic import dynamic_mask, sampled_tasks
 from dials_diffuse.extraction.image import (
     bragg_methods,
     extract_image,
@@ -98,7 +98,9 @@ def extract(models, params, images=None, reflections=None, progress=True,
         # extraction workers will inherit
         dynamic = dynamic_mask(tasks, params,
                                while_waiting=lambda: _prepare_shared_state(tasks, params))
-        logger.info("Dynamic mask from %d images in %.1f s", len(tasks), time.time() - t0)
+        logger.info("Dynamic mask from %d of %d images in %.1f s",
+                    len(sampled_tasks(tasks, params.masking.dynamic.max_images)), len(tasks),
+                    time.time() - t0)
         io.write_pickle(os.path.join(out_dir, DYNAMIC_MASK_NAME), masks.to_flex(dynamic))
 
     jobs = [
