@@ -7,7 +7,12 @@ dials.diffuse_simulate, PILATUS miniCBF headers), then runs
 per setting the wall time of the command, the mean per-image extraction time
 the command logs, and the mean size of the per-image files.
 
-    .venv/bin/python bench/default_extract_6m.py [--images 4]
+The logged per-image time includes the run's fixed costs (detector context,
+first predictions). With ``--marginal M`` the default setting also runs on
+M stills, and (T_M - T_N) / (M - N) of the two logged extraction loops is
+the steady-state cost of one more still.
+
+    .venv/bin/python bench/default_extract_6m.py [--images 4] [--marginal 16]
 """
 
 from __future__ import annotations
@@ -25,27 +30,31 @@ import time
 from dials_diffuse.simulate import params_from, simulate_dataset
 
 
-def run(data, work, setting):
-    out = work / f"ex_{setting}"
+def run(data, work, setting, expt="truth.expt", tag=""):
+    out = work / f"ex_{setting}{tag}"
+    log_path = work / f"{setting}{tag}.log"
     # the command installed beside this interpreter (the project's venv)
-    args = [os.path.join(os.path.dirname(sys.executable), "dials.diffuse_extract"), str(data / "truth.expt"), f"output.directory={out}",
-            f"output.log={work / (setting + '.log')}", "mp.nproc=1"]
+    args = [os.path.join(os.path.dirname(sys.executable), "dials.diffuse_extract"),
+            str(data / expt), f"output.directory={out}", f"output.log={log_path}", "mp.nproc=1"]
     if setting != "sample":
         args.append(f"output.save_pixels={setting}")
     t0 = time.perf_counter()
     subprocess.run(args, check=True, capture_output=True, cwd=work)
     wall = time.perf_counter() - t0
     files = sorted(out.glob("image_*.npz"))
-    log = (work / (setting + ".log")).read_text()
+    log = log_path.read_text()
     # "Extracted N images in T s (t s per image, ...)" and the dynamic pass
+    loop = [float(x) for x in re.findall(r"Extracted \d+ images in (\d+\.\d+) s", log)]
     per_image = [float(x) for x in re.findall(r"\((\d+\.\d+) s per image", log)]
-    dynamic = [float(x) for x in re.findall(r"Dynamic mask from \d+ images in (\d+\.\d+) s", log)]
+    dynamic = [float(x) for x in re.findall(
+        r"Dynamic mask from \d+ (?:of \d+ )?images in (\d+\.\d+) s", log)]
     return {
         "setting": setting,
         "wall_s": wall,
         "mean_file_MB": sum(f.stat().st_size for f in files) / len(files) / 1e6,
         "n_images": len(files),
         "per_image_s": per_image[0] if per_image else None,
+        "loop_s": loop[0] if loop else None,
         "dynamic_pass_s": dynamic[0] if dynamic else None,
     }
 
@@ -53,21 +62,45 @@ def run(data, work, setting):
 def main():
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--images", type=int, default=4)
+    parser.add_argument("--marginal", type=int, default=0,
+                        help="also run the default setting on this many stills")
     args = parser.parse_args()
+    marginal = None
     with tempfile.TemporaryDirectory() as tmp:
         work = pathlib.Path(tmp)
         data = simulate_dataset(params_from(**{
-            "mode": "stills", "n_images": args.images, "random_seed": 16,
+            "mode": "stills", "n_images": max(args.images, args.marginal), "random_seed": 16,
             "detector.n_fast": 2463, "detector.n_slow": 2527, "detector.pixel_size": 0.172,
             "detector.distance": 250, "detector.format": "pilatus",
             "output.directory": str(work / "data")}))
-        rows = [run(pathlib.Path(data), work, s) for s in ("sample", "all", "off")]
+        data = pathlib.Path(data)
+        expt = "truth.expt"
+        if args.marginal > args.images:
+            # the first N stills of the same data set
+            from dxtbx.model.experiment_list import ExperimentListFactory
+
+            experiments = ExperimentListFactory.from_json_file(str(data / "truth.expt"),
+                                                               check_format=False)
+            experiments[:args.images].as_file(str(data / "first.expt"))
+            expt = "first.expt"
+        rows = [run(data, work, s, expt) for s in ("sample", "all", "off")]
+        if args.marginal > args.images:
+            big = run(data, work, "sample", tag=f"_{args.marginal}")
+            marginal = {"n_small": args.images, "n_large": args.marginal,
+                        "loop_small_s": rows[0]["loop_s"], "loop_large_s": big["loop_s"],
+                        "s_per_extra_still": (big["loop_s"] - rows[0]["loop_s"])
+                        / (args.marginal - args.images),
+                        "mean_file_MB": big["mean_file_MB"]}
     load = os.getloadavg()[0]
     for r in rows:
         print(f"save_pixels={r['setting']:6s}  {r['mean_file_MB']:7.1f} MB per image  "
               f"{r['per_image_s']} s per image (+ dynamic pass {r['dynamic_pass_s']} s; "
               f"command {r['wall_s']:.1f} s for {r['n_images']} images)  (load {load:.1f})")
-    print(json.dumps(rows))
+    if marginal:
+        print(f"steady state (default setting): {marginal['s_per_extra_still']:.3f} s per extra "
+              f"still ({marginal['n_small']} -> {marginal['n_large']} stills), "
+              f"{marginal['mean_file_MB']:.1f} MB per image")
+    print(json.dumps({"rows": rows, "marginal": marginal}))
 
 
 if __name__ == "__main__":

@@ -170,14 +170,13 @@ def write_all(out_dir, grid, obs, result, merged, stats, params, operators, abso
 
     try:
         if params.output.ccp4_maps:
-            for kind, name in MAP_NAMES.items():
-                values = arrays["I_merged_relative"] if kind == "total" else arrays["I_anisotropic"]
-                write_ccp4(path_of(name), grid, merged.voxel_grid, values,
-                           operators, params.output, label=f"dials.diffuse_merge {kind} map")
+            maps = [(path_of(name), arrays["I_merged_relative"] if kind == "total"
+                     else arrays["I_anisotropic"], f"dials.diffuse_merge {kind} map")
+                    for kind, name in MAP_NAMES.items()]
             if absolute is not None:
-                write_ccp4(path_of(ABSOLUTE_MAP_NAME), grid, merged.voxel_grid,
-                           absolute.intensity, operators, params.output,
-                           label="dials.diffuse_merge electron units per cell")
+                maps.append((path_of(ABSOLUTE_MAP_NAME), absolute.intensity,
+                             "dials.diffuse_merge electron units per cell"))
+            write_ccp4_maps(maps, grid, merged.voxel_grid, operators, params.output)
         io.write_npz(path_of(VOXEL_NAME), compress_level=1, deflate_floats=False, **arrays)
         if params.output.hdf5:
             write_hdf5(path_of(VOXEL_H5_NAME), arrays)
@@ -206,11 +205,13 @@ def write_hdf5(path, arrays):
                 fh.create_dataset(k, data=v, compression="gzip", track_times=False)
 
 
-def write_ccp4(path, grid, voxel_grid, values, operators, output, label):
-    """Expand the ASU map by symmetry into an hkl box and write it as CCP4/MRC."""
-
+def write_ccp4_maps(maps, grid, voxel_grid, operators, output):
+    """Expand ASU maps by symmetry into an hkl box and write each as CCP4/MRC;
+    ``maps``: (path, values per voxel, label). The symmetry expansion is
+    made once for all of them (0.3-0.5 s each on a 6M sweep)."""
     ndiv = np.array(grid.ndiv)
-    full, vals = symmetry.expand_to_p1(voxel_grid, values, operators, ndiv)
+    columns = np.stack([np.asarray(v, dtype=np.float64) for _, v, _ in maps], axis=1)
+    full, vals = symmetry.expand_to_p1(voxel_grid, columns, operators, ndiv)
     if output.map_hkl_box is not None:
         box = np.array(output.map_hkl_box, dtype=float).reshape(3, 2)
         lo = np.ceil(box[:, 0] * ndiv).astype(int)
@@ -225,11 +226,17 @@ def write_ccp4(path, grid, voxel_grid, values, operators, output, label):
             f"the CCP4 map box has {n_points} points (more than output.map_max_points="
             f"{output.map_max_points}); set output.map_hkl_box or output.ccp4_maps=False"
         )
-    dense = np.full(tuple(shape), output.map_fill_value, dtype=np.float64)
     idx = full[inside] - lo
-    v = np.asarray(vals[inside], dtype=np.float64)
-    ok = np.isfinite(v)
-    dense[idx[ok, 0], idx[ok, 1], idx[ok, 2]] = v[ok]
+    for k, (path, _, label) in enumerate(maps):
+        dense = np.full(tuple(shape), output.map_fill_value, dtype=np.float64)
+        v = vals[inside, k]
+        ok = np.isfinite(v)
+        dense[idx[ok, 0], idx[ok, 1], idx[ok, 2]] = v[ok]
+        _write_ccp4_file(path, grid, dense, lo, hi, output, label)
+
+
+def _write_ccp4_file(path, grid, dense, lo, hi, output, label):
+    ndiv = np.array(grid.ndiv)
     map_data = flex.double(dense.ravel())
     map_data.resize(flex.grid(tuple(int(x) for x in lo), tuple(int(x) for x in hi + 1)))
     rec = grid.unit_cell.reciprocal_parameters()

@@ -222,6 +222,21 @@ def _kept_pixels(runs):
     return out
 
 
+def _kept_pixels_on_grid(pp, run, step):
+    """Raster indices of the kept pixels of a panel on every step-th row and
+    column, in raster order: the grid's pixels looked up in the runs (the
+    kept pixels are not all expanded first: 1/step^2 of them are wanted)."""
+    rows = np.arange(0, pp.shape[0], step)
+    columns = np.arange(0, pp.shape[1], step)
+    index = (rows[:, None] * pp.shape[1] + columns[None, :]).ravel()
+    if run["start"].size == 0:
+        return index[:0]
+    which = np.searchsorted(run["start"], index, side="right") - 1
+    kept = (which >= 0) & (index < run["start"][np.maximum(which, 0)]
+                           + run["n"][np.maximum(which, 0)])
+    return index[kept]
+
+
 def pixel_sample_step(context, output) -> int:
     """Rows and columns between the pixels whose arrays are written: 1 for
     every kept pixel (save_pixels=all), 0 for off, else the smallest step s
@@ -241,10 +256,9 @@ def _pixel_arrays(context, runs, raw, background, bg_constant, setting_inv, t_ex
     """The per-pixel arrays of the guide (output.save_pixels): every kept
     pixel, or those on every sample_step-th row and column of the raster."""
     pieces = {k: [] for k in ("q", "counts", "bg", "factor", "panel", "slow", "fast", "gain")}
-    for pp, index in zip(context.panels, _kept_pixels(runs)):
-        if sample_step > 1:
-            row, column = np.divmod(index, pp.shape[1])
-            index = index[(row % sample_step == 0) & (column % sample_step == 0)]
+    kept = (_kept_pixels(runs) if sample_step == 1 else
+            [_kept_pixels_on_grid(pp, r, sample_step) for pp, r in zip(context.panels, runs)])
+    for pp, index in zip(context.panels, kept):
         pieces["q"].append(pp.q_t[:, index].T)
         pieces["counts"].append(pp.raster(raw[pp.panel_id])[index])
         pieces["bg"].append(
