@@ -120,8 +120,8 @@ def _evaluate(surface, coordinates):
 
 def test_recovered_surfaces_match_the_truth(surfaces_run):
     """The fitted a d against the simulated one at every 4th pixel and every
-    4th image: CC 0.959; the part that does not change with the angle (d
-    times the mean a): CC 0.958 (measured)."""
+    4th image: CC 0.958; the part that does not change with the angle (d
+    times the mean a): CC 0.957 (measured)."""
     truth, base, _ = surfaces_run
     doc = json.loads((base / "surfaces" / merged_files.SCALING_NAME).read_text())["surfaces"]
     x, y, smag = _detector_samples(truth)
