@@ -15,16 +15,15 @@ import numpy as np
 
 from dials.util import Sorry
 
-from dials_diffuse import io, symmetry
+from dials_diffuse import symmetry
 from dials_diffuse.ambiguity import apply, resolve
-from dials_diffuse.command_util import ensure_output_directory
-from dials_diffuse.merged_files import read_merged
+from dials_diffuse.merged_files import AMBIGUITY_NAME, read_merged
 from dials_diffuse.reindexing import reindexing_operators
 
 logger = logging.getLogger("dials.diffuse_merge")
 
 
-REPORT_NAME = "ambiguity.json"
+REPORT_NAME = AMBIGUITY_NAME
 
 #: PHIL of the merge's ambiguity scope (included by phil_scopes.merge_phil_str)
 ambiguity_phil_str = """
@@ -99,16 +98,16 @@ def wanted(params, experiments, obs, n_ops):
     return stills or len(crystals) > 1
 
 
-def resolve_in_merge(experiments, obs, grid, laue_ops, params, out_dir):
+def resolve_in_merge(experiments, obs, grid, laue_ops, params):
     """The merge's hook: returns the observations to scale and merge
-    (reindexed where needed) and writes ``ambiguity.json`` to ``out_dir``
-    (also when nothing is done, saying why)."""
+    (reindexed where needed) and the report for ``ambiguity.json`` (also
+    when nothing is done, saying why), which ``merged_files.write_all``
+    writes with the merge's other outputs."""
     p = params.ambiguity
     report = {"resolve": p.resolve}
     if p.resolve == "false":
         report["done"] = False
         report["reason"] = "ambiguity.resolve=false"
-        _write_report(out_dir, report)
         return obs, report
     if params.symmetry.merge != "laue":
         # the operators are cosets of the Laue group the data are merged in
@@ -117,7 +116,6 @@ def resolve_in_merge(experiments, obs, grid, laue_ops, params, out_dir):
         report["done"] = False
         report["reason"] = f"symmetry.merge={params.symmetry.merge}"
         logger.info("Indexing ambiguity not resolved: symmetry.merge=%s", params.symmetry.merge)
-        _write_report(out_dir, report)
         return obs, report
     try:
         table = reindexing_operators(grid.unit_cell.parameters(), grid.space_group, p.max_delta,
@@ -129,7 +127,6 @@ def resolve_in_merge(experiments, obs, grid, laue_ops, params, out_dir):
         report["done"] = False
         report["reason"] = f"not resolvable here: {e}"
         logger.warning("Warning: indexing ambiguity not resolved: %s", e)
-        _write_report(out_dir, report)
         return obs, report
     report["operators"] = table.symbols()
     report["lattice_max_delta_deg"] = p.max_delta
@@ -138,7 +135,6 @@ def resolve_in_merge(experiments, obs, grid, laue_ops, params, out_dir):
         report["reason"] = ("the lattice allows no alternative indexing" if table.n < 2 else
                             "one rotation crystal (resolve=auto)")
         logger.info("Indexing ambiguity: %s", report["reason"])
-        _write_report(out_dir, report)
         return obs, report
     ndiv = np.array(grid.ndiv)
     try:
@@ -190,7 +186,6 @@ def resolve_in_merge(experiments, obs, grid, laue_ops, params, out_dir):
         ", ".join(symbols), report["n_reindexed"], res.assignment.size,
         ", ".join(f"{k} x{v}" for k, v in report["operator_counts"].items()),
         report["mean_score_before"], report["mean_score_after"], res.global_choice)
-    _write_report(out_dir, report)
     return new_obs, report
 
 
@@ -206,8 +201,3 @@ def _num(x):
 def _nanmean(x):
     x = np.asarray(x, float)
     return float(np.nanmean(x)) if np.isfinite(x).any() else None
-
-
-def _write_report(out_dir, report):
-    ensure_output_directory(out_dir)
-    io.write_json(os.path.join(out_dir, REPORT_NAME), report)

@@ -13,6 +13,9 @@
   the voxel file then also holds ``I_absolute`` = K I - incoherent,
   ``Sigma_absolute`` and ``I_incoherent`` (electron units per unit cell), and
   ``diffuse_absolute.ccp4`` is written with the other maps.
+* ``ambiguity.json``: the report of the indexing-ambiguity step
+  (:mod:`dials_diffuse.merge_ambiguity`), written with the other outputs so
+  that a merge that fails leaves none of them.
 * ``diffuse_total.ccp4`` / ``diffuse_anisotropic.ccp4``: the map expanded by
   symmetry to an hkl box. Axes X, Y, Z = h, k, l; the map's cell is one
   reciprocal cell (a*, b*, c*, alpha*, beta*, gamma*) times
@@ -41,6 +44,7 @@ logger = logging.getLogger("dials.diffuse_merge")
 
 GRID_NAME = "global_voxel_grid_definition.json"
 SCALING_NAME = "refined_scaling_model_params.json"
+AMBIGUITY_NAME = "ambiguity.json"  # the report of dials_diffuse.merge_ambiguity
 VOXEL_NAME = "voxel_data_relative.npz"
 VOXEL_H5_NAME = "voxel_data_relative.h5"
 STATS_NAME = "merging_statistics.json"
@@ -138,7 +142,8 @@ def _error_model_document(model):
     }
 
 
-def write_all(out_dir, grid, obs, result, merged, stats, params, operators, absolute=None):
+def write_all(out_dir, grid, obs, result, merged, stats, params, operators, absolute=None,
+              ambiguity=None):
     ensure_output_directory(out_dir)
     centres, means, counts = isotropic_profile(merged.qmag, merged.intensity,
                                                merged.multiplicity, merged.on_bragg)
@@ -184,6 +189,8 @@ def write_all(out_dir, grid, obs, result, merged, stats, params, operators, abso
         if absolute is not None:
             io.write_json(path_of(ABSOLUTE_NAME), absolute.as_dict())
         io.write_json(path_of(SCALING_NAME), scaling_dict(obs, result, params))
+        if ambiguity is not None:
+            io.write_json(path_of(AMBIGUITY_NAME), ambiguity)
         io.write_json(path_of(GRID_NAME), grid.as_dict())
     except BaseException:
         for path in written:

@@ -179,9 +179,9 @@ def merge_run(experiments, inputs, params):
     if excluded:
         keep_images = np.array([m["experiment_id"] not in excluded for m in obs.metadata])
         obs = _select_images(obs, keep_images)
-    # indexing ambiguity: every image brought to one setting (writes ambiguity.json)
-    obs, _ = resolve_in_merge(experiments, obs, grid, operators, params,
-                              params.output.directory)
+    # indexing ambiguity: every image brought to one setting (its report is
+    # written with the other outputs)
+    obs, ambiguity_report = resolve_in_merge(experiments, obs, grid, operators, params)
     basis = smooth_scale_basis(experiments, obs, params.scaling)
     # mdx2's surfaces: their shared columns exist before the workers fork
     surfaces = scaling.setup_surfaces(params.scaling, obs, image_angles(experiments, obs))
@@ -206,7 +206,7 @@ def merge_run(experiments, inputs, params):
     absolute = absolute_scale.absolute_scale_run(merged, experiments, cell_contents,
                                                  params.absolute_scale)
     merged_files.write_all(out, grid, obs, result, merged, stats, params, operators,
-                           absolute=absolute)
+                           absolute=absolute, ambiguity=ambiguity_report)
     logger.info(
         "Read %.1f s, scale and merge %.1f s, write %.1f s",
         t_read - t0, t_merge - t_read, time.time() - t_merge,

@@ -192,6 +192,18 @@ def test_smooth_scales_refused_for_stills(stills_run, tmp_path):
                   merge_params(tmp_path / "m", **{"scaling.scale_model": "smooth"}))
 
 
+def test_failed_merge_leaves_no_output(stills_run, tmp_path):
+    """A merge that stops after the ambiguity step (scaling not converged,
+    with fail_if_not_converged) writes nothing, not even ambiguity.json."""
+    truth, base, _ = stills_run
+    out = tmp_path / "m"
+    with pytest.raises(Sorry, match="did not converge"):
+        merge_run(truth.experiments, [str(base / "extracted")], merge_params(
+            out, **{"scaling.max_iterations": 1, "scaling.fail_if_not_converged": True}))
+    assert not out.exists() or not any(out.iterdir())
+    assert (base / "merged" / "ambiguity.json").exists()
+
+
 def test_cc_half_pure_noise_is_near_zero(tmp_path_factory):
     """Flat diffuse model: every voxel has the same truth, only noise differs."""
     truth, base = simulate_and_extract(
