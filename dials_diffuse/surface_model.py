@@ -34,8 +34,14 @@ class ControlGrid:
     @classmethod
     def covering(cls, coordinates: np.ndarray, shape: Sequence[int]):
         """A grid spanning the coordinates' range ((n, d) array)."""
-        lower = coordinates.min(axis=0).astype(np.float64)
-        upper = coordinates.max(axis=0).astype(np.float64)
+        return cls.spanning(coordinates.min(axis=0), coordinates.max(axis=0), shape)
+
+    @classmethod
+    def spanning(cls, lower, upper, shape: Sequence[int]):
+        """A grid from lower to upper per coordinate (an empty range is
+        widened to 1, so that every point has a cell)."""
+        lower = np.asarray(lower, dtype=np.float64)
+        upper = np.asarray(upper, dtype=np.float64)
         upper = np.where(upper > lower, upper, lower + 1.0)
         return cls(lower, upper, tuple(int(s) for s in shape))
 
@@ -77,48 +83,35 @@ class ControlGrid:
     def roughness_by_axis(self) -> list:
         """D_a^T D_a of the second differences along each axis a (zeros for an
         axis of fewer than 3 control values), made once per grid."""
-        cached = self.__dict__.get("_roughness")
-        if cached is None:
-            cached = self.__dict__["_roughness"] = [
-                self._second_differences(axis) for axis in range(len(self.shape))]
-        return cached
+        # (an axis of 2 values has no second differences: D has no rows)
+        return [self._difference_penalty({axis: 2}) for axis in range(len(self.shape))]
 
     def mixed_roughness(self, axis_a, axis_b) -> np.ndarray:
         """D^T D of the mixed second differences along two axes (the cross
         term f_ab of the thin-plate energy f_aa^2 + 2 f_ab^2 + f_bb^2: without
         it a saddle a b costs nothing)."""
-        key = f"_mixed_{axis_a}_{axis_b}"
+        return self._difference_penalty({axis_a: 1, axis_b: 1})
+
+    def _difference_penalty(self, orders) -> np.ndarray:
+        """D^T D with D the differences of the given order along the given
+        axes ({axis: order}) and the identity along the others, made once
+        per grid."""
+        key = "_penalty_" + "_".join(f"{a}{o}" for a, o in sorted(orders.items()))
         cached = self.__dict__.get(key)
         if cached is None:
-            factors = []
-            for k, m in enumerate(self.shape):
-                if k in (axis_a, axis_b):
-                    first = np.zeros((m - 1, m))
-                    first[np.arange(m - 1), np.arange(m - 1)] = -1.0
-                    first[np.arange(m - 1), np.arange(1, m)] = 1.0
-                    factors.append(first)
-                else:
-                    factors.append(np.eye(m))
-            operator = factors[0]
-            for f in factors[1:]:
-                operator = np.kron(operator, f)
+            operator = np.ones((1, 1))
+            for axis, m in enumerate(self.shape):
+                operator = np.kron(operator, np.diff(np.eye(m), orders.get(axis, 0), axis=0))
             cached = self.__dict__[key] = operator.T @ operator
         return cached
 
-    def _second_differences(self, axis) -> np.ndarray:
-        n = self.shape[axis]
-        if n < 3:
-            return np.zeros((self.size, self.size))
-        second = np.zeros((n - 2, n))
-        second[np.arange(n - 2), np.arange(n - 2)] = 1.0
-        second[np.arange(n - 2), np.arange(1, n - 1)] = -2.0
-        second[np.arange(n - 2), np.arange(2, n)] = 1.0
-        # the second difference along this axis, identity along the others
-        factors = [second if k == axis else np.eye(m) for k, m in enumerate(self.shape)]
-        operator = factors[0]
-        for f in factors[1:]:
-            operator = np.kron(operator, f)
-        return operator.T @ operator
+
+def points_spanning(span: float, interval: float) -> int:
+    """Control points at most ``interval`` apart over ``span`` (at least 2;
+    2 when interval is not positive)."""
+    if not interval > 0:
+        return 2
+    return max(2, int(np.ceil(span / interval - 1e-9)) + 1)
 
 
 def fit_surface(grid: ControlGrid, coordinates, observed, predicted, weights,

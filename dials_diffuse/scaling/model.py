@@ -11,6 +11,8 @@ from typing import List, Optional
 import numpy as np
 import scipy.linalg
 
+from dials_diffuse.surface_model import points_spanning
+
 
 logger = logging.getLogger("dials.diffuse_merge")
 
@@ -88,7 +90,7 @@ class SmoothScaleBasis:
         for s_id in np.unique(sweep):
             rows = np.flatnonzero(sweep == s_id)
             lo, hi = phi_deg[rows].min(), phi_deg[rows].max()
-            n_ctrl = max(2, int(np.ceil((hi - lo) / interval_deg - 1e-9)) + 1)
+            n_ctrl = points_spanning(hi - lo, interval_deg)
             knots = np.linspace(lo, hi, n_ctrl) if hi > lo else np.array([lo, lo + interval_deg])
             j = np.clip(np.searchsorted(knots, phi_deg[rows], side="right") - 1, 0, n_ctrl - 2)
             t = np.clip((phi_deg[rows] - knots[j]) / (knots[j + 1] - knots[j]), 0.0, 1.0)

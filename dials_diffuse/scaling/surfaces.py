@@ -55,7 +55,7 @@ import numpy as np
 from dials.util import Sorry
 
 from dials_diffuse.observations import shared_array
-from dials_diffuse.surface_model import ControlGrid
+from dials_diffuse.surface_model import ControlGrid, points_spanning
 
 logger = logging.getLogger("dials.diffuse_merge")
 
@@ -322,10 +322,7 @@ def _ones(n):
 
 
 def _phi_points(image_phi, interval):
-    span = float(np.max(image_phi) - np.min(image_phi))
-    if not interval > 0:
-        return 2
-    return max(2, int(np.ceil(span / interval - 1e-9)) + 1)
+    return points_spanning(float(np.max(image_phi) - np.min(image_phi)), interval)
 
 
 def _surface(name, coordinates, shape, xy, obs, start, smoothness):
@@ -339,9 +336,6 @@ def _surface(name, coordinates, shape, xy, obs, start, smoothness):
             ranges.append((float(obs.image_phi.min()), float(obs.image_phi.max())))
         else:
             ranges.append((float(obs.voxel_qmag.min()), float(obs.voxel_qmag.max())))
-    lower = np.array([r[0] for r in ranges])
-    upper = np.array([r[1] for r in ranges])
-    upper = np.where(upper > lower, upper, lower + 1.0)
-    grid = ControlGrid(lower, upper, tuple(int(n) for n in shape))
+    grid = ControlGrid.spanning([r[0] for r in ranges], [r[1] for r in ranges], shape)
     return Surface(name, grid, np.full(grid.shape, float(start)), tuple(coordinates),
                    tuple(float(w) for w in smoothness))
