@@ -70,7 +70,7 @@ def add_gauss_newton_rows(rows, ch, u, sl, b, x, variance, resid, every, sums, s
     coupling *= x
     coupling[~u] = 0.0
     rows.coupling[sl] = coupling
-    sub = u & _sampled_voxels(sums[1].size, every)[ch.voxel]
+    sub = u & sampled_voxels(sums[1].size, every)[ch.voxel]
     samples[0].append(ch.image[sub].astype(np.int32))
     samples[1].append((ch.voxel[sub] // every).astype(np.int32))
     samples[2].append(coupling[sub])
@@ -82,7 +82,7 @@ def sample_columns(first):
     return tuple(range(first + GN_SUMS, first + GN_SUMS + GN_SAMPLES))
 
 
-def _sampled_voxels(n_vox, every):
+def sampled_voxels(n_vox, every):
     """Bool per voxel: is it one of the every-k-th voxels of the matrix (a
     byte lookup per row instead of an integer division)."""
     sampled = np.zeros(n_vox, bool)

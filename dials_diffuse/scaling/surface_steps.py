@@ -8,7 +8,8 @@ from __future__ import annotations
 import numpy as np
 import scipy.sparse
 
-from dials_diffuse.scaling.merge_sums import model_variance
+from dials_diffuse.scaling.gauss_newton import sampled_voxels
+from dials_diffuse.scaling.merge_sums import model_variance, prediction
 from dials_diffuse.scaling.passes import CHUNK_ROWS, observation_chunk
 from dials_diffuse.surface_model import normal_equations, solve
 
@@ -70,11 +71,8 @@ def _step_partition(rows, start, stop, surfaces, name, model, intensity, sampled
         if index.size == 0:
             continue
         ch = observation_chunk(obs, index)
-        slope = model.scale[ch.image]  # dE[S]/dI_v, over W'
-        if model.smoother_q is not None:
-            slope = slope * model.observation_factor(ch)
-        slope = ch.factor * slope
-        expected = slope * intensity[ch.voxel] + ch.factor * model.observation_offset(ch)
+        b, _, expected = prediction(ch, model, intensity)
+        slope = ch.factor * b * model.observation_factor(ch)  # dE[S]/dI_v
         w = 1.0 / model_variance(ch, expected)
         resid = ch.signal - expected
         coordinates = surface.row_coordinates(obs, index)
@@ -115,10 +113,8 @@ def _radial_partition(rows, start, stop, surfaces, model, intensity, sampled):
         if index.size == 0:
             continue
         ch = observation_chunk(obs, index)
-        core = model.scale[ch.image] * intensity[ch.voxel]
-        if model.smoother_q is not None:
-            core = core * model.observation_factor(ch)
-        signal = obs.factor[index] * (core + model.observation_offset(ch))
+        # E[S] without the gain a d / h: the signal the gain multiplies
+        signal = prediction(ch, model, intensity)[2] / obs.surface_gain[index]
         n, r = normal_equations(radial.grid, radial.row_coordinates(obs, index),
                                 surfaces.product(obs, index), np.ones(index.size), signal)
         normal += n
@@ -136,17 +132,14 @@ def _evaluate_partition(rows, start, stop, surface):
     return (np.zeros(1),)
 
 
-def _gain_partition(rows, start, stop, radial):
+def _gain_partition(rows, start, stop, surfaces):
     """Write the gain a d / h(|s|) of the partition's rows; returns the sum
     of the squared relative changes of their gains."""
-    obs = rows.obs
+    obs, radial = rows.obs, surfaces.radial
     change = 0.0
     for a in range(start, stop, CHUNK_ROWS):
         sl = slice(a, min(a + CHUNK_ROWS, stop))
-        gain = 1.0
-        for column in obs.surface_terms.values():
-            gain = gain * column[sl]
-        gain = gain / radial.evaluate(radial.row_coordinates(obs, sl))
+        gain = surfaces.product(obs, sl) / radial.evaluate(radial.row_coordinates(obs, sl))
         change += float(np.sum((gain / obs.surface_gain[sl] - 1.0) ** 2))
         obs.surface_gain[sl] = gain
     return (np.array([change]),)
@@ -174,7 +167,7 @@ def update_surfaces(passes, model, intensity, surfaces) -> float:
         normal, rhs = passes.reduce(_radial_partition, surfaces, model, intensity, sampled)
         surfaces.radial.values = solve(surfaces.radial.grid, normal, rhs,
                                        surfaces.radial.smoothness[0], prior=1.0)
-        squared_change, = passes.reduce(_gain_partition, surfaces.radial)
+        squared_change, = passes.reduce(_gain_partition, surfaces)
         change = max(change, float(np.sqrt(squared_change[0] / passes.obs.n_obs)))
     return change
 
@@ -183,11 +176,7 @@ def voxel_sample(obs):
     """Bool per voxel: the voxels whose rows the steps use (every k-th, about
     MAX_FIT_ROWS rows), None for all."""
     every = -(-obs.n_obs // MAX_FIT_ROWS)
-    if every <= 1:
-        return None
-    sampled = np.zeros(obs.n_voxels, bool)
-    sampled[::every] = True
-    return sampled
+    return None if every <= 1 else sampled_voxels(obs.n_voxels, every)
 
 
 def _gauss_newton_step(passes, surfaces, surface, model, intensity, sampled):
