@@ -257,6 +257,25 @@ def run_timed(args, cwd, log=None, env=None, check=True):
     }
 
 
+def parse_extract_log(text):
+    """Timings of a dials.diffuse_extract log: the dynamic pass, the
+    extraction loop (and its per-image mean) and the images extracted of
+    those planned; keys only for the lines found."""
+    out = {}
+    m = re.search(r"Dynamic mask from \d+ (?:of \d+ )?images in ([\d.]+) s", text)
+    if m:
+        out["dynamic_mask_s"] = float(m.group(1))
+    m = re.search(r"Extracted (\d+) images in ([\d.]+) s \(([\d.]+) s per image", text)
+    if m:
+        out["images_extracted"] = int(m.group(1))
+        out["extraction_loop_s"] = float(m.group(2))
+        out["per_image_s"] = float(m.group(3))
+    m = re.search(r"Extracted (\d+) of (\d+) images", text)
+    if m:
+        out["extracted_of"] = [int(m.group(1)), int(m.group(2))]
+    return out
+
+
 def dir_size(path):
     path = Path(path)
     if path.is_file():

@@ -21,13 +21,15 @@ import argparse
 import json
 import os
 import pathlib
-import re
 import subprocess
 import sys
 import tempfile
 import time
 
-from dials_diffuse.simulate import params_from, simulate_dataset
+sys.path.insert(0, str(pathlib.Path(__file__).resolve().parent))
+import common  # noqa: E402
+
+from dials_diffuse.simulate import params_from, simulate_dataset  # noqa: E402
 
 
 def run(data, work, setting, expt="truth.expt", tag=""):
@@ -42,20 +44,15 @@ def run(data, work, setting, expt="truth.expt", tag=""):
     subprocess.run(args, check=True, capture_output=True, cwd=work)
     wall = time.perf_counter() - t0
     files = sorted(out.glob("image_*.npz"))
-    log = log_path.read_text()
-    # "Extracted N images in T s (t s per image, ...)" and the dynamic pass
-    loop = [float(x) for x in re.findall(r"Extracted \d+ images in (\d+\.\d+) s", log)]
-    per_image = [float(x) for x in re.findall(r"\((\d+\.\d+) s per image", log)]
-    dynamic = [float(x) for x in re.findall(
-        r"Dynamic mask from \d+ (?:of \d+ )?images in (\d+\.\d+) s", log)]
+    timings = common.parse_extract_log(log_path.read_text())
     return {
         "setting": setting,
         "wall_s": wall,
         "mean_file_MB": sum(f.stat().st_size for f in files) / len(files) / 1e6,
         "n_images": len(files),
-        "per_image_s": per_image[0] if per_image else None,
-        "loop_s": loop[0] if loop else None,
-        "dynamic_pass_s": dynamic[0] if dynamic else None,
+        "per_image_s": timings.get("per_image_s"),
+        "loop_s": timings.get("extraction_loop_s"),
+        "dynamic_pass_s": timings.get("dynamic_mask_s"),
     }
 
 

@@ -76,21 +76,6 @@ def subset(expt, n, out):
     return out
 
 
-def parse_extract_log(text):
-    out = {}
-    m = re.search(r"Dynamic mask from (\d+) images in ([\d.]+) s", text)
-    if m:
-        out["dynamic_mask_s"] = float(m.group(2))
-    m = re.search(r"Extracted (\d+) images in ([\d.]+) s", text)
-    if m:
-        out["images_extracted"] = int(m.group(1))
-        out["extraction_loop_s"] = float(m.group(2))
-    m = re.search(r"Extracted (\d+) of (\d+) images", text)
-    if m:
-        out["extracted_of"] = [int(m.group(1)), int(m.group(2))]
-    return out
-
-
 def parse_merge_log(text):
     out = {}
     m = re.search(r"Read ([\d.]+) s, scale and merge ([\d.]+) s, write ([\d.]+) s", text)
@@ -216,7 +201,7 @@ def main():
                                   f"output.save_pixels={args.save_pixels}", f"mp.nproc={args.nproc}",
                                   f"output.directory={ext}", f"output.log={log}"],
                                  work, log=work / f"extract_{n}.out")
-            t.update(parse_extract_log(log.read_text()))
+            t.update(common.parse_extract_log(log.read_text()))
             t["per_still_ms"] = round(1000 * t["wall_s"] / n, 2)
             t["disk_mb"] = round(common.dir_size(ext) / 2**20, 1)
             if "load_check_format" in row:
