@@ -5,8 +5,8 @@ With them the model of an observation (image i, voxel v) is
     S ~ W a(x, y, phi) d(x, y) (b_i a_i(|q_v|) I_v + c_i + c(|s_v|, phi_i))
 
 * a(x, y, phi): an absorption surface over the detector plane and the
-  rotation angle (x, y the voxel's mean detector-plane position in mm,
-  written by the extraction; phi the angle at the image's centre);
+  rotation angle (x, y where the voxel's mean scattering vector meets the
+  detector plane, in mm, written by the extraction; phi the angle at the image's centre);
 * d(x, y): a detector response over the detector plane, shared by every
   image and sweep;
 * c(|s|, phi): an additive offset smooth in resolution and angle, kept >= 0.
@@ -65,9 +65,10 @@ surfaces_phil_str = """
 surfaces
   .help = "mdx2's smooth scaling terms (Meisburger & Ando): S ~ W a(x, y, phi) "
           "d(x, y) (b I + c(|s|, phi)). Each is multilinear on a grid of control "
-          "values and regularised by a second-difference penalty (smoothness, "
-          "relative to the data). x, y: the voxel's mean detector-plane position "
-          "(mm); phi: the rotation angle at the image's centre."
+          "values and regularised as mdx2 does (second differences along each "
+          "axis and the thin-plate cross term in x, y; smoothness relative to "
+          "the data). x, y: where the voxel's mean scattering vector meets the "
+          "detector plane (mm); phi: the rotation angle at the image's centre."
 {
   absorption
     .help = "An absorption surface a(x, y, phi), mean 1 over x, y at each phi."
@@ -104,8 +105,8 @@ surfaces
       .help = "Weight of the roughness in x, y (mdx2's alpha)."
   }
   offset
-    .help = "An additive offset c(|s|, phi) >= 0 (rotation data), minimum 0 "
-            "over phi at each |s|."
+    .help = "An additive offset c(|s|, phi) >= 0 (rotation data), pulled lightly "
+            "towards 0 where the data do not fix it (mdx2's alpha_min)."
   {
     enable = False
       .type = bool
@@ -224,11 +225,13 @@ class SurfaceModel:
             "model": "S ~ W a(x, y, phi) d(x, y) (b a_i(|q|) I + c_i + c(|s|, phi)); each "
                      "term multilinear in its control values on a regular grid from lower "
                      "to upper (control_values indexed in the order of coordinates)",
-            "coordinates": "x, y: detector-plane position (mm) along panel 0's fast and "
-                           "slow axes from its origin; phi: rotation angle at the image's "
+            "coordinates": "x, y: where the voxel's mean scattering vector meets the "
+                           "detector plane (mm along panel 0's fast and slow axes from "
+                           "its origin); phi: rotation angle at the image's "
                            "centre (deg); s: |s| of the voxel centre (1/Angstrom)",
             "normalisation": "d mean 1; a mean 1 over x, y at each phi (and over phi at "
-                             "each x, y when d is refined); c minimum 0 over phi at each |s|",
+                             "each x, y when d is refined); gain applied a d / h(|s|); "
+                             "c >= 0",
         }
         for s in self.terms():
             doc[s.name] = s.as_dict()
