@@ -235,6 +235,13 @@ mp
       .help = "e.g. tcp://10.0.0.1:8786 (a dask-jobqueue SLURM/PBS cluster)."
   }
 }
+kernel = *auto numba numpy
+  .type = choice
+  .help = "The per-pixel loop of each image: numba (compiled kernels; Debian's "
+          "python3-numba), numpy, or auto: numba when it is available. Both "
+          "give the same voxels and pixel counts; sums differ only by the order "
+          "of float64 additions."
+  .expert_level = 2
 """
 )
 

@@ -8,12 +8,14 @@ venv="$here/.venv"
 SUDO=""
 if [ "$(id -u)" != 0 ]; then SUDO="sudo"; fi
 
-# python3-xraylib: incoherent scattering functions (absolute scale, Compton)
-if ! /usr/bin/python3 -c "import dials, dxtbx, cctbx, scitbx, xraylib" >/dev/null 2>&1 \
+# python3-xraylib: incoherent scattering functions (absolute scale, Compton);
+# python3-numba: the compiled per-pixel kernel of the extraction (Debian's,
+# built for Debian's numpy; the extraction falls back to numpy without it)
+if ! /usr/bin/python3 -c "import dials, dxtbx, cctbx, scitbx, xraylib, numba" >/dev/null 2>&1 \
    || ! command -v dials.import >/dev/null 2>&1; then
-  echo "bootstrap: installing Debian's dials and xraylib (about 2 minutes)"
+  echo "bootstrap: installing Debian's dials, xraylib and numba (about 2 minutes)"
   $SUDO apt-get update -qq
-  DEBIAN_FRONTEND=noninteractive $SUDO apt-get install -y -qq dials python3-venv python3-xraylib >/dev/null
+  DEBIAN_FRONTEND=noninteractive $SUDO apt-get install -y -qq dials python3-venv python3-xraylib python3-numba >/dev/null
 fi
 
 if [ ! -x "$venv/bin/python" ]; then

@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
+import json
 import os
+from pathlib import Path
 
 import numpy as np
 
@@ -91,3 +93,23 @@ def swept_voxels(merged, observations):
     order = np.argsort(keys)
     wanted = np.ravel_multi_index((merged.voxel_grid - lower).T, shape)
     return ~cut[order[np.searchsorted(keys[order], wanted)]]
+
+
+def assert_same_extraction(directory_a, directory_b, rtol=1e-6):
+    """Two extractions of the same images agree: the same images, pixel
+    counts, voxels and per-voxel pixel counts exactly, the voxel sums to
+    float32 rounding, the per-pixel arrays exactly."""
+    manifests = [json.loads((Path(d) / "extraction_manifest.json").read_text())
+                 for d in (directory_a, directory_b)]
+    assert manifests[0]["images"] == manifests[1]["images"]
+    for entry in manifests[0]["images"]:
+        if entry["status"] != "extracted":
+            continue
+        a, b = ({k: npz[k] for k in npz.files if k != "metadata_json"}
+                for npz in (np.load(Path(d) / entry["file"]) for d in (directory_a, directory_b)))
+        assert set(a) == set(b)
+        for name in a:
+            if name in ("voxel_indices", "voxel_n_pixels") or not name.startswith("voxel"):
+                assert np.array_equal(a[name], b[name]), name
+            else:
+                np.testing.assert_allclose(a[name], b[name], rtol=rtol, atol=0, err_msg=name)

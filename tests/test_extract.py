@@ -20,7 +20,7 @@ from dials_diffuse.diffuse_files import MANIFEST_NAME, read_image_file
 from dials_diffuse.extraction import extract
 from dials_diffuse.simulate import load_truth, params_from, simulate_dataset
 
-from diffuse_helpers import extraction_params
+from diffuse_helpers import assert_same_extraction, extraction_params
 
 VENV_BIN = os.path.join(os.path.dirname(sys.executable))
 
@@ -504,3 +504,46 @@ def test_pixel_arrays_sampled_by_default(simulated_stills, tmp_path):
     for name in ("sample", "off"):
         assert np.array_equal(runs[name][0]["voxel_sum_signal"], every["voxel_sum_signal"])
     assert "intensities" not in runs["off"][0] and runs["off"][1]["pixel_sample_step"] == 0
+
+
+@pytest.mark.parametrize("dataset,overrides", [
+    # background map, an intensity filter, every pixel's arrays
+    ("simulated_stills", {"filter.min_intensity": 0.5, "output.save_pixels": "all"}),
+    ("simulated_multipanel", {"filter.max_intensity": 1e4}),
+    ("simulated_rotation", {"corrections.background.map": None,
+                            "corrections.background.constant": 1.5}),
+])
+def test_compiled_kernel_equals_numpy(dataset, overrides, request, tmp_path):
+    """kernel=numba (one compiled pass per panel, hash table of voxels) and
+    kernel=numpy (the row-block numpy path) extract the same voxels."""
+    from dials_diffuse.extraction import kernels
+
+    if not kernels.available():
+        pytest.skip("numba is not available")
+    truth = load_truth(request.getfixturevalue(dataset))
+    if dataset == "simulated_multipanel":
+        overrides = {**overrides, "corrections.exposure_time": truth.exposure_time}
+    for kernel in ("numba", "numpy"):
+        extract(truth.experiments, extraction_params(truth, tmp_path / kernel, kernel=kernel,
+                                                     **overrides))
+    assert_same_extraction(tmp_path / "numba", tmp_path / "numpy")
+
+
+def test_compiled_table_grows(simulated_stills, tmp_path):
+    """An image with more voxels than the hash table's first capacity (fine
+    voxels: ndiv 16) is extracted as the numpy path extracts it."""
+    from dials_diffuse.extraction import kernels
+
+    if not kernels.available():
+        pytest.skip("numba is not available")
+    truth = load_truth(simulated_stills)
+    images = truth.experiments[:1]
+    for kernel in ("numba", "numpy"):
+        params = extraction_params(truth, tmp_path / kernel, kernel=kernel,
+                                   **{"masking.dynamic.enable": False})
+        params.grid.ndiv_h = params.grid.ndiv_k = params.grid.ndiv_l = 16
+        kernels._TABLES.clear()
+        extract(images, params)
+    n_voxels = json.loads((tmp_path / "numba" / MANIFEST_NAME).read_text())["images"][0]["n_voxels"]
+    assert n_voxels > 2**15  # more than half the first capacity: it grew
+    assert_same_extraction(tmp_path / "numba", tmp_path / "numpy")

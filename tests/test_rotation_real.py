@@ -29,6 +29,8 @@ from scitbx import matrix
 from dials.algorithms.spot_prediction import PixelToMillerIndex
 from dials.array_family import flex
 
+from diffuse_helpers import assert_same_extraction
+
 DATA = Path(__file__).resolve().parents[1].parent / "shared" / "data" / "l_cysteine_rotation"
 FIRST_IMAGE = 4
 BIN = Path(sys.executable).parent
@@ -181,3 +183,16 @@ def test_subset_import_matches_models_by_file(processed):
         common, i_s, i_f = np.intersect1d(key_s, key_f, return_indices=True)
         assert common.size > 0.9 * key_s.size
         assert np.array_equal(hkl_s[i_s], hkl_f[i_f])
+
+
+def test_compiled_kernel_equals_numpy_on_real_sweeps(processed):
+    """The default extraction (the compiled kernel) of both real sweeps, with
+    their real masks, panels and scan-varying crystal, equals kernel=numpy."""
+    from dials_diffuse.extraction import kernels
+
+    if not kernels.available():
+        pytest.skip("numba is not available")
+    run(["dials.diffuse_extract", "refined.expt", "imported.expt", "refined.refl",
+         "output.masks=True", "mp.nproc=2", "kernel=numpy", "output.directory=extracted_numpy"],
+        processed)
+    assert_same_extraction(processed / "extracted", processed / "extracted_numpy")

@@ -20,6 +20,8 @@ The package follows the work's concerns:
   q, static corrections) and its process-wide cache;
 * :mod:`.image`: one image (:func:`extract_image`), its Bragg mask and the
   per-voxel sums;
+* :mod:`.binning`: a panel's kept pixels into voxel sums, through the
+  compiled kernels of :mod:`.kernels` (numba) or numpy;
 * :mod:`.dynamic`: the dynamic (hot/dead pixel) pass over all images;
 * :mod:`.run`: :func:`extract`, the jobs on forked processes or Dask, the
   files and the manifest.
@@ -32,9 +34,9 @@ from dials_diffuse.extraction.context import (
     panel_gains,
 )
 from dials_diffuse.extraction.dynamic import dynamic_mask
+from dials_diffuse.extraction.binning import VoxelKeys
 from dials_diffuse.extraction.image import (
     ImageResult,
-    VoxelKeys,
     bragg_methods,
     extract_image,
     image_bragg_mask,

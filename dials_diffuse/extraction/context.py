@@ -25,10 +25,8 @@ class PanelPixels:
     with everything about it that is the same on every image.
 
     Per-image work runs over the whole raster in raster order, never gathering
-    the kept pixels: pixels that are not kept get a sentinel voxel key, so
-    the runs of equal keys along a row are contiguous ranges of kept pixels,
-    and the per-run sums of the static columns (factor, q) are differences of
-    running sums computed here once.
+    the kept pixels: the runs of equal voxel keys along a row are contiguous
+    ranges of kept pixels, summed run by run.
     """
 
     panel_id: int
@@ -36,9 +34,8 @@ class PanelPixels:
     shape: tuple  # raster (n_slow, n_fast)
     selected: np.ndarray  # (n,) bool: passes the static mask and the resolution limits
     q_t: np.ndarray  # (3, n) float32 lab-frame q (1/Angstrom) of every raster pixel
-    factor: np.ndarray  # (n,) float32 P * Omega * eta * T_air (exposure applied per image)
+    factor: np.ndarray  # (n,) float32 P * Omega * eta * T_air (exposure applied per image); 0 if not selected
     parts: dict  # each correction factor separately, float32 (for the correction sample)
-    running: dict  # (n + 1,) float64 running sums of factor, qx, qy, qz over selected pixels
     n_static: int  # raster pixels passing the static mask
     n_selected: int  # raster pixels in ``selected`` (counted once, used per image)
 
@@ -121,14 +118,6 @@ def detector_context(experiment, imageset, params, static_mask,
             selected &= qmag >= 1.0 / f.d_max
         if selected.any():
             q_max = max(q_max, float(qmag[selected].max()))
-        # running sums in float64: a difference of two gives a run's sum exactly
-        # enough (|q| < 1, 1e7 pixels: error ~1e-9); unselected pixels add 0
-        # so that a non-finite value there cannot spread
-        running = {}
-        for name, values in (("factor", parts.total), ("qx", q[:, 0]), ("qy", q[:, 1]),
-                             ("qz", q[:, 2])):
-            running[name] = np.zeros(g.n_pixels + 1)
-            np.cumsum(np.where(selected, values, 0.0), out=running[name][1:])
         step = params.filter.pixel_step
         n_slow, n_fast = g.image_shape
         panels.append(
@@ -140,10 +129,11 @@ def detector_context(experiment, imageset, params, static_mask,
                 # float32 halves the memory traffic of the per-image passes;
                 # 7 digits are ample for binning and for the factors
                 q_t=np.ascontiguousarray(q.T, dtype=np.float32),
-                factor=parts.total.astype(np.float32),
+                # 0 outside the selection: a non-finite factor there cannot
+                # spread through the numpy path's running sums
+                factor=np.where(selected, parts.total, 0.0).astype(np.float32),
                 parts={k: getattr(parts, k).astype(np.float32) for k in
                        ("polarization", "solid_angle", "efficiency", "air")},
-                running=running,
                 n_static=int(static.sum()),
                 n_selected=int(np.count_nonzero(selected)),
             )

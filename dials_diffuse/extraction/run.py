@@ -34,7 +34,16 @@ from dials_diffuse.extraction.image import (
     reflections_for,
     scan_predictions,
 )
-from dials_diffuse.extraction.tasks import ImageError, ImageTask, check_params, exposure_time, load_background, plan_tasks
+from dials_diffuse.extraction import kernels
+from dials_diffuse.extraction.tasks import (
+    ImageError,
+    ImageTask,
+    check_params,
+    exposure_time,
+    load_background,
+    plan_tasks,
+    read_image,
+)
 
 logger = logging.getLogger("dials.diffuse_extract")
 
@@ -276,10 +285,16 @@ def _predict_scans(tasks, params):
 
 
 def _prepare_shared_state(tasks, params):
-    """The first context and the scan predictions, made once in this process
-    (forked extraction workers inherit them)."""
+    """The first context, the scan predictions and the compiled kernel, made
+    once in this process (forked extraction workers inherit them)."""
     context_for(tasks[0], params)
     _predict_scans(tasks, params)
+    if kernels.use_compiled(params.kernel):
+        try:
+            dtype = read_image(tasks[0])[0].dtype
+        except ImageError:  # reported when its turn comes
+            return
+        kernels.warm_up(dtype, with_background=params.corrections.background.map is not None)
 
 
 def _run_dask(jobs, params, dynamic, nproc):

@@ -1,0 +1,278 @@
+"""The per-pixel loop of one image as a compiled kernel (numba, Debian's
+python3-numba), with the numpy path of :mod:`image` as the fallback.
+
+One pass over a panel's raster does what the numpy path does in about a
+dozen: the masks (static + resolution + dynamic, trusted range, Bragg and
+the optional intensity filter), the voxel key of every kept pixel, the runs
+of equal keys along the raster, each run's sums (pixels, photons,
+correction factor, q, background), and the voxel sums, added run by run
+into a hash table that stays in the CPU cache (a row of runs meets the same
+few hundred voxels as the row before).
+
+The voxel key is computed with the same float32 operations in the same order
+as :class:`image.VoxelKeys` (no BLAS, no fused multiply-add), so both paths
+give the same keys and pixel counts bit for bit; their float64 sums of the
+same float32 values differ only in the order of the additions.
+"""
+
+from __future__ import annotations
+
+import logging
+
+import numpy as np
+
+from dials_diffuse import grid
+
+logger = logging.getLogger("dials.diffuse_extract")
+
+#: columns of a VoxelTable's sums, in order; background only with a
+#: per-pixel background map
+SUM_COLUMNS = ("n_pixels", "photons", "factor", "qx", "qy", "qz", "background")
+
+_KERNELS = {}
+_TABLES = {}  # n_columns: VoxelTable, reused by every image of this process
+
+
+def available() -> bool:
+    """True when numba imports (the kernels compile, or load from numba's
+    cache, on first use)."""
+    if "ok" not in _KERNELS:
+        try:
+            _KERNELS.update(_define())
+            _KERNELS["ok"] = True
+        except Exception as e:  # no numba, or one that does not work here
+            logger.debug("Compiled kernels unavailable (%s): the numpy path is used", e)
+            _KERNELS["ok"] = False
+    return _KERNELS["ok"]
+
+
+def use_compiled(choice) -> bool:
+    """Whether the extraction runs the compiled kernel: kernel=auto uses it
+    when numba is available, numba insists on it, numpy never uses it."""
+    if choice == "numpy":
+        return False
+    if choice == "numba" and not available():
+        from dials.util import Sorry
+
+        raise Sorry("kernel=numba: numba is not available here (apt-get install python3-numba)")
+    return available()
+
+
+def warm_up(counts_dtype, with_background=False):
+    """Compile (or load from numba's cache) the kernel for images of
+    ``counts_dtype`` now: a parent does it once before forking workers,
+    which then inherit the machine code."""
+    n = 4
+    VoxelTable(7).add_panel(
+        np.zeros((3, n), np.float32), np.zeros(n, counts_dtype), np.ones(n, bool),
+        np.ones(n, bool), (-1, 1e6), np.ones(n, np.float32),
+        np.zeros(n) if with_background else None, 1.0, np.eye(3, dtype=np.float32),
+        np.zeros(3, np.float32), np.ones(3, np.int64))
+
+
+class VoxelTable:
+    """Per-voxel sums of one image in a hash table (open addressing, linear
+    probing; it doubles when half full). ``sums`` columns: SUM_COLUMNS."""
+
+    def __init__(self, n_columns, capacity=2**16):
+        self.keys = np.full(capacity, -1, np.int64)
+        self.sums = np.zeros((capacity, n_columns), np.float64)
+        self.n_used = 0
+
+    @classmethod
+    def empty(cls, n_columns):
+        """This process's table of n_columns, emptied: its pages are reused
+        from image to image (fresh pages cost a page fault each)."""
+        table = _TABLES.get(n_columns)
+        if table is None:
+            table = _TABLES[n_columns] = cls(n_columns)
+        else:
+            used = np.flatnonzero(table.keys >= 0)
+            table.keys[used] = -1
+            table.sums[used] = 0.0
+            table.n_used = 0
+        return table
+
+    def add_panel(self, q_t, counts, usable, bragg, trusted_range, factor, background,
+                  gain, to_grid, lower, strides):
+        """Add a panel raster's kept pixels (``usable``, inside the trusted
+        range and ``bragg``). Returns the runs' layout {"start", "n"} (first
+        raster index and length of each run of kept pixels with one key)
+        and the pixels kept after the trusted range and after ``bragg``."""
+        n = counts.size
+        low, high = trusted_range
+        if np.issubdtype(counts.dtype, np.integer):
+            # low < v < high <=> floor(low) < v < ceil(high) for integers,
+            # compared in the image's own type
+            low, high = counts.dtype.type(np.floor(low)), counts.dtype.type(np.ceil(high))
+        else:
+            low, high = float(low), float(high)
+        start, length = _scratch("start", n, np.int32), _scratch("length", n, np.int32)
+        # one compiled specialisation: float64 background, or none
+        background = np.zeros(0) if background is None else np.asarray(background, np.float64)
+        to_grid = np.ascontiguousarray(to_grid, np.float32)
+        lower = np.ascontiguousarray(lower, np.float32)
+        strides = np.ascontiguousarray(strides, np.int64)
+        pixel_keys = _scratch("pixel_keys", n, np.int64)
+        n_trusted, n_kept = _KERNELS["panel_keys"](
+            q_t, counts, usable, bragg, low, high, to_grid, lower, strides, pixel_keys)
+        first = n_runs = 0
+        while first <= n:
+            first, self.n_used, n_runs = _KERNELS["add_runs"](
+                pixel_keys, q_t, counts, factor, background, float(gain), self.keys, self.sums,
+                _hash_shift(self.keys.size), self.n_used, first, n_runs, start, length)
+            if first <= n:
+                self._grow()
+        layout = {"start": start[:n_runs].astype(np.int64), "n": length[:n_runs].astype(np.int64)}
+        return layout, (n_trusted, n_kept)
+
+    def _grow(self):
+        """Twice the capacity, every voxel in its new slot."""
+        used = np.flatnonzero(self.keys >= 0)
+        keys, sums = self.keys[used], self.sums[used]
+        capacity = 2 * self.keys.size
+        self.keys = np.full(capacity, -1, np.int64)
+        self.sums = np.zeros((capacity, sums.shape[1]), np.float64)
+        slots = _KERNELS["insert_keys"](self.keys, keys, _hash_shift(capacity))
+        self.sums[slots] = sums
+        _TABLES[sums.shape[1]] = self
+
+    def voxels(self):
+        """(keys sorted, (m, k) sums) of the voxels."""
+        keys, sums = _KERNELS["used_entries"](self.keys, self.sums, self.n_used)
+        order = grid.sort_keys(keys)
+        return keys[order], sums[order]
+
+
+def _hash_shift(capacity):
+    """64 - log2(capacity): add_panel's hash takes the top log2(capacity)
+    bits of a 64-bit product."""
+    return np.uint64(64 - (int(capacity).bit_length() - 1))
+
+
+def _scratch(name, n, dtype):
+    """A per-process buffer of at least n elements, reused from image to
+    image (fresh pages cost a page fault each)."""
+    buffer = _KERNELS.get(("scratch", name))
+    if buffer is None or buffer.size < n or buffer.dtype != dtype:
+        buffer = _KERNELS[("scratch", name)] = np.empty(n, dtype)
+    return buffer[:n]
+
+
+def _define():
+    import numba
+
+    jit = numba.njit(cache=True, nogil=True)
+
+    @jit
+    def panel_keys(q_t, counts, usable, bragg, low, high, to_grid, lower, strides, out_key):
+        """Each pixel's voxel key, -1 where it is not kept (``usable``,
+        inside the trusted range, ``bragg``); branch-free, so the compiler
+        vectorises it. Returns (pixels trusted, pixels kept)."""
+        m00, m01, m02 = to_grid[0, 0], to_grid[0, 1], to_grid[0, 2]
+        m10, m11, m12 = to_grid[1, 0], to_grid[1, 1], to_grid[1, 2]
+        m20, m21, m22 = to_grid[2, 0], to_grid[2, 1], to_grid[2, 2]
+        l0, l1, l2 = lower[0], lower[1], lower[2]
+        s0, s1 = strides[0], strides[1]
+        magic = np.float32(12582912.0)
+        n_trusted = 0
+        n_kept = 0
+        for i in range(counts.size):
+            c = counts[i]
+            trusted = usable[i] & (c > low) & (c < high)
+            kept = trusted & bragg[i]
+            n_trusted += trusted
+            n_kept += kept
+            qx, qy, qz = q_t[0, i], q_t[1, i], q_t[2, i]
+            # float32, each product and sum rounded on its own as numpy's
+            # elementwise ops; + 1.5 2^23 - 1.5 2^23 is rint (half to even)
+            # for |g| < 2^22
+            g0 = ((m00 * qx + m01 * qy + m02 * qz) + magic) - magic - l0
+            g1 = ((m10 * qx + m11 * qy + m12 * qz) + magic) - magic - l1
+            g2 = ((m20 * qx + m21 * qy + m22 * qz) + magic) - magic - l2
+            k = np.int64(g0) * s0 + np.int64(g1) * s1 + np.int64(g2)
+            out_key[i] = k if kept else -1
+        return n_trusted, n_kept
+
+    @jit
+    def add_runs(pixel_keys, q_t, counts, factor, background, gain, keys, sums, shift,
+                 n_used, first, n_runs, out_start, out_length):
+        """The runs of equal keys from pixel ``first`` on, their sums into the
+        table; stops early, at the start of a run, when the table is half
+        full (the caller grows it and goes on from there). Returns (next
+        pixel, voxels in the table, runs)."""
+        n = pixel_keys.size
+        with_background = background.size > 0
+        mask = keys.size - 1
+        full = keys.size // 2
+        current = -1
+        # the current run's sums, in registers
+        r_photons = r_factor = r_qx = r_qy = r_qz = r_background = 0.0
+        for i in range(first, n + 1):  # i == n ends the last run
+            k = pixel_keys[i] if i < n else -1
+            if k != current:
+                if current >= 0:  # the run ends: its sums into the table
+                    # Fibonacci hashing: the top bits of the key times
+                    # 2^64 / golden ratio
+                    slot = np.int64((np.uint64(current) * np.uint64(0x9E3779B97F4A7C15))
+                                    >> shift)
+                    while keys[slot] >= 0 and keys[slot] != current:
+                        slot = (slot + 1) & mask
+                    if keys[slot] < 0:
+                        keys[slot] = current
+                        n_used += 1
+                    length = i - out_start[n_runs - 1]
+                    out_length[n_runs - 1] = length
+                    sums[slot, 0] += length
+                    sums[slot, 1] += r_photons * gain
+                    sums[slot, 2] += r_factor
+                    sums[slot, 3] += r_qx
+                    sums[slot, 4] += r_qy
+                    sums[slot, 5] += r_qz
+                    if with_background:
+                        sums[slot, 6] += r_background
+                    r_photons = r_factor = r_qx = r_qy = r_qz = r_background = 0.0
+                if k >= 0:
+                    if n_used >= full:  # pixel i starts the next call's first run
+                        return i, n_used, n_runs
+                    out_start[n_runs] = i
+                    n_runs += 1
+                current = k
+            if k >= 0:
+                r_photons += counts[i]
+                r_factor += factor[i]
+                r_qx += q_t[0, i]
+                r_qy += q_t[1, i]
+                r_qz += q_t[2, i]
+                if with_background:
+                    r_background += background[i]
+        return n + 1, n_used, n_runs
+
+    @jit
+    def insert_keys(table_keys, keys, shift):
+        """Slots of new keys in a table (as add_panel finds them)."""
+        mask = table_keys.size - 1
+        slots = np.empty(keys.size, np.int64)
+        for j in range(keys.size):
+            k = keys[j]
+            slot = np.int64((np.uint64(k) * np.uint64(0x9E3779B97F4A7C15)) >> shift)
+            while table_keys[slot] >= 0:
+                slot = (slot + 1) & mask
+            table_keys[slot] = k
+            slots[j] = slot
+        return slots
+
+    @jit
+    def used_entries(table_keys, table_sums, n_used):
+        """The table's used slots, compacted (in slot order)."""
+        keys = np.empty(n_used, np.int64)
+        sums = np.empty((n_used, table_sums.shape[1]), np.float64)
+        j = 0
+        for slot in range(table_keys.size):
+            if table_keys[slot] >= 0:
+                keys[j] = table_keys[slot]
+                sums[j, :] = table_sums[slot, :]
+                j += 1
+        return keys, sums
+
+    return {"used_entries": used_entries, "panel_keys": panel_keys, "add_runs": add_runs, "insert_keys": insert_keys}
