@@ -36,9 +36,7 @@ from dials.util import Sorry
 from dials_diffuse.command_util import ensure_output_directory
 from dials_diffuse import io, symmetry
 from dials_diffuse.statistics import isotropic_profile
-from cctbx import sgtbx, uctbx
-from iotbx import mrcfile
-from scitbx.array_family import flex
+import mrcfile
 
 logger = logging.getLogger("dials.diffuse_merge")
 
@@ -235,7 +233,7 @@ def write_ccp4_maps(maps, grid, voxel_grid, operators, output):
         )
     idx = full[inside] - lo
     for k, (path, _, label) in enumerate(maps):
-        dense = np.full(tuple(shape), output.map_fill_value, dtype=np.float64)
+        dense = np.full(tuple(shape), output.map_fill_value, dtype=np.float32)
         v = vals[inside, k]
         ok = np.isfinite(v)
         dense[idx[ok, 0], idx[ok, 1], idx[ok, 2]] = v[ok]
@@ -243,35 +241,37 @@ def write_ccp4_maps(maps, grid, voxel_grid, operators, output):
 
 
 def _write_ccp4_file(path, grid, dense, lo, hi, output, label):
+    """One CCP4/MRC map through the mrcfile package, with the header iotbx's
+    writer (which calls mrcfile the same way) gives a P 1 map of this box:
+    axes (mapc, mapr, maps) = (3, 2, 1), so the array's C order is the file's;
+    the reciprocal cell scaled by output.ccp4_cell_scale; the grid ndiv per
+    reciprocal unit. Numpy straight to the file: iotbx's flex copies took
+    0.6 s per 65 MB map."""
     ndiv = np.array(grid.ndiv)
-    map_data = flex.double(dense.ravel())
-    map_data.resize(flex.grid(tuple(int(x) for x in lo), tuple(int(x) for x in hi + 1)))
     rec = grid.unit_cell.reciprocal_parameters()
     s = output.ccp4_cell_scale
-    cell = uctbx.unit_cell((rec[0] * s, rec[1] * s, rec[2] * s, rec[3], rec[4], rec[5]))
-    labels = flex.std_string([
+    labels = [
         label[:80],
         f"axes X,Y,Z = h,k,l; {int(ndiv[0])},{int(ndiv[1])},{int(ndiv[2])} points per reciprocal unit"[:80],
         f"cell = reciprocal cell (1/A) x {s:g}"[:80],
-    ])
+    ]
     with io.atomic_path(path) as tmp:
-        mrcfile.write_ccp4_map(
-            file_name=tmp,
-            unit_cell=cell,
-            space_group=sgtbx.space_group_info("P 1").group(),
-            map_data=map_data,
-            labels=labels,
-            unit_cell_grid=tuple(int(x) for x in ndiv),
-            out=_NullOut(),
-        )
-
-
-class _NullOut:
-    def write(self, *_):
-        pass
-
-    def flush(self):
-        pass
+        with mrcfile.new(tmp, overwrite=True) as mrc:
+            mrc.header.mapc, mrc.header.mapr, mrc.header.maps = 3, 2, 1
+            mrc.set_data(np.asarray(dense, dtype=np.float32))
+            mrc.header.nlabl = len(labels)
+            for k, text in enumerate(labels):
+                mrc.header.label[k] = text
+            mrc.update_header_from_data()
+            mrc.header.cella = (rec[0] * s, rec[1] * s, rec[2] * s)
+            mrc.header.cellb = tuple(rec[3:])
+            mrc.header.ispg = 1
+            # the box's first grid point along columns, rows, sections (l, k, h)
+            mrc.header.nxstart, mrc.header.nystart, mrc.header.nzstart = (
+                int(lo[2]), int(lo[1]), int(lo[0]))
+            mrc.header.mx, mrc.header.my, mrc.header.mz = (int(n) for n in ndiv)
+            mrc.header.origin.x = mrc.header.origin.y = mrc.header.origin.z = 0.0
+            mrc.update_header_stats()
 
 
 def read_merged(directory):

@@ -146,6 +146,45 @@ def test_ccp4_map_reads_back_with_symmetry(stills_run):
                 assert data[idx] == pytest.approx(value, rel=1e-5)
 
 
+def test_ccp4_file_is_iotbx_own(tmp_path):
+    """The maps are written with mrcfile directly (numpy to file); the file is
+    byte for byte the one iotbx's writer makes of the same box (with the
+    reciprocal cell, P 1 and the ndiv grid it was given before)."""
+    from cctbx import sgtbx, uctbx
+    from iotbx import mrcfile as iotbx_mrcfile
+    from scitbx.array_family import flex
+
+    from dials_diffuse.grid import GlobalVoxelGrid
+    from dials_diffuse.phil_scopes import merge_params_scope
+
+    output = merge_params_scope.extract().output
+    grid = GlobalVoxelGrid((30.0, 40.0, 50.0, 90.0, 95.0, 90.0), sgtbx.space_group_info("P 2").group(),
+                           (4, 2, 3))
+    rng = np.random.default_rng(5)
+    lo, hi = np.array([-7, -3, 2]), np.array([5, 4, 9])
+    dense = rng.normal(size=tuple(hi - lo + 1)).astype(np.float32)
+    ours = tmp_path / "ours.ccp4"
+    merged_files._write_ccp4_file(str(ours), grid, dense, lo, hi, output, "a label")
+
+    rec = grid.unit_cell.reciprocal_parameters()
+    s = output.ccp4_cell_scale
+    map_data = flex.double(dense.astype(np.float64).ravel())
+    map_data.resize(flex.grid(tuple(int(x) for x in lo), tuple(int(x) for x in hi + 1)))
+    theirs = tmp_path / "iotbx.ccp4"
+    iotbx_mrcfile.write_ccp4_map(
+        file_name=str(theirs),
+        unit_cell=uctbx.unit_cell((rec[0] * s, rec[1] * s, rec[2] * s, rec[3], rec[4], rec[5])),
+        space_group=sgtbx.space_group_info("P 1").group(), map_data=map_data,
+        labels=flex.std_string(["a label",
+                                "axes X,Y,Z = h,k,l; 4,2,3 points per reciprocal unit",
+                                f"cell = reciprocal cell (1/A) x {s:g}"]),
+        unit_cell_grid=(4, 2, 3), out=open(os.devnull, "w"))
+    assert ours.read_bytes() == theirs.read_bytes()
+    m = iotbx_mrcfile.map_reader(file_name=str(ours))
+    assert m.map_data().origin() == tuple(lo)
+    assert np.array_equal(m.map_data().as_numpy_array(), dense)
+
+
 def test_rotation_sequence(tmp_path_factory):
     truth, base = simulate_and_extract(
         tmp_path_factory, "merge_rotation", mode="rotation", n_images=80,
