@@ -1,0 +1,64 @@
+"""Start-up of the dials.diffuse_* commands: two heavy imports deferred.
+
+Loading DIALS' option parser imports scikit-learn (``dxtbx.model.
+detector_helpers``, for one multi-panel projection helper; with it scipy.stats)
+and pandas (``dials.array_family.flex_ext``, for one table conversion): about
+0.9 s of every command's 2 s start-up on a quiet machine, for modules these
+commands never call. :func:`defer_heavy_imports` puts a placeholder module
+in ``sys.modules`` for each; the first attribute anybody reads from a
+placeholder imports the real package (so a code path that does use them
+works as before, one import later).
+
+Only the command-line entry points call it: a ``dials.python`` script that
+imports the library gets the real modules.
+"""
+
+from __future__ import annotations
+
+import importlib
+import importlib.util
+import sys
+import types
+
+#: placeholder modules, parents before children
+DEFERRED = ("sklearn", "sklearn.cluster", "pandas")
+
+
+class _Deferred(types.ModuleType):
+    """A module whose first attribute access imports the real one."""
+
+    def __getattr__(self, attribute):
+        if attribute.startswith("__") and attribute.endswith("__"):
+            # __file__, __path__, ...: what tools that walk sys.modules read
+            # (libtbx.load_env does); a module may lack them
+            raise AttributeError(attribute)
+        real = _import_real(self.__name__)
+        try:
+            return getattr(real, attribute)
+        except AttributeError:  # a submodule the package does not import itself
+            return importlib.import_module(f"{self.__name__}.{attribute}")
+
+
+def _import_real(name):
+    top = name.partition(".")[0]
+    for deferred in DEFERRED:
+        if deferred.partition(".")[0] == top and isinstance(sys.modules.get(deferred), _Deferred):
+            del sys.modules[deferred]
+    return importlib.import_module(name)
+
+
+def defer_heavy_imports() -> None:
+    """Placeholders for DEFERRED modules that are installed and not yet
+    imported (idempotent)."""
+    for name in DEFERRED:
+        top = name.partition(".")[0]
+        if name in sys.modules or (top not in sys.modules and importlib.util.find_spec(top) is None):
+            continue
+        if "." in name and not isinstance(sys.modules.get(top), _Deferred):
+            continue  # the real parent is loaded: the real child imports normally
+        sys.modules[name] = _Deferred(name)
+        parent, _, child = name.rpartition(".")
+        if parent:
+            # `import sklearn.cluster` then `sklearn.cluster.X`: the parent
+            # placeholder holds the child placeholder as an attribute
+            setattr(sys.modules[parent], child, sys.modules[name])
