@@ -42,13 +42,16 @@ class PanelGeometry:
         return self.slow.size
 
 
-def panel_geometry(panel, panel_id: int = 0, pixel_step: int = 1) -> PanelGeometry:
+def panel_geometry(panel, panel_id: int = 0, pixel_step: int = 1,
+                   rows: slice = slice(None)) -> PanelGeometry:
     """Geometry of the pixel centres (i + 0.5, j + 0.5) of one panel.
 
-    ``pixel_step`` keeps every n-th pixel along fast and slow.
+    ``pixel_step`` keeps every n-th pixel along fast and slow; ``rows``
+    selects rows of that raster (a block of the panel, for work in pieces
+    that stay in the CPU cache).
     """
     n_fast, n_slow = panel.get_image_size()
-    slow_1d = np.arange(0, n_slow, pixel_step, dtype=np.int32)
+    slow_1d = np.arange(0, n_slow, pixel_step, dtype=np.int32)[rows]
     fast_1d = np.arange(0, n_fast, pixel_step, dtype=np.int32)
     slow, fast = np.meshgrid(slow_1d, fast_1d, indexing="ij")
     slow = slow.ravel()
@@ -90,18 +93,7 @@ def pixel_solid_angles(panel, slow_1d, fast_1d, cos_incidence, distance) -> np.n
     nominal = px * py * cos_incidence / distance**2
     if panel.get_px_mm_strategy().name() != "ParallaxCorrectedPxMmStrategy":
         return nominal
-    n_fast, n_slow = panel.get_image_size()
-    grid_fast = np.unique(np.append(np.arange(0, n_fast, SHRINK_GRID), n_fast - 1)) + 0.5
-    grid_slow = np.unique(np.append(np.arange(0, n_slow, SHRINK_GRID), n_slow - 1)) + 0.5
-    y, x = (a.ravel() for a in np.meshgrid(grid_slow, grid_fast, indexing="ij"))
-    centre = pixel_lab_coordinates(panel, x, y)
-    r = np.sqrt(np.einsum("ij,ij->i", centre, centre))
-    ray = centre / r[:, None]
-    along_fast = pixel_lab_coordinates(panel, x + 0.5, y) - pixel_lab_coordinates(panel, x - 0.5, y)
-    along_slow = pixel_lab_coordinates(panel, x, y + 0.5) - pixel_lab_coordinates(panel, x, y - 0.5)
-    patch = np.abs(np.einsum("ij,ij->i", np.cross(along_fast, along_slow), ray))
-    normal = np.array(panel.get_normal(), dtype=np.float64)
-    shrink = (patch / (px * py * np.abs(ray @ normal))).reshape(grid_slow.size, grid_fast.size)
+    grid_slow, grid_fast, shrink = _parallax_shrink_grid(panel)
     # bilinear interpolation onto the raster as two small matrix products
     along_y = _interpolation_weights(grid_slow, slow_1d + 0.5)
     along_x = _interpolation_weights(grid_fast, fast_1d + 0.5)
@@ -109,12 +101,48 @@ def pixel_solid_angles(panel, slow_1d, fast_1d, cos_incidence, distance) -> np.n
 
 
 SHRINK_GRID = 16
+_SHRINK_CACHE = {}  # panel geometry: (grid_slow, grid_fast, shrink), a few panels
+
+
+def _parallax_shrink_grid(panel):
+    """The parallax shrink factor of pixel_solid_angles on the panel's
+    coarse grid, computed once per panel geometry (blocks of rows of one
+    panel all interpolate from it)."""
+    px_mm = panel.get_px_mm_strategy()
+    key = (panel.get_origin(), panel.get_fast_axis(), panel.get_slow_axis(),
+           panel.get_pixel_size(), panel.get_image_size(), px_mm.mu(), px_mm.t0())
+    if key not in _SHRINK_CACHE:
+        px, py = panel.get_pixel_size()
+        n_fast, n_slow = panel.get_image_size()
+        grid_fast = np.unique(np.append(np.arange(0, n_fast, SHRINK_GRID), n_fast - 1)) + 0.5
+        grid_slow = np.unique(np.append(np.arange(0, n_slow, SHRINK_GRID), n_slow - 1)) + 0.5
+        y, x = (a.ravel() for a in np.meshgrid(grid_slow, grid_fast, indexing="ij"))
+        centre = pixel_lab_coordinates(panel, x, y)
+        r = np.sqrt(np.einsum("ij,ij->i", centre, centre))
+        ray = centre / r[:, None]
+        along_fast = (pixel_lab_coordinates(panel, x + 0.5, y)
+                      - pixel_lab_coordinates(panel, x - 0.5, y))
+        along_slow = (pixel_lab_coordinates(panel, x, y + 0.5)
+                      - pixel_lab_coordinates(panel, x, y - 0.5))
+        patch = np.abs(np.einsum("ij,ij->i", np.cross(along_fast, along_slow), ray))
+        normal = np.array(panel.get_normal(), dtype=np.float64)
+        shrink = (patch / (px * py * np.abs(ray @ normal))).reshape(grid_slow.size, grid_fast.size)
+        if len(_SHRINK_CACHE) > 256:  # many-panel detectors, many runs
+            _SHRINK_CACHE.clear()
+        _SHRINK_CACHE[key] = (grid_slow, grid_fast, shrink)
+    return _SHRINK_CACHE[key]
 
 
 def _interpolation_weights(grid, points):
     """(points, grid) matrix W of linear interpolation: f(points) = W f(grid)."""
-    eye = np.eye(grid.size)
-    return np.stack([np.interp(points, grid, eye[k]) for k in range(grid.size)], axis=1)
+    points = np.asarray(points, dtype=np.float64)
+    left = np.clip(np.searchsorted(grid, points, side="right") - 1, 0, grid.size - 2)
+    t = np.clip((points - grid[left]) / (grid[left + 1] - grid[left]), 0.0, 1.0)
+    weights = np.zeros((points.size, grid.size))
+    rows = np.arange(points.size)
+    weights[rows, left] = 1.0 - t
+    weights[rows, left + 1] += t
+    return weights
 
 
 def pixel_lab_coordinates(panel, x_px: np.ndarray, y_px: np.ndarray) -> np.ndarray:

@@ -84,61 +84,94 @@ class DetectorContext:
         return self.dynamic_cache["usable"]
 
 
-def detector_context(experiment, imageset, params, static_mask,
-                     geometries=None) -> DetectorContext:
-    """The per-pixel context of an experiment's detector and beam;
-    ``geometries``: its detector_geometry when already computed."""
+#: raster rows per block of the context's computation: its float64
+#: temporaries (~4 MB) are reused from block to block instead of each being
+#: fresh memory for the whole panel (page faults were most of the cost)
+CONTEXT_BLOCK_PIXELS = 2**17
+
+
+def detector_context(experiment, imageset, params, static_mask) -> DetectorContext:
+    """The per-pixel context of an experiment's detector and beam, computed
+    in blocks of raster rows into its float32 arrays."""
     beam, detector = experiment.beam, experiment.detector
-    c = params.corrections
-    f = params.filter
+    step = params.filter.pixel_step
     panels = []
     q_max = 0.0
-    if geometries is None:
-        geometries = geometry.detector_geometry(detector, params.filter.pixel_step)
-    for g in geometries:
-        parts = corrections.correction_factors(
-            g,
-            beam,
-            detector[g.panel_id],
-            polarization=c.polarization,
-            solid_angle_on=c.solid_angle,
-            efficiency=c.efficiency,
-            air=c.air,
-            air_temperature_k=c.air_temperature,
-            air_pressure_atm=c.air_pressure,
-            polarization_fraction=c.polarization_fraction,
-        )
-        q = geometry.scattering_vectors(g.unit_s1, beam.get_s0())
-        qmag = np.sqrt(np.einsum("ij,ij->i", q, q))
-        static = static_mask[g.panel_id][g.slow, g.fast]
-        selected = static.copy()
-        if f.d_min is not None:
-            selected &= qmag <= 1.0 / f.d_min
-        if f.d_max is not None:
-            selected &= qmag >= 1.0 / f.d_max
-        if selected.any():
-            q_max = max(q_max, float(qmag[selected].max()))
-        step = params.filter.pixel_step
-        n_slow, n_fast = g.image_shape
+    for pid, panel in enumerate(detector):
+        n_fast, n_slow = panel.get_image_size()
+        shape = (-(-n_slow // step), -(-n_fast // step))
+        n = shape[0] * shape[1]
+        q_t = np.empty((3, n), np.float32)
+        factor = np.empty(n, np.float32)
+        parts = {k: np.empty(n, np.float32) for k in CORRECTION_PARTS}
+        selected = np.empty(n, bool)
+        static_raster = np.ascontiguousarray(static_mask[pid][::step, ::step]).reshape(-1)
+        n_static = 0
+        rows_per_block = max(1, CONTEXT_BLOCK_PIXELS // shape[1])
+        for first in range(0, shape[0], rows_per_block):
+            g = geometry.panel_geometry(panel, pid, step, slice(first, first + rows_per_block))
+            block = slice(first * shape[1], first * shape[1] + g.n_pixels)
+            static = static_raster[block]
+            n_static += int(np.count_nonzero(static))
+            block_parts, block_selected, block_q_max = _context_block(
+                g, panel, beam, static, params, q_t[:, block])
+            selected[block] = block_selected
+            q_max = max(q_max, block_q_max)
+            for name in CORRECTION_PARTS:
+                parts[name][block] = getattr(block_parts, name)
+            # 0 outside the selection: a non-finite factor there cannot
+            # spread through the numpy path's running sums
+            factor[block] = np.where(block_selected, block_parts.total, 0.0)
         panels.append(
             PanelPixels(
-                panel_id=g.panel_id,
+                panel_id=pid,
                 step=step,
-                shape=(-(-n_slow // step), -(-n_fast // step)),
+                shape=shape,
                 selected=selected,
                 # float32 halves the memory traffic of the per-image passes;
                 # 7 digits are ample for binning and for the factors
-                q_t=np.ascontiguousarray(q.T, dtype=np.float32),
-                # 0 outside the selection: a non-finite factor there cannot
-                # spread through the numpy path's running sums
-                factor=np.where(selected, parts.total, 0.0).astype(np.float32),
-                parts={k: getattr(parts, k).astype(np.float32) for k in
-                       ("polarization", "solid_angle", "efficiency", "air")},
-                n_static=int(static.sum()),
+                q_t=q_t,
+                factor=factor,
+                parts=parts,
+                n_static=n_static,
                 n_selected=int(np.count_nonzero(selected)),
             )
         )
     return DetectorContext(panels=panels, static_full=static_mask, predictions={}, q_max=q_max)
+
+
+#: the correction factors kept one by one (for the correction sample)
+CORRECTION_PARTS = ("polarization", "solid_angle", "efficiency", "air")
+
+
+def _context_block(g, panel, beam, static, params, q_t_out):
+    """One block of raster rows: its correction factors, which pixels are
+    selected (static mask and resolution limits) and their largest |q|;
+    writes its q into ``q_t_out`` (3, n) float32."""
+    c = params.corrections
+    f = params.filter
+    parts = corrections.correction_factors(
+        g,
+        beam,
+        panel,
+        polarization=c.polarization,
+        solid_angle_on=c.solid_angle,
+        efficiency=c.efficiency,
+        air=c.air,
+        air_temperature_k=c.air_temperature,
+        air_pressure_atm=c.air_pressure,
+        polarization_fraction=c.polarization_fraction,
+    )
+    q = geometry.scattering_vectors(g.unit_s1, beam.get_s0())
+    q_t_out[...] = q.T
+    qmag = np.sqrt(np.einsum("ij,ij->i", q, q))
+    selected = static.copy()
+    if f.d_min is not None:
+        selected &= qmag <= 1.0 / f.d_min
+    if f.d_max is not None:
+        selected &= qmag >= 1.0 / f.d_max
+    q_max = float(qmag[selected].max()) if selected.any() else 0.0
+    return parts, selected, q_max
 
 
 def panel_gains(detector, params) -> List[float]:
@@ -162,42 +195,25 @@ def gain_metadata(gains):
 
 # Per-process state: contexts are expensive (per-pixel geometry), computed once
 # per process and inherited by forked workers. Stills refined one by one have
-# a beam each, so a context (~400 MB for 6M pixels) serves one image: only the
-# most recent few are kept, and the beam-independent per-pixel geometry of a
-# detector is kept apart and shared by all of them.
+# a beam each, so a context (~200 MB for 6M pixels) serves one image: only the
+# most recent few are kept.
 MAX_CONTEXTS = 2
 _CONTEXTS = []  # (detector, beam, DetectorContext), most recently used last
-_GEOMETRIES = []  # (detector, pixel_step, [PanelGeometry])
 
 
 def clear_caches():
-    """Forget every context and geometry (they depend on a run's parameters)."""
+    """Forget every context (they depend on a run's parameters)."""
     _CONTEXTS.clear()
-    _GEOMETRIES.clear()
 
 
 def context_for(task, params):
     context = _find_context(_CONTEXTS, task)
     if context is None:
         static = masks.static_mask(task.imageset, params.masking, params.masking.beamstop)
-        context = detector_context(task.experiment, task.imageset, params, static,
-                                   panel_geometries(task.experiment.detector, params))
+        context = detector_context(task.experiment, task.imageset, params, static)
         _CONTEXTS.append((task.experiment.detector, task.experiment.beam, context))
         del _CONTEXTS[:-MAX_CONTEXTS]
     return context
-
-
-def panel_geometries(detector, params):
-    """geometry.detector_geometry of a detector, computed once per process."""
-    step = params.filter.pixel_step
-    for known, known_step, geometries in _GEOMETRIES:
-        if known_step == step and known == detector:
-            return geometries
-    geometries = geometry.detector_geometry(detector, step)
-    for g in geometries:
-        g.lab_mm = None  # not needed here: distance and direction are kept
-    _GEOMETRIES[:] = [(detector, step, geometries)]
-    return geometries
 
 
 def _find_context(contexts, task):
