@@ -150,17 +150,17 @@ class DynamicMaskAccumulator:
                 self.n_valid[i][rows] += valid
                 self.sum_counts[i][rows] += block * valid
 
-    def masks(self) -> PanelMasks:
+    def masks(self, local_median=None) -> PanelMasks:
+        """Per panel: True where the pixel is neither hot nor dead.
+        ``local_median(a)``: the local level below (a compiled equivalent
+        may be given; default scipy's median filters)."""
+        local_median = local_median or local_level_median
 
         result = []
         for i in range(len(self.sum_counts)):
             n_valid = np.maximum(self.n_valid[i], 1)
             mean = self.sum_counts[i] / n_valid
-            # local level: median over 5 rows of 5-pixel row medians, robust
-            # like the 5 x 5 median and 5x faster on a Pilatus 6M panel
-            local = median_filter(
-                median_filter(mean, size=(1, 5), mode="nearest"), size=(5, 1), mode="nearest"
-            )
+            local = local_median(mean)
             hot = self.n_hot[i] >= self.hot_fraction * max(self.n_images, 1)
             hot |= mean > self.hot_ratio * local + 10.0
             # a pixel is dead only where its neighbours make all-zero counts
@@ -170,3 +170,12 @@ class DynamicMaskAccumulator:
             )
             result.append(~(hot | dead))
         return result
+
+
+def local_level_median(image: np.ndarray) -> np.ndarray:
+    """The dynamic mask's local level: the median over 5 rows of 5-pixel row
+    medians (edges repeated), robust like the 5 x 5 median and 5x faster on
+    a Pilatus 6M panel."""
+    return median_filter(
+        median_filter(image, size=(1, 5), mode="nearest"), size=(5, 1), mode="nearest"
+    )

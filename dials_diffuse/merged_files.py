@@ -232,8 +232,9 @@ def write_ccp4_maps(maps, grid, voxel_grid, operators, output):
             f"{output.map_max_points}); set output.map_hkl_box or output.ccp4_maps=False"
         )
     idx = full[inside] - lo
+    dense = np.empty(tuple(shape), dtype=np.float32)  # one buffer for every map
     for k, (path, _, label) in enumerate(maps):
-        dense = np.full(tuple(shape), output.map_fill_value, dtype=np.float32)
+        dense.fill(output.map_fill_value)
         v = vals[inside, k]
         ok = np.isfinite(v)
         dense[idx[ok, 0], idx[ok, 1], idx[ok, 2]] = v[ok]
@@ -258,6 +259,9 @@ def _write_ccp4_file(path, grid, dense, lo, hi, output, label):
     with io.atomic_path(path) as tmp:
         with mrcfile.new(tmp, overwrite=True) as mrc:
             mrc.header.mapc, mrc.header.mapr, mrc.header.maps = 3, 2, 1
+            # no copy of a C-ordered float32 array; the header's statistics
+            # (dmin, dmax, dmean, rms) are computed here, once (iotbx has
+            # mrcfile compute them a second time, to the same values)
             mrc.set_data(np.asarray(dense, dtype=np.float32))
             mrc.header.nlabl = len(labels)
             for k, text in enumerate(labels):
@@ -271,7 +275,6 @@ def _write_ccp4_file(path, grid, dense, lo, hi, output, label):
                 int(lo[2]), int(lo[1]), int(lo[0]))
             mrc.header.mx, mrc.header.my, mrc.header.mz = (int(n) for n in ndiv)
             mrc.header.origin.x = mrc.header.origin.y = mrc.header.origin.z = 0.0
-            mrc.update_header_stats()
 
 
 def read_merged(directory):

@@ -11,6 +11,7 @@ import numpy as np
 from dials_diffuse.command_util import resolve_nproc
 from dials_diffuse import masks
 from dials_diffuse.parallel import ForkPool
+from dials_diffuse.extraction import kernels
 from dials_diffuse.extraction.tasks import ImageError, read_image
 
 logger = logging.getLogger("dials.diffuse_extract")
@@ -66,7 +67,8 @@ def dynamic_mask(tasks, params, while_waiting=None):
                 acc.add_sums(sums)
     else:
         acc.add_sums(_accumulate_dynamic(tasks, params))
-    result = acc.masks()
+    result = acc.masks(kernels.local_level_median if kernels.use_compiled(params.kernel)
+                       else None)
     n_bad = sum(int((~m).sum()) for m in result)
     logger.info("Dynamic mask: %d hot or dead pixels", n_bad)
     return result
