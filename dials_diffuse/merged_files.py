@@ -231,13 +231,14 @@ def write_ccp4_maps(maps, grid, voxel_grid, operators, output):
             f"the CCP4 map box has {n_points} points (more than output.map_max_points="
             f"{output.map_max_points}); set output.map_hkl_box or output.ccp4_maps=False"
         )
-    idx = full[inside] - lo
+    # C-order positions in the box, computed once for every map
+    flat_index = np.ravel_multi_index(tuple((full[inside] - lo).T), tuple(shape))
     dense = np.empty(tuple(shape), dtype=np.float32)  # one buffer for every map
     for k, (path, _, label) in enumerate(maps):
         dense.fill(output.map_fill_value)
         v = vals[inside, k]
         ok = np.isfinite(v)
-        dense[idx[ok, 0], idx[ok, 1], idx[ok, 2]] = v[ok]
+        dense.reshape(-1)[flat_index[ok]] = v[ok]
         _write_ccp4_file(path, grid, dense, lo, hi, output, label)
 
 

@@ -565,3 +565,32 @@ def test_compiled_local_level_equals_scipy():
     for image in images:
         assert np.array_equal(kernels.local_level_median(image),
                               masks.local_level_median(image)), image.shape
+
+
+def test_compiled_key_widths_agree():
+    """The kernel's int32 and int64 key buffers give the same voxels and sums
+    (int64 is used when an image's key box reaches 2^31)."""
+    from dials_diffuse.extraction import kernels
+
+    if not kernels.available():
+        pytest.skip("numba is not available")
+    rng = np.random.default_rng(9)
+    n = 20000
+    q_t = np.ascontiguousarray(np.sort(rng.uniform(-0.5, 0.5, (3, n)), axis=1), np.float32)
+    counts = rng.poisson(20, n).astype(np.int32)
+    usable, bragg = rng.random(n) > 0.05, rng.random(n) > 0.05
+    factor = rng.uniform(0.5, 1, n).astype(np.float32)
+    to_grid = (np.eye(3) * 40).astype(np.float32)
+    lower = np.full(3, -21, np.float32)
+    strides = np.array([43 * 43, 43, 1])
+    results = []
+    for key_dtype in (np.int32, np.int64):
+        table = kernels.VoxelTable(6, capacity=2**8)  # grows too
+        layout, counted = table.add_panel(q_t, counts, usable, bragg, (-1, 1e6), factor, None,
+                                          2.0, to_grid, lower, strides, key_dtype)
+        results.append((layout, counted, *table.voxels()))
+    (layout_a, counted_a, keys_a, sums_a), (layout_b, counted_b, keys_b, sums_b) = results
+    assert counted_a == counted_b
+    assert all(np.array_equal(layout_a[k], layout_b[k]) for k in layout_a)
+    assert np.array_equal(keys_a, keys_b) and np.array_equal(sums_a, sums_b)
+    assert sums_a[:, 0].sum() == counted_a[1]  # every kept pixel in one voxel

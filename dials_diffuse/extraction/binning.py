@@ -103,7 +103,8 @@ def panel_voxels_compiled(pp, panel, intensity_keep, key_maker, table):
     bragg_keep = panel.bragg if intensity_keep is None else panel.bragg & intensity_keep
     layout, (n_trusted, n_kept) = table.add_panel(
         pp.q_t, panel.counts, panel.usable, bragg_keep, panel.trusted_range, pp.factor,
-        panel.background, panel.gain, key_maker.to_grid, key_maker.lower, key_maker.strides)
+        panel.background, panel.gain, key_maker.to_grid, key_maker.lower, key_maker.strides,
+        key_maker.dtype)
     n_bragg = n_kept
     if intensity_keep is not None:  # the filters are rare: counted apart
         n_bragg = int(np.count_nonzero(_trusted(panel) & panel.usable & panel.bragg))

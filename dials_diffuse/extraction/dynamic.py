@@ -53,13 +53,17 @@ def dynamic_mask(tasks, params, while_waiting=None):
     """Hot and dead pixels from a pass over the images (masking.dynamic.
     max_images of them, evenly spaced; in parallel with
     mp.method=multiprocessing: each worker sums its share of the images;
-    ``while_waiting()`` runs in this process meanwhile)."""
+    ``while_waiting()`` runs in this process meanwhile, on one of the
+    mp.nproc cores)."""
     tasks = sampled_tasks(tasks, params.masking.dynamic.max_images)
     acc = _dynamic_accumulator(tasks, params)
-    nproc = min(resolve_nproc(params), len(tasks))
+    nproc = min(resolve_nproc(params), len(tasks) + (while_waiting is not None))
     if nproc > 1 and params.mp.method == "multiprocessing":
-        shares = [list(range(k, len(tasks), nproc)) for k in range(nproc)]
-        with ForkPool({"tasks": tasks, "params": params}, nproc) as pool:
+        # this process works meanwhile (while_waiting): one worker fewer, so
+        # that nproc processes share nproc cores
+        n_workers = min(nproc - (while_waiting is not None), len(tasks))
+        shares = [list(range(k, len(tasks), n_workers)) for k in range(n_workers)]
+        with ForkPool({"tasks": tasks, "params": params}, n_workers) as pool:
             partial_sums = pool.map(_forked_dynamic, shares)  # submitted (forked) now
             if while_waiting is not None:
                 while_waiting()

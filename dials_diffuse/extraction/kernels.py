@@ -63,11 +63,12 @@ def warm_up(counts_dtype, with_background=False):
     ``counts_dtype`` now: a parent does it once before forking workers,
     which then inherit the machine code."""
     n = 4
-    VoxelTable(7).add_panel(
-        np.zeros((3, n), np.float32), np.zeros(n, counts_dtype), np.ones(n, bool),
-        np.ones(n, bool), (-1, 1e6), np.ones(n, np.float32),
-        np.zeros(n) if with_background else None, 1.0, np.eye(3, dtype=np.float32),
-        np.zeros(3, np.float32), np.ones(3, np.int64))
+    for key_dtype in (np.int32, np.int64):
+        VoxelTable(7).add_panel(
+            np.zeros((3, n), np.float32), np.zeros(n, counts_dtype), np.ones(n, bool),
+            np.ones(n, bool), (-1, 1e6), np.ones(n, np.float32),
+            np.zeros(n) if with_background else None, 1.0, np.eye(3, dtype=np.float32),
+            np.zeros(3, np.float32), np.ones(3, np.int64), key_dtype)
 
 
 def local_level_median(image):
@@ -101,11 +102,12 @@ class VoxelTable:
         return table
 
     def add_panel(self, q_t, counts, usable, bragg, trusted_range, factor, background,
-                  gain, to_grid, lower, strides):
+                  gain, to_grid, lower, strides, key_dtype=np.int64):
         """Add a panel raster's kept pixels (``usable``, inside the trusted
         range and ``bragg``). Returns the runs' layout {"start", "n"} (first
         raster index and length of each run of kept pixels with one key)
-        and the pixels kept after the trusted range and after ``bragg``."""
+        and the pixels kept after the trusted range and after ``bragg``.
+        ``key_dtype``: int32 when every key of the image's box is below 2^31."""
         n = counts.size
         low, high = trusted_range
         if np.issubdtype(counts.dtype, np.integer):
@@ -120,7 +122,8 @@ class VoxelTable:
         to_grid = np.ascontiguousarray(to_grid, np.float32)
         lower = np.ascontiguousarray(lower, np.float32)
         strides = np.ascontiguousarray(strides, np.int64)
-        pixel_keys = _scratch("pixel_keys", n, np.int64)
+        # int32 keys (half the memory traffic) when the image's key box allows
+        pixel_keys = _scratch("pixel_keys", n, np.dtype(key_dtype))
         n_trusted, n_kept = _KERNELS["panel_keys"](
             q_t, counts, usable, bragg, low, high, to_grid, lower, strides, pixel_keys)
         first = n_runs = 0
