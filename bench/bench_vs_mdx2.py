@@ -280,6 +280,7 @@ def main():
         ratios["rs_mapper_over_ours_extract_np1"] = round(
             runs["rs_mapper"]["total_s"] / runs["ours_np1"]["stages"]["extract"]["wall_s"], 2)
     result["ratios"] = ratios
+    result["read_floor"] = read_floor(directory, work, runs)
 
     rows = []
     for name, r in runs.items():
@@ -293,9 +294,46 @@ def main():
     print(common.table(rows, ["chain", "stage", "wall s", "cpu s", "peak MB", "throughput"]))
     for k, v in ratios.items():
         print(f"{k}: {v}")
+    floor = result["read_floor"]
+    if floor.get("ours_np1_s_per_image"):
+        print(f"per image: dxtbx reads one in {floor['read_s_per_image']:.3f} s; our one-process "
+              f"extraction loop takes {floor['ours_np1_s_per_image']:.3f} s, "
+              f"{floor['ours_np1_over_read']:.1f}x the read (the whole chain "
+              f"{floor['chain_np1_s_per_image']:.3f} s per image, "
+              f"{floor['chain_np1_over_read']:.1f}x)")
     if not args.skip_maps:
         result["maps"] = compare_run_maps(directory, work, runs, args.nproc)
     common.write_result(args.output or f"comparison_{n}{suffix(args)}.json", result)
+
+
+def read_floor(directory, work, runs, n_read=10):
+    """Distance to the read floor: dxtbx's read of an image (the mean of
+    ``n_read``, timed here) against our one-process extraction loop per image
+    (its log's 'Extracted N images in T s', which excludes start-up and the
+    dynamic pass) and against the whole one-process chain per image."""
+    import re
+
+    from dxtbx.model.experiment_list import ExperimentListFactory
+
+    imageset = ExperimentListFactory.from_json_file(str(directory / "truth.expt"))[0].imageset
+    n_read = min(n_read, len(imageset))
+    imageset.get_raw_data(0)  # the format class's first-use costs
+    t0 = time.perf_counter()
+    for k in range(n_read):
+        imageset.get_raw_data(k)
+    read = (time.perf_counter() - t0) / n_read
+    out = {"read_s_per_image": round(read, 4)}
+    ours_np1 = runs.get("ours_np1")
+    log = work / "ours_np1" / "dials.diffuse_extract.log"
+    if ours_np1 and ours_np1.get("ok") and log.exists():
+        m = re.search(r"Extracted (\d+) images in ([\d.]+) s", log.read_text())
+        if m:
+            loop = float(m.group(2)) / int(m.group(1))
+            chain = ours_np1["total_s"] / int(m.group(1))
+            out.update(ours_np1_s_per_image=round(loop, 4), ours_np1_over_read=round(loop / read, 2),
+                       chain_np1_s_per_image=round(chain, 4),
+                       chain_np1_over_read=round(chain / read, 2))
+    return out
 
 
 def suffix(args):
