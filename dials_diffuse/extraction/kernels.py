@@ -285,13 +285,10 @@ def _define():
                 j += 1
         return keys, sums
 
-    @jit
-    def median_of_5(a, b, c, d, e):
-        # Paeth's network: the median of e and the two middle candidates
-        f = max(min(a, b), min(c, d))
-        g = min(max(a, b), max(c, d))
-        return max(min(e, f), min(max(e, f), g))
-
+    # the median of five values by Paeth's network: med3(e, max(min(a, b),
+    # min(c, d)), min(max(a, b), max(c, d))); written out in each kernel (a
+    # kernel that calls another jitted function of this closure is not
+    # cached by numba: it recompiled in every process)
     @jit
     def median5_rows(image):
         """Median of each pixel and its two neighbours either side along a
@@ -300,9 +297,12 @@ def _define():
         out = np.empty_like(image)
         for r in range(n_rows):
             for i in range(n):
-                out[r, i] = median_of_5(
-                    image[r, max(i - 2, 0)], image[r, max(i - 1, 0)], image[r, i],
-                    image[r, min(i + 1, n - 1)], image[r, min(i + 2, n - 1)])
+                a, b = image[r, max(i - 2, 0)], image[r, max(i - 1, 0)]
+                c, d = image[r, min(i + 1, n - 1)], image[r, min(i + 2, n - 1)]
+                e = image[r, i]
+                f = max(min(a, b), min(c, d))
+                g = min(max(a, b), max(c, d))
+                out[r, i] = max(min(e, f), min(max(e, f), g))
         return out
 
     @jit
@@ -314,8 +314,10 @@ def _define():
             r0, r1 = max(r - 2, 0), max(r - 1, 0)
             r3, r4 = min(r + 1, n_rows - 1), min(r + 2, n_rows - 1)
             for i in range(n):
-                out[r, i] = median_of_5(image[r0, i], image[r1, i], image[r, i],
-                                        image[r3, i], image[r4, i])
+                a, b, c, d, e = image[r0, i], image[r1, i], image[r3, i], image[r4, i], image[r, i]
+                f = max(min(a, b), min(c, d))
+                g = min(max(a, b), max(c, d))
+                out[r, i] = max(min(e, f), min(max(e, f), g))
         return out
 
     return {"median5_rows": median5_rows, "median5_columns": median5_columns, "used_entries": used_entries, "panel_keys": panel_keys, "add_runs": add_runs, "insert_keys": insert_keys}
