@@ -594,3 +594,27 @@ def test_compiled_key_widths_agree():
     assert all(np.array_equal(layout_a[k], layout_b[k]) for k in layout_a)
     assert np.array_equal(keys_a, keys_b) and np.array_equal(sums_a, sums_b)
     assert sums_a[:, 0].sum() == counted_a[1]  # every kept pixel in one voxel
+
+
+def test_compiled_dynamic_sums_equal_numpy():
+    """The dynamic pass's per-pixel sums (counts, hot, valid) compiled equal
+    the numpy ones, for integer and float images."""
+    from dials_diffuse import masks
+    from dials_diffuse.extraction import kernels
+    from dxtbx.model.detector import DetectorFactory
+
+    if not kernels.available():
+        pytest.skip("numba is not available")
+    detector = DetectorFactory.make_detector(
+        "PAD", (1, 0, 0), (0, -1, 0), (-10, 10, -100), (0.1, 0.1), (70, 90), (-1, 5000))
+    rng = np.random.default_rng(4)
+    for dtype in (np.int32, np.float64):
+        accumulators = [masks.DynamicMaskAccumulator(detector, hot_threshold=300) for _ in range(2)]
+        for _ in range(3):
+            image = rng.poisson(100, (90, 70)).astype(dtype)
+            image[rng.random(image.shape) < 0.01] = -2
+            image[rng.random(image.shape) < 0.01] = 7000
+            accumulators[0].add([image])
+            accumulators[1].add([image], kernels.add_dynamic_panel)
+        for a, b in zip(accumulators[0].sums()[:3], accumulators[1].sums()[:3]):
+            assert a[0].dtype == b[0].dtype and np.array_equal(a[0], b[0])

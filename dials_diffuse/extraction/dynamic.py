@@ -28,12 +28,13 @@ def _dynamic_accumulator(tasks, params):
 def _accumulate_dynamic(tasks, params):
     """Per-pixel sums of the dynamic-mask pass over some images."""
     acc = _dynamic_accumulator(tasks, params)
+    add_panel = kernels.add_dynamic_panel if kernels.use_compiled(params.kernel) else None
     for task in tasks:
         try:
             raw = read_image(task)
         except ImageError:
             continue
-        acc.add(raw)
+        acc.add(raw, add_panel)
     return acc.sums()
 
 

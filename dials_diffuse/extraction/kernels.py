@@ -78,6 +78,20 @@ def local_level_median(image):
     return _KERNELS["median5_columns"](rows)
 
 
+def add_dynamic_panel(data, low, high, threshold, sum_counts, n_hot, n_valid):
+    """masks.DynamicMaskAccumulator.add's sums of one panel, compiled, in
+    place: the same integer (or float64) sums, one pass instead of four."""
+    if np.issubdtype(data.dtype, np.integer):
+        # integers compared as int64 (a trusted range may exceed the image's type)
+        bound = float(np.iinfo(np.int64).max // 2)
+        low, high, threshold = (np.int64(np.clip(v, -bound, bound))
+                                for v in (np.floor(low), np.ceil(high), np.ceil(threshold)))
+    else:
+        low, high, threshold = float(low), float(high), float(threshold)
+    _KERNELS["add_dynamic"](np.ascontiguousarray(data).reshape(-1), low, high, threshold,
+                            sum_counts.reshape(-1), n_hot.reshape(-1), n_valid.reshape(-1))
+
+
 class VoxelTable:
     """Per-voxel sums of one image in a hash table (open addressing, linear
     probing; it doubles when half full). ``sums`` columns: SUM_COLUMNS."""
@@ -320,4 +334,13 @@ def _define():
                 out[r, i] = max(min(e, f), min(max(e, f), g))
         return out
 
-    return {"median5_rows": median5_rows, "median5_columns": median5_columns, "used_entries": used_entries, "panel_keys": panel_keys, "add_runs": add_runs, "insert_keys": insert_keys}
+    @jit
+    def add_dynamic(data, low, high, threshold, sum_counts, n_hot, n_valid):
+        for i in range(data.size):
+            v = data[i]
+            valid = (v > low) & (v < high)
+            n_hot[i] += v >= threshold
+            n_valid[i] += valid
+            sum_counts[i] += v * valid
+
+    return {"add_dynamic": add_dynamic, "median5_rows": median5_rows, "median5_columns": median5_columns, "used_entries": used_entries, "panel_keys": panel_keys, "add_runs": add_runs, "insert_keys": insert_keys}
