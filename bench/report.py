@@ -88,6 +88,8 @@ def comparison(d):
     print()
     for k, v in d.get("ratios", {}).items():
         print(f"* {k}: {v}")
+    if d.get("read_floor"):
+        print(f"* read floor: {d['read_floor']}")
     print()
 
 
@@ -98,7 +100,9 @@ def main(results=RESULTS):
     for p in sorted(results.glob("merge*.json")):
         merge(json.loads(p.read_text()))
     for p in sorted(results.glob("comparison_*.json")):
-        comparison(json.loads(p.read_text()))
+        d = json.loads(p.read_text())
+        if "runs" in d:  # --maps-only runs hold map comparisons, no timings
+            comparison(d)
 
 
 if __name__ == "__main__":
