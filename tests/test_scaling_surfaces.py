@@ -236,3 +236,21 @@ def test_surface_settings_that_cannot_work(surfaces_run, tmp_path, simulated_sti
     result = merge_run(stills.experiments, [str(ex)], merge_params(
         tmp_path / "m4", **{"scaling.surfaces.response.enable": True}))
     assert result["scaling"].surfaces.response.values.shape == (9, 9)
+
+
+def test_response_refused_where_one_orientation_cannot_fix_it(tmp_path):
+    """Three rotation images 0.02 deg apart are one crystal orientation (as
+    the real thaumatin stills, where d(x, y) diverged): every voxel is seen
+    at one detector position, so the response is the map over again and the
+    merge refuses it with a Sorry; the full turn above has 99 % separable
+    observations and 6 random stills 60 %."""
+    truth = load_truth(simulate_dataset(params_from(**{
+        "mode": "rotation", "n_images": 3, "random_seed": 31, "rotation.oscillation": 0.02,
+        "detector.format": "generic", "detector.n_fast": 256, "detector.n_slow": 256,
+        "detector.distance": 100, "output.directory": str(tmp_path / "data")})))
+    extract(truth.experiments, extraction_params(truth, tmp_path / "ex",
+                                                 **{"output.save_pixels": "off"}), progress=False)
+    with pytest.raises(Sorry, match=r"response over the detector cannot be told"):
+        merge_run(truth.experiments, [str(tmp_path / "ex")], merge_params(
+            tmp_path / "m", **{"scaling.surfaces.response.enable": True}))
+    assert not (tmp_path / "m" / merged_files.GRID_NAME).exists()

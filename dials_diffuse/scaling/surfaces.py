@@ -291,6 +291,9 @@ def setup_surfaces(scaling_params, obs, image_phi) -> Optional[SurfaceModel]:
     if p.response.enable:
         model.response = _surface("response", ("x", "y"), (p.response.n_x, p.response.n_y),
                                   xy, obs, 1.0, (p.response.smoothness,) * 2)
+        _require_separable(obs, model.response, "response")
+    if p.absorption.enable and not absorption_phi:
+        _require_separable(obs, model.absorption, "absorption")
     if p.offset.enable:
         shape = (p.offset.n_s, _phi_points(obs.image_phi, p.offset.phi_interval))
         model.offset = _surface("offset", ("s", "phi"), shape, xy, obs, 0.0,
@@ -326,6 +329,46 @@ def _ones(n):
 
 def _phi_points(image_phi, interval):
     return points_spanning(float(np.max(image_phi) - np.min(image_phi)), interval)
+
+
+#: the least fraction of observations whose voxel is also seen at least one
+#: control-grid cell away on the detector, for a surface over (x, y) alone
+MIN_SEPARABLE_FRACTION = 0.2
+
+
+def separable_fraction(obs, surface) -> float:
+    """The fraction of observations whose voxel (its symmetry mates merged)
+    is seen at detector positions at least one control-grid cell apart along
+    x or y. Only such voxels tell a gain over (x, y) from the intensities: a
+    crystal in one orientation (stills of one setting) sees each voxel at one
+    place, where d(x, y) is the map over again."""
+    x, y = obs.detector_x, obs.detector_y
+    g = surface.grid
+    cell = ((g.upper - g.lower) / (np.asarray(g.shape) - 1))[:2]  # x, y come first
+    # per-voxel extent of the positions, after one sort by voxel
+    order = np.argsort(obs.voxel, kind="stable")
+    voxel = obs.voxel[order]
+    starts = np.flatnonzero(np.r_[True, voxel[1:] != voxel[:-1]])
+    spread = np.zeros(starts.size, bool)
+    for values, width in ((x, cell[0]), (y, cell[1])):
+        v = np.asarray(values, np.float64)[order]
+        extent = np.maximum.reduceat(v, starts) - np.minimum.reduceat(v, starts)
+        spread |= extent >= width
+    counts = np.diff(np.r_[starts, voxel.size])
+    return float(counts[spread].sum() / max(voxel.size, 1))
+
+
+def _require_separable(obs, surface, name):
+    fraction = separable_fraction(obs, surface)
+    logger.info("Scaling surfaces: %.1f %% of the observations are of voxels seen at two "
+                "detector positions a control cell apart", 100 * fraction)
+    if fraction < MIN_SEPARABLE_FRACTION:
+        raise Sorry(
+            f"scaling.surfaces.{name}: only {100 * fraction:.1f} % of the observations are of "
+            "voxels seen at two detector positions a control cell apart (at least "
+            f"{100 * MIN_SEPARABLE_FRACTION:.0f} % needed): the {name} over the detector cannot "
+            "be told from the intensities here (one crystal orientation?). Merge without it, "
+            "or add data from other orientations")
 
 
 def _surface(name, coordinates, shape, xy, obs, start, smoothness):
