@@ -618,3 +618,20 @@ def test_compiled_dynamic_sums_equal_numpy():
             accumulators[1].add([image], kernels.add_dynamic_panel)
         for a, b in zip(accumulators[0].sums()[:3], accumulators[1].sums()[:3]):
             assert a[0].dtype == b[0].dtype and np.array_equal(a[0], b[0])
+
+
+def test_compiled_kernel_with_an_unbounded_trusted_range():
+    """A trusted range beyond the image's integer type (1e300) is compared
+    as dxtbx's rule says: every count is below it."""
+    from dials_diffuse.extraction import kernels
+
+    if not kernels.available():
+        pytest.skip("numba is not available")
+    n = 50
+    counts = np.arange(n, dtype=np.int32) * 1000
+    table = kernels.VoxelTable(6, capacity=2**8)
+    _, (n_trusted, n_kept) = table.add_panel(
+        np.zeros((3, n), np.float32), counts, np.ones(n, bool), np.ones(n, bool), (-1, 1e300),
+        np.ones(n, np.float32), None, 1.0, np.eye(3, dtype=np.float32),
+        np.zeros(3, np.float32), np.array([1, 1, 1]))
+    assert n_trusted == n_kept == n

@@ -1,6 +1,6 @@
 """Binning one panel's kept pixels into per-voxel sums, two ways with the
 same result: :func:`panel_voxels_compiled` (the compiled kernel of
-:mod:`kernels`, one pass per panel) and :func:`panel_voxels_numpy` (numpy
+:mod:`kernels`, two passes per panel) and :func:`panel_voxels_numpy` (numpy
 over blocks of rows, the fallback); the voxel keys of :class:`VoxelKeys`."""
 
 from __future__ import annotations

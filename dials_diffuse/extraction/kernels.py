@@ -1,13 +1,15 @@
 """The per-pixel loop of one image as a compiled kernel (numba, Debian's
 python3-numba), with the numpy path of :mod:`image` as the fallback.
 
-One pass over a panel's raster does what the numpy path does in about a
-dozen: the masks (static + resolution + dynamic, trusted range, Bragg and
-the optional intensity filter), the voxel key of every kept pixel, the runs
-of equal keys along the raster, each run's sums (pixels, photons,
-correction factor, q, background), and the voxel sums, added run by run
+Two passes over a panel's raster do what the numpy path does in about a
+dozen: a branch-free one (the compiler vectorises it) applies the masks
+(static + resolution + dynamic, trusted range, Bragg and the optional
+intensity filter) and computes the voxel key of every kept pixel; the second
+finds the runs of equal keys along the raster, sums each run (pixels,
+photons, correction factor, q, background) and adds the sums run by run
 into a hash table that stays in the CPU cache (a row of runs meets the same
-few hundred voxels as the row before).
+few hundred voxels as the row before). The dynamic mask's sums and local
+medians are compiled here too.
 
 The voxel key is computed with the same float32 operations in the same order
 as :class:`image.VoxelKeys` (no BLAS, no fused multiply-add), so both paths
@@ -82,14 +84,18 @@ def add_dynamic_panel(data, low, high, threshold, sum_counts, n_hot, n_valid):
     """masks.DynamicMaskAccumulator.add's sums of one panel, compiled, in
     place: the same integer (or float64) sums, one pass instead of four."""
     if np.issubdtype(data.dtype, np.integer):
-        # integers compared as int64 (a trusted range may exceed the image's type)
-        bound = float(np.iinfo(np.int64).max // 2)
-        low, high, threshold = (np.int64(np.clip(v, -bound, bound))
-                                for v in (np.floor(low), np.ceil(high), np.ceil(threshold)))
+        low, high, threshold = _int64_bounds(np.floor(low), np.ceil(high), np.ceil(threshold))
     else:
         low, high, threshold = float(low), float(high), float(threshold)
     _KERNELS["add_dynamic"](np.ascontiguousarray(data).reshape(-1), low, high, threshold,
                             sum_counts.reshape(-1), n_hot.reshape(-1), n_valid.reshape(-1))
+
+
+def _int64_bounds(*values):
+    """Whole-number bounds as int64, clipped to its range (a trusted range
+    may exceed the image's integer type, or be 1e300)."""
+    bound = float(2**62)
+    return tuple(np.int64(np.clip(v, -bound, bound)) for v in values)
 
 
 class VoxelTable:
@@ -126,8 +132,8 @@ class VoxelTable:
         low, high = trusted_range
         if np.issubdtype(counts.dtype, np.integer):
             # low < v < high <=> floor(low) < v < ceil(high) for integers,
-            # compared in the image's own type
-            low, high = counts.dtype.type(np.floor(low)), counts.dtype.type(np.ceil(high))
+            # compared as int64 (a trusted range may exceed the image's type)
+            low, high = _int64_bounds(np.floor(low), np.ceil(high))
         else:
             low, high = float(low), float(high)
         start, length = _scratch("start", n, np.int32), _scratch("length", n, np.int32)
