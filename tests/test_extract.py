@@ -635,3 +635,34 @@ def test_compiled_kernel_with_an_unbounded_trusted_range():
         np.ones(n, np.float32), None, 1.0, np.eye(3, dtype=np.float32),
         np.zeros(3, np.float32), np.array([1, 1, 1]))
     assert n_trusted == n_kept == n
+
+
+def test_contexts_share_the_detector_geometry(simulated_stills, tmp_path):
+    """Stills with a beam each (as refined real stills have): from a
+    detector's second context on its beam-independent geometry is kept and
+    reused, and every context equals one built from nothing."""
+    from dxtbx.model import BeamFactory
+
+    from dials_diffuse.extraction import context as extraction_context
+    from dials_diffuse.extraction.tasks import plan_tasks
+
+    truth = load_truth(simulated_stills)
+    experiments = truth.experiments
+    for k, experiment in enumerate(experiments):  # a beam each, as after refinement
+        beam = BeamFactory.from_dict(experiment.beam.to_dict())
+        beam.set_wavelength(beam.get_wavelength() * (1 + 1e-4 * k))
+        experiment.beam = beam
+    params = extraction_params(truth, tmp_path / "unused")
+    tasks, _ = plan_tasks(experiments)
+    extraction_context.clear_caches()
+    shared = [extraction_context.context_for(task, params) for task in tasks[:3]]
+    assert extraction_context._GEOMETRIES  # kept from the second context on
+    for task, got in zip(tasks[:3], shared):
+        extraction_context.clear_caches()
+        fresh = extraction_context.context_for(task, params)
+        for a, b in zip(got.panels, fresh.panels):
+            assert np.array_equal(a.q_t, b.q_t) and np.array_equal(a.factor, b.factor)
+            assert np.array_equal(a.selected, b.selected)
+            assert all(np.array_equal(a.parts[k], b.parts[k]) for k in a.parts)
+        assert got.q_max == fresh.q_max
+    extraction_context.clear_caches()

@@ -90,10 +90,15 @@ class DetectorContext:
 CONTEXT_BLOCK_PIXELS = 2**17
 
 
-def detector_context(experiment, imageset, params, static_mask) -> DetectorContext:
+def detector_context(experiment, imageset, params, static_mask,
+                     geometries=None) -> DetectorContext:
     """The per-pixel context of an experiment's detector and beam, computed
-    in blocks of raster rows into its float32 arrays."""
+    in blocks of raster rows into its float32 arrays. ``geometries``: a
+    list, per panel, of the blocks' PanelGeometry; filled when empty, used
+    when not (the beam-independent part, shared by contexts of one
+    detector)."""
     beam, detector = experiment.beam, experiment.detector
+    reuse = bool(geometries)
     step = params.filter.pixel_step
     panels = []
     q_max = 0.0
@@ -108,8 +113,16 @@ def detector_context(experiment, imageset, params, static_mask) -> DetectorConte
         static_raster = np.ascontiguousarray(static_mask[pid][::step, ::step]).reshape(-1)
         n_static = 0
         rows_per_block = max(1, CONTEXT_BLOCK_PIXELS // shape[1])
-        for first in range(0, shape[0], rows_per_block):
-            g = geometry.panel_geometry(panel, pid, step, slice(first, first + rows_per_block))
+        if geometries is not None and not reuse:
+            geometries.append([])
+        for k, first in enumerate(range(0, shape[0], rows_per_block)):
+            if reuse:
+                g = geometries[pid][k]
+            else:
+                g = geometry.panel_geometry(panel, pid, step, slice(first, first + rows_per_block))
+                if geometries is not None:
+                    g.lab_mm = None  # not needed again: distance and direction are kept
+                    geometries[pid].append(g)
             block = slice(first * shape[1], first * shape[1] + g.n_pixels)
             static = static_raster[block]
             n_static += int(np.count_nonzero(static))
@@ -196,24 +209,45 @@ def gain_metadata(gains):
 # Per-process state: contexts are expensive (per-pixel geometry), computed once
 # per process and inherited by forked workers. Stills refined one by one have
 # a beam each, so a context (~200 MB for 6M pixels) serves one image: only the
-# most recent few are kept.
+# most recent few are kept. The beam-independent per-pixel geometry of a
+# detector (~300 MB for 6M pixels) is kept from its second context on: a
+# rotation sweep, one beam, never needs it again.
 MAX_CONTEXTS = 2
 _CONTEXTS = []  # (detector, beam, DetectorContext), most recently used last
+_GEOMETRIES = []  # (detector, pixel_step, per panel [block PanelGeometry]) of the latest detector
+_BUILT_ONCE = []  # (detector, pixel_step) whose first context was built without keeping it
 
 
 def clear_caches():
-    """Forget every context (they depend on a run's parameters)."""
+    """Forget every context and geometry (they depend on a run's parameters)."""
     _CONTEXTS.clear()
+    _GEOMETRIES.clear()
+    _BUILT_ONCE.clear()
 
 
 def context_for(task, params):
     context = _find_context(_CONTEXTS, task)
     if context is None:
         static = masks.static_mask(task.imageset, params.masking, params.masking.beamstop)
-        context = detector_context(task.experiment, task.imageset, params, static)
+        context = detector_context(task.experiment, task.imageset, params, static,
+                                   _panel_geometries(task.experiment.detector, params))
         _CONTEXTS.append((task.experiment.detector, task.experiment.beam, context))
         del _CONTEXTS[:-MAX_CONTEXTS]
     return context
+
+
+def _panel_geometries(detector, params):
+    """The geometry list detector_context fills or reuses; None for a
+    detector's first context (nothing kept)."""
+    step = params.filter.pixel_step
+    for known, known_step, geometries in _GEOMETRIES:
+        if known_step == step and known == detector:
+            return geometries
+    if not any(s == step and d == detector for d, s in _BUILT_ONCE):
+        _BUILT_ONCE[:] = [(detector, step)]
+        return None
+    _GEOMETRIES[:] = [(detector, step, [])]
+    return _GEOMETRIES[0][2]
 
 
 def _find_context(contexts, task):
