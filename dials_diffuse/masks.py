@@ -79,17 +79,20 @@ def apply_beamstop(masks: PanelMasks, beamstop) -> None:
 
 def trusted_range_mask(detector, raw_data: Sequence[np.ndarray]) -> PanelMasks:
     """dxtbx's rule: low < value < high, per panel."""
-    masks = []
-    for panel, data in zip(detector, raw_data):
-        low, high = panel.get_trusted_range()
-        if np.issubdtype(data.dtype, np.integer):
-            # for integers low < v < high <=> floor(low) < v < ceil(high),
-            # compared without converting the image to float64
-            low, high = int(np.floor(low)), int(np.ceil(high))
-        mask = data > low
-        mask &= data < high
-        masks.append(mask)
-    return masks
+    return [within_trusted_range(data, panel.get_trusted_range())
+            for panel, data in zip(detector, raw_data)]
+
+
+def within_trusted_range(data: np.ndarray, trusted_range) -> np.ndarray:
+    """low < value < high for one array, (low, high) a panel's trusted range."""
+    low, high = trusted_range
+    if np.issubdtype(data.dtype, np.integer):
+        # for integers low < v < high <=> floor(low) < v < ceil(high),
+        # compared without converting the image to float64
+        low, high = int(np.floor(low)), int(np.ceil(high))
+    mask = data > low
+    mask &= data < high
+    return mask
 
 
 def _row_blocks(n_rows: int, rows: int = 64):

@@ -10,7 +10,7 @@ from typing import Optional
 
 import numpy as np
 
-from dials_diffuse import grid
+from dials_diffuse import grid, masks
 from dials_diffuse.extraction.context import PanelPixels
 
 
@@ -82,20 +82,6 @@ def intensity_filter(pp, panel, f, bg_constant, t_exp):
     return keep
 
 
-def _trusted(panel, block=slice(None)):
-    """The trusted-range mask (dxtbx's low < value < high) of a panel's
-    raster, or of a block of it."""
-    low, high = panel.trusted_range
-    counts = panel.counts[block]
-    if np.issubdtype(counts.dtype, np.integer):
-        # for integers low < v < high <=> floor(low) < v < ceil(high),
-        # compared without converting the image to float64
-        low, high = int(np.floor(low)), int(np.ceil(high))
-    keep = counts > low
-    keep &= counts < high
-    return keep
-
-
 def panel_voxels_compiled(pp, panel, intensity_keep, key_maker, table):
     """One panel through the compiled kernel: its voxel sums go into
     ``table``. Returns the runs' layout and the pixels kept after the trusted
@@ -107,7 +93,9 @@ def panel_voxels_compiled(pp, panel, intensity_keep, key_maker, table):
         key_maker.dtype)
     n_bragg = n_kept
     if intensity_keep is not None:  # the filters are rare: counted apart
-        n_bragg = int(np.count_nonzero(_trusted(panel) & panel.usable & panel.bragg))
+        n_bragg = int(np.count_nonzero(
+            masks.within_trusted_range(panel.counts, panel.trusted_range)
+            & panel.usable & panel.bragg))
     return layout, (n_trusted, n_bragg, n_kept)
 
 
@@ -120,7 +108,7 @@ def panel_voxels_numpy(pp, panel, intensity_keep, key_maker, block_voxels):
     # cache (1.6x faster than whole-panel passes on a Pilatus 6M)
     for block in pp.blocks():
         counts = panel.counts[block]
-        keep = _trusted(panel, block)
+        keep = masks.within_trusted_range(counts, panel.trusted_range)
         keep &= panel.usable[block]
         n_trusted += int(np.count_nonzero(keep))
         keep &= panel.bragg[block]
