@@ -187,7 +187,7 @@ def merge_run(experiments, inputs, params):
     surfaces = scaling.setup_surfaces(params.scaling, obs, image_angles(experiments, obs))
     t_read = time.time()
     # one set of forked workers for every pass over the observations
-    with scaling.ObservationPasses(obs, resolve_nproc(params)) as passes:
+    with scaling.ObservationPasses(obs, resolve_nproc(params), params.kernel) as passes:
         result = scaling.refine_scales(
             obs, params.scaling, passes, halves=image_halves(obs.n_images, params.statistics.seed),
             scale_basis=basis, surfaces=surfaces)

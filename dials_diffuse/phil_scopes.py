@@ -367,9 +367,17 @@ mp
 {
   nproc = Auto
     .type = int(value_min=1)
-    .help = "Processes reading the extracted files (ASU mapping per file); "
-            "Auto: the available cores."
+    .help = "Processes reading the extracted files (ASU mapping per file), "
+            "and threads of the scaling passes; Auto: the available cores."
 }
+kernel = *auto numba numpy
+  .type = choice
+  .help = "The scaling passes over the observations: numba (compiled sweeps; "
+          "Debian's python3-numba), numpy, or auto: numba when it is available. "
+          "They agree to rounding (per-voxel sums add row by row, not chunk by "
+          "chunk). The compiled sweeps run the plain model (no "
+          "resolution_smoother, offsets or surfaces); the others use numpy."
+  .expert_level = 2
 """
 )
 

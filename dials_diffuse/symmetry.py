@@ -355,14 +355,21 @@ def orbit_sizes(grid_indices, operators):
     """How many distinct grid points each voxel stands for under the
     operators (its symmetry multiplicity: 1 at the origin, the group order in
     a general position)."""
-    mates = symmetry_mates(grid_indices, operators)  # (n_ops, n, 3)
-    if mates.shape[1] == 0:
+    g = _as_grid(grid_indices)
+    ops = _as_ops(operators).astype(np.int64)
+    if len(g) == 0:
         return np.zeros(0, np.int64)
-    offset = np.abs(mates).max() + 1
-    span = 2 * offset + 1
-    keys = ((mates[..., 0] + offset) * span + (mates[..., 1] + offset)) * span + (mates[..., 2] + offset)
-    keys.sort(axis=0)
-    return 1 + np.count_nonzero(np.diff(keys, axis=0), axis=0)
+    # mate (x, y, z) -> x span^2 + y span + z: one-to-one while |x|, |y|, |z|
+    # < span / 2, and linear in g, so all keys are one (n, 3) @ (3, n_ops)
+    # product, exact in float64 (BLAS) below 2^53
+    span = 2 * _bound(g, ops) + 3
+    weights = ops @ np.array([span * span, span, 1], np.int64)  # (n_ops, 3)
+    if float(np.abs(weights).sum(axis=1).max()) * float(np.abs(g).max()) < 2.0**53:
+        keys = g.astype(np.float64) @ weights.T.astype(np.float64)
+    else:
+        keys = g.astype(np.int64) @ weights.T
+    keys.sort(axis=1)
+    return 1 + np.count_nonzero(np.diff(keys, axis=1), axis=1)
 
 
 def expand_to_p1(grid_indices, values=None, operators=None, ndiv=None, chunk_size=_CHUNK):

@@ -198,6 +198,24 @@ def test_rotation_sequence(tmp_path_factory):
                        merge_params(base / "merged"))
     check_against_truth(truth, result)
     check_calibrated_errors(truth, result)
+    # the compiled sweeps (the default here) and the numpy passes agree to
+    # rounding: same rejections, scales and map
+    numpy_result = merge_run(truth.experiments, [str(base / "extracted")],
+                             merge_params(base / "merged_numpy", kernel="numpy"))
+    check_same_merge(result, numpy_result)
+
+
+def check_same_merge(result, other):
+    a, b = result["scaling"], other["scaling"]
+    assert np.array_equal(a.rejected, b.rejected)
+    assert [h["iteration"] for h in a.history] == [h["iteration"] for h in b.history]
+    assert np.allclose(a.model.scale, b.model.scale, rtol=1e-9, atol=0)
+    assert a.model.merged_error_k == pytest.approx(b.model.merged_error_k, rel=1e-9)
+    assert np.array_equal(a.n_observations, b.n_observations)
+    for x, y in ((a.intensity, b.intensity), (a.sigma, b.sigma)):
+        assert np.array_equal(np.isfinite(x), np.isfinite(y))
+        ok = np.isfinite(x)
+        assert np.allclose(x[ok], y[ok], rtol=1e-9, atol=1e-9 * np.abs(y[ok]).max())
 
 
 def test_rotation_smooth_scales(tmp_path_factory):
@@ -339,12 +357,14 @@ def test_misorientation_check(stills_run, tmp_path):
     assert spread["rms_misorientation_deg"] > 10 and not spread["checked"]
 
 
-@pytest.mark.parametrize("overrides", [{}, {"d_min": 3.0, "scaling.offsets": True,
-                                            "scaling.resolution_smoother.enable": True}])
+@pytest.mark.parametrize("overrides", [{}, {"kernel": "numpy"},
+                                       {"d_min": 3.0, "scaling.offsets": True,
+                                        "scaling.resolution_smoother.enable": True}])
 def test_parallel_passes_byte_identical(stills_run, tmp_path, monkeypatch, overrides):
-    """Scaling passes over several row partitions in 1 or 2 forked workers
-    (and reading by 1 or 2 workers, with rows dropped by d_min) give the
-    same bytes in every output."""
+    """Scaling passes over several row partitions in 1 process or 2 (threads
+    for the compiled sweeps, forked workers for numpy's; and reading by 1
+    or 2 workers, with rows dropped by d_min) give the same bytes in every
+    output."""
     import filecmp
 
     from dials_diffuse.scaling import passes
@@ -384,6 +404,69 @@ def test_schur_matrix_sparse_and_dense_paths(sparse, monkeypatch):
     monkeypatch.setattr(gauss_newton, "_sparse_is_cheaper", lambda *a: sparse)
     got = gauss_newton._schur_matrix(d_b, images, sampled, couplings, inv_d, 3)
     assert np.allclose(got, expected, rtol=1e-12, atol=1e-9)
+
+
+def test_compiled_passes_equal_numpy_for_stills(stills_run, tmp_path):
+    """The compiled sweeps with the stills' dense Schur matrix (gathered from
+    the couplings stored per row) agree with numpy's passes to rounding."""
+    truth, base, result = stills_run
+    numpy_result = merge_run(truth.experiments, [str(base / "extracted")],
+                             merge_params(tmp_path / "numpy", kernel="numpy"))
+    check_same_merge(result, numpy_result)
+
+
+@pytest.mark.parametrize("every", [1, 3])
+def test_compiled_sparse_schur_product(every):
+    """kernels.sparse_schur_product over the rows grouped by sampled voxel
+    (kernels.voxel_rows) equals the explicit C D^-1 C^T of the sampled
+    voxels, with repeated (image, voxel) rows and unused (zero) couplings."""
+    from dials_diffuse.scaling import kernels
+
+    rng = np.random.default_rng(7)
+    n_img, n_vox, n = 15, 400, 6000
+    image = rng.integers(0, n_img, n).astype(np.int32)
+    voxel = rng.integers(0, n_vox, n).astype(np.int32)
+    coupling = rng.random(n).astype(np.float32)
+    coupling[rng.random(n) < 0.1] = 0.0
+    n_sub = -(-n_vox // every)
+    inv_d = rng.random(n_sub)
+    order, start = np.empty(n, np.int32), np.zeros(n_sub + 1, np.int64)
+    kernels.voxel_rows(voxel, every, n_sub, order, start)
+    order = order[:start[-1]]
+    sampled = voxel % every == 0
+    assert start[-1] == sampled.sum()
+    assert np.all(voxel[order] // every == np.repeat(np.arange(n_sub), np.diff(start)))
+    c = np.zeros((n_img, n_sub))
+    np.add.at(c, (image[sampled], voxel[sampled] // every), coupling[sampled].astype(float))
+    expected = (c * inv_d) @ c.T
+    got = kernels.sparse_schur_product(n_img, order, start, image, coupling, inv_d)
+    assert np.allclose(got, expected, rtol=1e-12, atol=1e-12)
+
+
+def test_merged_error_k_calibrates_half_map_differences():
+    """merged_error_k: with k, the half-map differences over their sigmas
+    have the median |z| of a standard normal (a check by the formula)."""
+    from dials_diffuse.scaling.merge_sums import CHI2_1_MEDIAN_Z, merged_error_k
+
+    rng = np.random.default_rng(8)
+    n = 50_001
+    expected = rng.uniform(10, 1000, n)  # sum E[S]^2 = E^2 (one observation per half)
+    truth = rng.uniform(1, 100, n)
+    halves = []
+    for _ in range(2):
+        photons = truth * 10
+        observed = photons + rng.normal(0, np.sqrt(photons + (0.1 * expected) ** 2))
+        # numerator, denominator (10), counting variance, count, sum E[S]^2
+        halves.append((observed, np.full(n, 10.0), photons, np.ones(n), expected**2))
+    k = merged_error_k(halves, min_obs=1)
+    assert abs(k - 0.1) < 0.005
+    (n1, d1, v1, _, e1), (n2, d2, v2, _, e2) = halves
+    z = (n1 / d1 - n2 / d2) / np.sqrt((v1 + k * k * e1) / d1**2 + (v2 + k * k * e2) / d2**2)
+    assert np.median(np.abs(z)) == pytest.approx(CHI2_1_MEDIAN_Z, rel=1e-4)
+    # pure counting noise: no error term to speak of
+    halves0 = [(truth * 10 + rng.normal(0, np.sqrt(truth * 10)), np.full(n, 10.0), truth * 10,
+                np.ones(n), expected**2) for _ in range(2)]
+    assert merged_error_k(halves0, min_obs=1) < 0.01
 
 
 def test_error_model_k_makes_the_median_chi2():

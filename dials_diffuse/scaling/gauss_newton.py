@@ -11,7 +11,7 @@ import numpy as np
 import scipy.sparse
 from scipy.linalg import blas
 
-from dials_diffuse.scaling.merge_sums import prediction, model_variance
+from dials_diffuse.scaling.merge_sums import compiled_sweep, prediction, model_variance
 from dials_diffuse.scaling.model import solver
 from dials_diffuse.scaling.passes import bincount, chunk_slices, chunks, used_index, used_sum
 
@@ -90,8 +90,27 @@ def sampled_voxels(n_vox, every):
     return sampled
 
 
+def compiled_gauss_newton_sums(sums):
+    """The per-image (d_b, g_b) and per-voxel (d_I, g_I, sum S) arrays that
+    kernels.sweep fills, from a pass's new Gauss-Newton sums."""
+    return np.stack([sums[0], sums[2]]), np.stack([sums[1], sums[3], sums[4]])
+
+
+def compiled_gauss_newton_outputs(gn):
+    """A compiled pass's outputs in the numpy pass's order: the sums, then
+    no sampled couplings (the matrix reads the couplings stored per row)."""
+    per_image, per_voxel = gn
+    return [per_image[0], per_voxel[0], per_image[1], per_voxel[1], per_voxel[2],
+            np.zeros(0, np.int32), np.zeros(0, np.int32), np.zeros(0)]
+
+
 def gauss_newton_partition(rows, start, stop, model, intensity, every):
     sums, samples = new_gauss_newton_sums(rows.obs)
+    kernels = rows.compiled(model)
+    if kernels is not None:
+        gn = compiled_gauss_newton_sums(sums)
+        compiled_sweep(kernels, rows, start, stop, model, intensity, gauss_newton=gn)
+        return compiled_gauss_newton_outputs(gn)
     for ch, u, sl in chunks(rows.obs, rows.use, start, stop):
         b, x, mu = prediction(ch, model, intensity)
         add_gauss_newton_rows(rows, ch, u, sl, b, x, model_variance(ch, mu), ch.signal - mu,
@@ -116,6 +135,9 @@ def _coupling_sums(rows, start, stop, values, per_image):
         (obs.image, obs.voxel, obs.n_images) if per_image else (obs.voxel, obs.image, obs.n_voxels)
     )
     total = np.zeros(n)
+    if rows.kernels is not None:
+        rows.kernels.coupling_sums(group, other, rows.coupling, start, stop, values, total)
+        return total
     for sl in chunk_slices(start, stop):
         total += bincount(group[sl], rows.coupling[sl] * values[other[sl]], n)
     return total
@@ -140,6 +162,10 @@ def denominator_partition(rows, start, stop, scale):
     merge denominator, the only part of the merge that the scales change."""
     obs, n = rows.obs, rows.obs.n_voxels
     den = np.zeros(n)
+    if rows.kernels is not None:
+        rows.kernels.denominator(obs.voxel, obs.image, obs.factor, rows.use, start, stop,
+                                 np.ascontiguousarray(scale, np.float64), den)
+        return (den,)
     for sl in chunk_slices(start, stop):
         image = obs.image[sl]
         values = scale[image] * obs.factor[sl]
@@ -168,6 +194,31 @@ def _schur_matrix(d_b, images, sampled, couplings, inv_d_sampled, every):
         upper = blas.dsyrk(float(every), dense.T, beta=1.0, c=upper, overwrite_c=True)
     product = np.triu(upper) + np.triu(upper, 1).T
     return np.diag(d_b) - product
+
+
+def _compiled_schur_matrix(passes, d_b, inv_d_sampled, every):
+    """_schur_matrix from the couplings the compiled passes stored per row
+    (no sampled copies): compiled as a sparse product when that is cheaper,
+    else the dense blocks of the rows gathered by voxel."""
+    kernels, obs = passes.rows.kernels, passes.obs
+    order, start = passes.voxel_rows(every)
+    n_img, n_sub = d_b.size, inv_d_sampled.size
+    degree = np.diff(start).astype(np.float64)
+    if COMPILED_SPARSE_COST * float(degree @ degree) < float(n_sub) * n_img * n_img:
+        product = kernels.sparse_schur_product(n_img, order, start, obs.image,
+                                               passes.rows.coupling, inv_d_sampled)
+        return np.diag(d_b) - float(every) * product
+    couplings = passes.rows.coupling[order].astype(np.float64)
+    used = couplings != 0.0
+    sampled = np.repeat(np.arange(n_sub, dtype=np.int32), np.diff(start))
+    return _schur_matrix(d_b, obs.image[order][used], sampled[used], couplings[used],
+                         inv_d_sampled, every)
+
+
+# Cost of a compiled sparse pair (per (image, image, voxel) term) relative to
+# a dense BLAS multiply-add (measured: 100 images of a rotation sweep,
+# sum of degree^2 2.2e8, 0.25 s sparse against 0.55 s dense).
+COMPILED_SPARSE_COST = 8.0
 
 
 def _sparse_is_cheaper(sampled, n_img, n_sub):
@@ -204,7 +255,10 @@ def gauss_newton_scales(passes, model, gn, every):
     inv_d_i = np.where(d_i > 0, 1.0 / np.where(d_i > 0, d_i, 1.0), 0.0)
     coupling_rhs, = passes.reduce(_coupling_partition, g_i * inv_d_i)
     rhs = g_b - coupling_rhs
-    schur = _schur_matrix(d_b, images, sampled, couplings, inv_d_i[::every], every)
+    if passes.rows.kernels is not None:
+        schur = _compiled_schur_matrix(passes, d_b, inv_d_i[::every], every)
+    else:
+        schur = _schur_matrix(d_b, images, sampled, couplings, inv_d_i[::every], every)
     # the overall factor is free (b -> k b, I -> I / k): pin the mean step
     gauge = np.trace(schur) / n_img
     schur += gauge * np.ones((n_img, n_img)) / n_img

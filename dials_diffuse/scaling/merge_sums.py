@@ -54,9 +54,38 @@ def merge_partition(rows, start, stop, model, halves=None):
     """Per-voxel merge sums of the partition's rows (see add_merge_sums)."""
     obs, use = rows.obs, rows.use
     sums = np.zeros((1 if halves is None else 2, MERGE_SUMS, obs.n_voxels))
+    kernels = rows.compiled(model)
+    if kernels is not None:
+        compiled_sweep(kernels, rows, start, stop, model, np.zeros(obs.n_voxels),
+                       merge=sums, halves=halves)
+        return (sums,)
     for ch, u, _ in chunks(obs, use, start, stop):
         add_merge_sums(sums, ch, u, model, halves)
     return (sums,)
+
+
+_NONE_2D = np.zeros((0, 0))
+_NONE_3D = np.zeros((0, 0, 0))
+
+
+def compiled_sweep(kernels, rows, start, stop, model, intensity, error_k=0.0, outlier_sigma=None,
+                   totals=None, gauss_newton=None, merge=None, halves=None, merge_expected=False):
+    """kernels.sweep over rows start:stop with the plain model (see there):
+    rejection when ``outlier_sigma``; the Gauss-Newton sums into
+    ``gauss_newton`` ((d_b, g_b) per image, (d_I, g_I, sum S) per voxel),
+    with the couplings stored per row; the merge sums into ``merge``."""
+    obs = rows.obs
+    gn_image, gn_voxel = (_NONE_2D, _NONE_2D) if gauss_newton is None else gauss_newton
+    half = (np.zeros(obs.n_images, np.int8) if halves is None
+            else np.where(halves, 0, 1).astype(np.int8))
+    kernels.sweep(
+        obs.voxel, obs.image, obs.signal, obs.factor, obs.variance, rows.use, start, stop,
+        np.ascontiguousarray(model.scale, np.float64), intensity,
+        np.ascontiguousarray(obs.image_gain, np.float64), float(error_k),
+        -1.0 if outlier_sigma is None else outlier_sigma * outlier_sigma,
+        outlier_sigma is not None, np.zeros(3) if totals is None else totals,
+        gn_image, gn_voxel, rows.coupling, _NONE_3D if merge is None else merge, half,
+        merge_expected)
 
 
 # per voxel: numerator, denominator, counting variance, count, sum of E[S]^2
@@ -97,18 +126,16 @@ def merged_error_k(half_sums, min_obs=2, max_k=None):
     q = e1[both] / d1[both] ** 2 + e2[both] / d2[both] ** 2
     target = CHI2_1_MEDIAN_Z ** 2
 
-    def median_z2(k):
-        return float(np.median(diff2 / (p + k * k * q)))
-
-    if median_z2(0.0) <= target:
+    if float(np.median(diff2 / p)) <= target:
         return 0.0
-    lo, hi = 0.0, MAX_ERROR_K if max_k is None else max_k
-    if median_z2(hi) > target:
-        return hi
-    for _ in range(60):  # bisection: the median falls as k grows
-        mid = 0.5 * (lo + hi)
-        lo, hi = (mid, hi) if median_z2(mid) > target else (lo, mid)
-    return 0.5 * (lo + hi)
+    # z_j(k) = d_j / (p_j + k^2 q_j) <= m  <=>  t_j = (d_j - m p_j) / (m q_j) <= k^2:
+    # the median of z is m where k^2 is the median of t (one median, no search)
+    with np.errstate(divide="ignore", invalid="ignore"):
+        t = np.where(q > 0, (diff2 - target * p) / (target * np.where(q > 0, q, 1.0)),
+                     np.where(diff2 > target * p, np.inf, -np.inf))
+    k2 = float(np.median(t))
+    top = MAX_ERROR_K if max_k is None else max_k
+    return float(min(np.sqrt(k2), top)) if k2 > 0 else 0.0
 
 
 def merge_intensities(obs, model: ScalingModel, use: np.ndarray = None, passes=None, halves=None):

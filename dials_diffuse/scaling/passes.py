@@ -1,11 +1,13 @@
 """Passes over the observations: fixed row partitions of whole chunks (so
 every floating-point sum is the same for any number of processes), summed
-in forked workers (:class:`ObservationPasses`, on
+by compiled sweeps (:mod:`kernels`) in threads, or by numpy in forked
+workers (:class:`ObservationPasses`, on
 :class:`dials_diffuse.parallel.ForkPool`) that inherit the observation
 columns in shared memory."""
 
 from __future__ import annotations
 
+import concurrent.futures
 import dataclasses
 import logging
 import time
@@ -113,6 +115,31 @@ class SharedRows:
     obs: object
     use: np.ndarray  # bool: kept by the outlier rejection
     coupling: np.ndarray  # float32: C = w W^2 b I of the last Gauss-Newton sums (0 if not used)
+    kernels: object = None  # the compiled sweeps (scaling.kernels), None for numpy
+
+    def compiled(self, model):
+        """The compiled sweeps when they can run this pass: numba loaded and
+        the plain model (E[S] = W b I: no smoother, offsets or surfaces)."""
+        if self.kernels is None or model.smoother_q is not None or model.offset.any():
+            return None
+        return self.kernels
+
+
+def load_kernels(choice="auto"):
+    """scaling.kernels when numba imports (kernel=auto|numba), else None;
+    kernel=numba without numba is a Sorry."""
+    if choice == "numpy":
+        return None
+    try:
+        from dials_diffuse.scaling import kernels
+    except Exception as e:  # no numba, or one that does not work here
+        if choice == "numba":
+            from dials.util import Sorry
+
+            raise Sorry(f"kernel=numba: numba is not available here ({e})")
+        logger.debug("Compiled scaling sweeps unavailable (%s): numpy passes", e)
+        return None
+    return kernels
 
 
 def _run_partition(rows, task):
@@ -120,6 +147,18 @@ def _run_partition(rows, task):
     workers inherited (no copy, no pickling)."""
     func, start, stop, args = task
     return func(rows, start, stop, *args)
+
+
+def _ordered_results(executor, rows, tasks):
+    """The tasks' results in order, at most one task per thread ahead of the
+    one being reduced (each result holds per-voxel arrays)."""
+    ahead = executor._max_workers
+    futures = [executor.submit(_run_partition, rows, t) for t in tasks[:ahead]]
+    for k in range(len(tasks)):
+        if k + ahead < len(tasks):
+            futures.append(executor.submit(_run_partition, rows, tasks[k + ahead]))
+        yield futures[k].result()
+        futures[k] = None
 
 
 class ObservationPasses:
@@ -132,23 +171,33 @@ class ObservationPasses:
     ``concat``), so that the result is byte-identical for any nproc.
     """
 
-    def __init__(self, obs, nproc=1):
+    def __init__(self, obs, nproc=1, kernel="auto"):
         keep_freed_memory()
         self.obs = obs
+        # the compiled sweeps know the plain columns only (no mdx2 surfaces)
+        plain = obs.surface_gain is None and obs.surface_offset is None
         # untouched pages of shared memory cost nothing: the coupling column
         # takes memory only when the Gauss-Newton solver writes it
         self.rows = SharedRows(obs=obs, use=shared_array(obs.n_obs, bool),
-                               coupling=shared_array(obs.n_obs, np.float32))
+                               coupling=shared_array(obs.n_obs, np.float32),
+                               kernels=load_kernels(kernel) if plain else None)
         self.use = self.rows.use
         self.use[:] = True
         self.bounds = partition_bounds(obs.n_obs)
         self.timings = {}  # pass name: (count, seconds)
         self._pool = None
-        # below PARALLEL_MIN_OBS the per-voxel arrays each worker sends back
-        # cost more than the rows it sums (measured: no gain at 1e7, 6.6e6
-        # observations of a 100-image sweep 7.8 s -> 10.6 s with 2 workers)
-        if nproc > 1 and len(self.bounds) > 1 and obs.n_obs >= PARALLEL_MIN_OBS:
-            self._pool = ForkPool(self.rows, min(nproc, len(self.bounds))).__enter__()
+        self._threads = None
+        n_workers = min(nproc, len(self.bounds))
+        if n_workers > 1 and self.rows.kernels is not None:
+            # compiled sweeps release the GIL: threads share everything,
+            # nothing is pickled
+            self._threads = concurrent.futures.ThreadPoolExecutor(n_workers)
+        elif n_workers > 1 and obs.n_obs >= PARALLEL_MIN_OBS:
+            # below PARALLEL_MIN_OBS the per-voxel arrays each worker sends
+            # back cost more than the rows it sums (measured: no gain at 1e7,
+            # 6.6e6 observations of a 100-image sweep 7.8 s -> 10.6 s with 2
+            # workers)
+            self._pool = ForkPool(self.rows, n_workers).__enter__()
 
     def reduce(self, func, *args, concat=()):
         t0 = time.perf_counter()
@@ -160,10 +209,12 @@ class ObservationPasses:
 
     def _reduce(self, func, args, concat):
         tasks = [(func, a, b, args) for a, b in self.bounds]
-        if self._pool is None:
-            results = (func(self.rows, a, b, *args) for a, b in self.bounds)
-        else:
+        if self._threads is not None:
+            results = _ordered_results(self._threads, self.rows, tasks)
+        elif self._pool is not None:
             results = self._pool.map(_run_partition, tasks)
+        else:
+            results = (func(self.rows, a, b, *args) for a, b in self.bounds)
         total = None
         for result in results:
             if total is None:
@@ -176,15 +227,34 @@ class ObservationPasses:
                     total[i] += r
         return [np.concatenate(t) if i in concat else t for i, t in enumerate(total)]
 
+    def voxel_rows(self, every):
+        """(order, start): the rows of the voxels sampled every ``every``,
+        grouped by voxel // every (kernels.voxel_rows); made once per run
+        and ``every``, kept for every Gauss-Newton step."""
+        if getattr(self, "_voxel_rows", (None,))[0] != every:
+            n_sub = -(-self.obs.n_voxels // every)
+            start = np.zeros(n_sub + 1, np.int64)
+            order = np.empty(self.obs.n_obs, np.int32 if self.obs.n_obs < 2**31 else np.int64)
+            self.rows.kernels.voxel_rows(self.obs.voxel, every, n_sub, order, start)
+            self._voxel_rows = (every, order[:start[-1]], start)
+        return self._voxel_rows[1:]
+
     def log_timings(self):
-        logger.info("Passes over the observations (%d partitions, %s): %s", len(self.bounds),
-                    f"{self._pool.nproc} processes" if self._pool else "1 process",
+        workers = ("1 process" if self._pool is None and self._threads is None else
+                   f"{self._pool.nproc} processes" if self._pool else
+                   f"{self._threads._max_workers} threads")
+        kind = "compiled" if self.rows.kernels is not None else "numpy"
+        logger.info("Passes over the observations (%d partitions, %s, %s): %s", len(self.bounds),
+                    kind, workers,
                     ", ".join(f"{name} {n}x {t:.1f} s" for name, (n, t) in self.timings.items()))
 
     def close(self):
         if self._pool is not None:
             self._pool.close()
             self._pool = None
+        if self._threads is not None:
+            self._threads.shutdown()
+            self._threads = None
 
     def __enter__(self):
         return self

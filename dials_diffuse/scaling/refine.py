@@ -10,8 +10,8 @@ import numpy as np
 
 from dials.util import tabulate
 
-from dials_diffuse.scaling.gauss_newton import add_gauss_newton_rows, denominator_partition, gauss_newton_partition, gauss_newton_scales, new_gauss_newton_sums, sample_columns, schur_sample_step
-from dials_diffuse.scaling.merge_sums import MAX_ERROR_K, MERGE_SUMS, add_merge_sums, intensities, merge_partition, prediction, merge_intensities, merged_error_k, model_prediction, model_variance
+from dials_diffuse.scaling.gauss_newton import add_gauss_newton_rows, compiled_gauss_newton_outputs, compiled_gauss_newton_sums, denominator_partition, gauss_newton_partition, gauss_newton_scales, new_gauss_newton_sums, sample_columns, schur_sample_step
+from dials_diffuse.scaling.merge_sums import MAX_ERROR_K, MERGE_SUMS, add_merge_sums, compiled_sweep, intensities, merge_partition, prediction, merge_intensities, merged_error_k, model_prediction, model_variance
 from dials_diffuse.scaling.model import ScalingModel, ScalingResult
 from dials_diffuse.scaling.surface_steps import update_surfaces
 from dials_diffuse.scaling.surfaces import enabled as surfaces_enabled
@@ -86,6 +86,15 @@ def _rejection_partition(rows, start, stop, model, intensity, error_k, outlier_s
     sums, samples = new_gauss_newton_sums(obs) if then == "gauss_newton" else ([], [])
     if then == "merge":
         sums = [np.zeros((1 if halves is None else 2, MERGE_SUMS, obs.n_voxels))]
+    kernels = rows.compiled(model)
+    if kernels is not None:
+        gn = compiled_gauss_newton_sums(sums) if then == "gauss_newton" else None
+        compiled_sweep(kernels, rows, start, stop, model, intensity, error_k, outlier_sigma,
+                       totals, gauss_newton=gn, merge=sums[0] if then == "merge" else None,
+                       halves=halves, merge_expected=True)
+        if then == "gauss_newton":
+            return [totals] + compiled_gauss_newton_outputs(gn)
+        return [totals] + sums
     for ch, u, sl in chunks(obs, use, start, stop):
         b, x, expected = prediction(ch, model, intensity)
         resid = ch.signal - expected
