@@ -100,12 +100,24 @@ def _int64_bounds(*values):
 
 class VoxelTable:
     """Per-voxel sums of one image in a hash table (open addressing, linear
-    probing; it doubles when half full). ``sums`` columns: SUM_COLUMNS."""
+    probing; it doubles when half full). Each slot is one 64-byte cache
+    line: the key (int64, -1 when free) and up to 7 float64 sums (columns
+    SUM_COLUMNS), read through an int64 and a float64 view of one buffer
+    (a run's key and sums meet one line, not one in a key array and one in
+    a sums array)."""
 
     def __init__(self, n_columns, capacity=2**16):
-        self.keys = np.full(capacity, -1, np.int64)
-        self.sums = np.zeros((capacity, n_columns), np.float64)
+        if n_columns > SLOT_WIDTH - 1:
+            raise ValueError(f"a slot holds at most {SLOT_WIDTH - 1} sums")
+        self.n_columns = n_columns
+        self.slots = _aligned_slots(capacity)
+        self.slots[:, 0] = -1
         self.n_used = 0
+
+    @property
+    def slot_sums(self):
+        """The slots as float64 (column 0 is the key's bits, 1.. the sums)."""
+        return self.slots.view(np.float64)
 
     @classmethod
     def empty(cls, n_columns):
@@ -115,9 +127,9 @@ class VoxelTable:
         if table is None:
             table = _TABLES[n_columns] = cls(n_columns)
         else:
-            used = np.flatnonzero(table.keys >= 0)
-            table.keys[used] = -1
-            table.sums[used] = 0.0
+            used = np.flatnonzero(table.slots[:, 0] >= 0)
+            table.slots[used] = 0
+            table.slots[used, 0] = -1
             table.n_used = 0
         return table
 
@@ -147,31 +159,43 @@ class VoxelTable:
         n_trusted, n_kept = _KERNELS["panel_keys"](
             q_t, counts, usable, bragg, low, high, to_grid, lower, strides, pixel_keys)
         first = n_runs = 0
-        while first <= n:
+        while first < n:
             first, self.n_used, n_runs = _KERNELS["add_runs"](
-                pixel_keys, q_t, counts, factor, background, float(gain), self.keys, self.sums,
-                _hash_shift(self.keys.size), self.n_used, first, n_runs, start, length)
-            if first <= n:
+                pixel_keys, q_t[0], q_t[1], q_t[2], counts, factor, background, float(gain),
+                self.slots, self.slot_sums, _hash_shift(len(self.slots)), self.n_used, first,
+                n_runs, start, length)
+            if first < n:
                 self._grow()
         layout = {"start": start[:n_runs].astype(np.int64), "n": length[:n_runs].astype(np.int64)}
         return layout, (n_trusted, n_kept)
 
     def _grow(self):
         """Twice the capacity, every voxel in its new slot."""
-        used = np.flatnonzero(self.keys >= 0)
-        keys, sums = self.keys[used], self.sums[used]
-        capacity = 2 * self.keys.size
-        self.keys = np.full(capacity, -1, np.int64)
-        self.sums = np.zeros((capacity, sums.shape[1]), np.float64)
-        slots = _KERNELS["insert_keys"](self.keys, keys, _hash_shift(capacity))
-        self.sums[slots] = sums
-        _TABLES[sums.shape[1]] = self
+        old = self.slots[self.slots[:, 0] >= 0]
+        self.slots = _aligned_slots(2 * len(self.slots))
+        self.slots[:, 0] = -1
+        slots = _KERNELS["insert_keys"](self.slots, old[:, 0].copy(), _hash_shift(len(self.slots)))
+        self.slots[slots] = old
+        _TABLES[self.n_columns] = self
 
     def voxels(self):
-        """(keys sorted, (m, k) sums) of the voxels."""
-        keys, sums = _KERNELS["used_entries"](self.keys, self.sums, self.n_used)
+        """(keys sorted, (m, n_columns) sums) of the voxels."""
+        keys, sums = _KERNELS["used_entries"](self.slots, self.slot_sums, self.n_used,
+                                              self.n_columns)
         order = grid.sort_keys(keys)
         return keys[order], sums[order]
+
+
+#: int64 words per hash-table slot: the key and 7 sums, one cache line
+SLOT_WIDTH = 8
+
+
+def _aligned_slots(capacity):
+    """A zeroed (capacity, SLOT_WIDTH) int64 array starting on a 64-byte
+    boundary, so that every slot is one cache line."""
+    raw = np.zeros(capacity * SLOT_WIDTH + SLOT_WIDTH, np.int64)
+    skip = (-raw.ctypes.data % 64) // 8
+    return raw[skip:skip + capacity * SLOT_WIDTH].reshape(capacity, SLOT_WIDTH)
 
 
 def _hash_shift(capacity):
@@ -225,83 +249,84 @@ def _define():
         return n_trusted, n_kept
 
     @jit
-    def add_runs(pixel_keys, q_t, counts, factor, background, gain, keys, sums, shift,
-                 n_used, first, n_runs, out_start, out_length):
+    def add_runs(pixel_keys, qx, qy, qz, counts, factor, background, gain, slots, slot_sums,
+                 shift, n_used, first, n_runs, out_start, out_length):
         """The runs of equal keys from pixel ``first`` on, their sums into the
-        table; stops early, at the start of a run, when the table is half
-        full (the caller grows it and goes on from there). Returns (next
-        pixel, voxels in the table, runs)."""
+        table (``slots``: key in column 0; ``slot_sums``: the same memory as
+        float64, sums in columns 1..); stops early, at the start of a run,
+        when the table is half full (the caller grows it and goes on from
+        there). Returns (next pixel, voxels in the table, runs)."""
         n = pixel_keys.size
         with_background = background.size > 0
-        mask = keys.size - 1
-        full = keys.size // 2
-        current = -1
-        # the current run's sums, in registers
-        r_photons = r_factor = r_qx = r_qy = r_qz = r_background = 0.0
-        for i in range(first, n + 1):  # i == n ends the last run
-            k = pixel_keys[i] if i < n else -1
-            if k != current:
-                if current >= 0:  # the run ends: its sums into the table
-                    # Fibonacci hashing: the top bits of the key times
-                    # 2^64 / golden ratio
-                    slot = np.int64((np.uint64(current) * np.uint64(0x9E3779B97F4A7C15))
-                                    >> shift)
-                    while keys[slot] >= 0 and keys[slot] != current:
-                        slot = (slot + 1) & mask
-                    if keys[slot] < 0:
-                        keys[slot] = current
-                        n_used += 1
-                    length = i - out_start[n_runs - 1]
-                    out_length[n_runs - 1] = length
-                    sums[slot, 0] += length
-                    sums[slot, 1] += r_photons * gain
-                    sums[slot, 2] += r_factor
-                    sums[slot, 3] += r_qx
-                    sums[slot, 4] += r_qy
-                    sums[slot, 5] += r_qz
-                    if with_background:
-                        sums[slot, 6] += r_background
-                    r_photons = r_factor = r_qx = r_qy = r_qz = r_background = 0.0
-                if k >= 0:
-                    if n_used >= full:  # pixel i starts the next call's first run
-                        return i, n_used, n_runs
-                    out_start[n_runs] = i
-                    n_runs += 1
-                current = k
+        mask = slots.shape[0] - 1
+        full = slots.shape[0] // 2
+        i = first
+        while i < n:
+            k = pixel_keys[i]
+            j = i + 1
+            while j < n and pixel_keys[j] == k:
+                j += 1
             if k >= 0:
-                r_photons += counts[i]
-                r_factor += factor[i]
-                r_qx += q_t[0, i]
-                r_qy += q_t[1, i]
-                r_qz += q_t[2, i]
+                if n_used >= full:  # pixel i starts the next call's first run
+                    return i, n_used, n_runs
+                # the run's sums in registers, pixel by pixel in raster order
+                r_photons = r_factor = r_qx = r_qy = r_qz = r_background = 0.0
+                for p in range(i, j):
+                    r_photons += counts[p]
+                    r_factor += factor[p]
+                    r_qx += qx[p]
+                    r_qy += qy[p]
+                    r_qz += qz[p]
                 if with_background:
-                    r_background += background[i]
-        return n + 1, n_used, n_runs
+                    for p in range(i, j):
+                        r_background += background[p]
+                # Fibonacci hashing: the top bits of the key times 2^64 /
+                # golden ratio
+                slot = np.int64((np.uint64(k) * np.uint64(0x9E3779B97F4A7C15)) >> shift)
+                while slots[slot, 0] >= 0 and slots[slot, 0] != k:
+                    slot = (slot + 1) & mask
+                if slots[slot, 0] < 0:
+                    slots[slot, 0] = k
+                    n_used += 1
+                out_start[n_runs] = i
+                out_length[n_runs] = j - i
+                n_runs += 1
+                slot_sums[slot, 1] += j - i
+                slot_sums[slot, 2] += r_photons * gain
+                slot_sums[slot, 3] += r_factor
+                slot_sums[slot, 4] += r_qx
+                slot_sums[slot, 5] += r_qy
+                slot_sums[slot, 6] += r_qz
+                if with_background:
+                    slot_sums[slot, 7] += r_background
+            i = j
+        return n, n_used, n_runs
 
     @jit
-    def insert_keys(table_keys, keys, shift):
+    def insert_keys(slots, keys, shift):
         """Slots of new keys in a table (as add_panel finds them)."""
-        mask = table_keys.size - 1
-        slots = np.empty(keys.size, np.int64)
+        mask = slots.shape[0] - 1
+        out = np.empty(keys.size, np.int64)
         for j in range(keys.size):
             k = keys[j]
             slot = np.int64((np.uint64(k) * np.uint64(0x9E3779B97F4A7C15)) >> shift)
-            while table_keys[slot] >= 0:
+            while slots[slot, 0] >= 0:
                 slot = (slot + 1) & mask
-            table_keys[slot] = k
-            slots[j] = slot
-        return slots
+            slots[slot, 0] = k
+            out[j] = slot
+        return out
 
     @jit
-    def used_entries(table_keys, table_sums, n_used):
+    def used_entries(slots, slot_sums, n_used, n_columns):
         """The table's used slots, compacted (in slot order)."""
         keys = np.empty(n_used, np.int64)
-        sums = np.empty((n_used, table_sums.shape[1]), np.float64)
+        sums = np.empty((n_used, n_columns), np.float64)
         j = 0
-        for slot in range(table_keys.size):
-            if table_keys[slot] >= 0:
-                keys[j] = table_keys[slot]
-                sums[j, :] = table_sums[slot, :]
+        for slot in range(slots.shape[0]):
+            if slots[slot, 0] >= 0:
+                keys[j] = slots[slot, 0]
+                for c in range(n_columns):
+                    sums[j, c] = slot_sums[slot, c + 1]
                 j += 1
         return keys, sums
 
