@@ -102,22 +102,28 @@ def extract(models, params, images=None, reflections=None, progress=True,
     io.remove_completion_marker(os.path.join(out_dir, MANIFEST_NAME))
     t0 = time.time()
     dynamic = None
+    prepared = []
     if params.masking.dynamic.enable:
         # while the dynamic-pass workers run, this process makes what the
         # extraction workers will inherit
-        dynamic = dynamic_mask(tasks, params,
-                               while_waiting=lambda: _prepare_shared_state(tasks, params))
+        dynamic = dynamic_mask(tasks, params, while_waiting=lambda: prepared.append(
+            _prepare_shared_state(tasks, params)))
         logger.info("Dynamic mask from %d of %d images in %.1f s",
                     len(sampled_tasks(tasks, params.masking.dynamic.max_images)), len(tasks),
                     time.time() - t0)
-        io.write_pickle(os.path.join(out_dir, DYNAMIC_MASK_NAME), masks.to_flex(dynamic))
 
     jobs = [
         ImageJob(task, params, ndiv, out_dir, reflections_for(reflections, task))
         for task in tasks
     ]
     t1 = time.time()
-    entries = list(skipped) + run_jobs(jobs, params, background, dynamic, progress)
+    def write_dynamic_mask():
+        if dynamic is not None:
+            io.write_pickle(os.path.join(out_dir, DYNAMIC_MASK_NAME), masks.to_flex(dynamic))
+
+    # the dynamic mask's file is written while the extraction workers run
+    entries = list(skipped) + run_jobs(jobs, params, background, dynamic, progress,
+                                       prepared=bool(prepared), while_running=write_dynamic_mask)
     logger.info(
         "Extracted %d images in %.1f s (%.2f s per image, %d process(es), %s)",
         len(jobs), time.time() - t1, (time.time() - t1) / max(len(jobs), 1),
@@ -245,10 +251,17 @@ def _dask_job(spec):
     return extract_one(job, background, dynamic)
 
 
-def run_jobs(jobs, params, background, dynamic, show_progress=True):
-    """Manifest entries of all jobs, in job order, on 1..n processes or Dask."""
+def run_jobs(jobs, params, background, dynamic, show_progress=True, prepared=False,
+             while_running=None):
+    """Manifest entries of all jobs, in job order, on 1..n processes or Dask.
+    ``prepared``: the shared state is made already (by the dynamic pass);
+    ``while_running()``: runs in this process once the jobs are under way
+    (before any job with one process)."""
     nproc = min(resolve_nproc(params), len(jobs))
     method = params.mp.method
+    if method == "dask" or nproc <= 1:
+        if while_running is not None:
+            while_running()
     if method == "dask":
         return _run_dask(jobs, params, dynamic, nproc)
     if nproc <= 1:
@@ -260,35 +273,63 @@ def run_jobs(jobs, params, background, dynamic, show_progress=True):
         return entries
     # compute the shared context (and scan predictions) once before forking:
     # the workers inherit them (done already when the dynamic pass ran)
-    _prepare_shared_state([job.task for job in jobs], params)
+    if not prepared:
+        _prepare_shared_state([job.task for job in jobs], params)
     shared = {"jobs": jobs, "background": background, "dynamic": dynamic}
     with ForkPool(shared, nproc) as pool:
         entries = []
-        for entry in progress_bar(pool.map(_forked_job, range(len(jobs))), total=len(jobs),
-                              disable=not show_progress or None):
+        results = pool.map(_forked_job, range(len(jobs)))  # the workers are forked now
+        if while_running is not None:
+            while_running()
+        for entry in progress_bar(results, total=len(jobs), disable=not show_progress or None):
             _log_entry(entry, len(entries), len(jobs))
             entries.append(entry)
         return entries
 
 
-def _predict_scans(tasks, params):
-    """Fill the Bragg prediction cache of every rotation scan of the tasks."""
+def _scan_tasks(tasks, params):
+    """One task of each rotation scan whose Bragg mask needs predictions."""
     if "predicted" not in bragg_methods(params.masking.bragg):
-        return
-    seen = set()
+        return []
+    seen, out = set(), []
     for task in tasks:
-        expt = task.experiment
-        if task.frame is None or id(expt) in seen:
+        if task.frame is None or id(task.experiment) in seen:
             continue
-        seen.add(id(expt))
-        scan_predictions(task, params, context_for(task, params).predictions)
+        seen.add(id(task.experiment))
+        out.append(task)
+    return out
+
+
+def _forked_predictions(shared, index):
+    """A scan's Bragg predictions, made in a forked helper: {cache key:
+    predictions} (the key names the experiment by id, the same object in
+    the parent that forked the helper)."""
+    cache = {}
+    scan_predictions(shared["tasks"][index], shared["params"], cache)
+    return cache
 
 
 def _prepare_shared_state(tasks, params):
     """The first context, the scan predictions and the compiled kernel, made
-    once in this process (forked extraction workers inherit them)."""
-    context_for(tasks[0], params)
-    _predict_scans(tasks, params)
+    once in this process (forked extraction workers inherit them). With
+    mp.nproc > 1 a forked helper predicts the scans while this process
+    builds the context (0.7 s and 2.2 s on a 6M sweep)."""
+    scans = _scan_tasks(tasks, params)
+    helper = None
+    if scans and resolve_nproc(params) > 1 and params.mp.method == "multiprocessing":
+        helper = ForkPool({"tasks": scans, "params": params}, 1).__enter__()
+        predicted = helper.map(_forked_predictions, range(len(scans)))  # forked now
+    try:
+        context_for(tasks[0], params)
+        if helper is None:
+            for task in scans:
+                scan_predictions(task, params, context_for(task, params).predictions)
+        else:
+            for task, cache in zip(scans, predicted):
+                context_for(task, params).predictions.update(cache)
+    finally:
+        if helper is not None:
+            helper.close()
     if kernels.use_compiled(params.kernel):
         try:
             dtype = read_image(tasks[0])[0].dtype
