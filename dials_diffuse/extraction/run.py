@@ -19,6 +19,7 @@ from dials.util import progress as progress_bar
 
 from dials_diffuse.command_util import ensure_output_directory, resolve_nproc
 from dials_diffuse import bragg, io, masks
+from dials_diffuse.observations import keep_freed_memory
 from dials_diffuse.parallel import ForkPool
 from dials_diffuse.diffuse_files import (
     MANIFEST_NAME,
@@ -77,6 +78,9 @@ def extract(models, params, images=None, reflections=None, progress=True,
     Returns the manifest (a dict, also written as ``extraction_manifest.json``).
     """
     ndiv = check_params(params)
+    # every image makes ~15 MB of temporaries: reused heap pages instead of
+    # fresh ones (a page fault each; 439,000 faults in a 100-image 6M run)
+    keep_freed_memory()
     tasks, skipped = plan_tasks(models, images)
     # contexts depend on this run's parameters (pixel_step, corrections,
     # masks, resolution): never reuse one from an earlier call
