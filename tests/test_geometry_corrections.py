@@ -207,11 +207,18 @@ def test_air_attenuation_against_tabulated_mass_attenuation():
     assert mu_rho == pytest.approx(5.12, rel=0.05)
 
 
+@pytest.mark.parametrize("compiled", [True, False])
 @pytest.mark.parametrize("strategy", ["simple", "parallax", "offset"])
-def test_pixel_lab_coordinates_match_dxtbx(strategy):
-    """The numpy px->mm->lab path equals dxtbx's per-pixel calls on a tilted,
-    offset panel for every strategy (the offset one goes through dxtbx)."""
+def test_pixel_lab_coordinates_match_dxtbx(strategy, compiled, monkeypatch):
+    """The px->mm->lab path, compiled (numba) and numpy, equals dxtbx's
+    per-pixel calls on a tilted, offset panel for every strategy (the offset
+    one goes through dxtbx)."""
     from dxtbx import flumpy
+
+    if compiled and geometry._compiled_lab_coordinates() is None:
+        pytest.skip("numba is not available")
+    if not compiled:
+        monkeypatch.setitem(geometry._COMPILED, "lab", None)
     from dxtbx.model import OffsetParallaxCorrectedPxMmStrategy, SimplePxMmStrategy
     from scitbx.array_family import flex
 
