@@ -4,6 +4,7 @@ masks and the manifest."""
 
 from __future__ import annotations
 
+import concurrent.futures
 import contextlib
 import dataclasses
 import logging
@@ -263,17 +264,26 @@ def run_jobs(jobs, params, background, dynamic, show_progress=True, prepared=Fal
     (before any job with one process)."""
     nproc = min(resolve_nproc(params), len(jobs))
     method = params.mp.method
-    if method == "dask" or nproc <= 1:
+    if method == "dask":
         if while_running is not None:
             while_running()
-    if method == "dask":
         return _run_dask(jobs, params, dynamic, nproc)
     if nproc <= 1:
-        iterator = (extract_one(job, background, dynamic) for job in jobs)
-        entries = []
-        for entry in progress_bar(iterator, total=len(jobs), disable=not show_progress or None):
-            _log_entry(entry, len(entries), len(jobs))
-            entries.append(entry)
+        # while_running in a thread: its file write overlaps the images'
+        # compiled kernels and compression, which release the GIL
+        side = concurrent.futures.ThreadPoolExecutor(1)
+        side_job = side.submit(while_running) if while_running is not None else None
+        try:
+            iterator = (extract_one(job, background, dynamic) for job in jobs)
+            entries = []
+            for entry in progress_bar(iterator, total=len(jobs),
+                                      disable=not show_progress or None):
+                _log_entry(entry, len(entries), len(jobs))
+                entries.append(entry)
+            if side_job is not None:
+                side_job.result()  # its error, if any, is raised here
+        finally:
+            side.shutdown()
         return entries
     # compute the shared context (and scan predictions) once before forking:
     # the workers inherit them (done already when the dynamic pass ran)
