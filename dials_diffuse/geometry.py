@@ -18,6 +18,8 @@ import numpy as np
 from dxtbx import flumpy
 from scitbx import matrix
 
+from dials_diffuse.compiled import lazy_jit
+
 
 @dataclasses.dataclass
 class PanelGeometry:
@@ -174,7 +176,7 @@ def pixel_lab_coordinates(panel, x_px: np.ndarray, y_px: np.ndarray) -> np.ndarr
         if origin @ normal < 0:
             normal = -normal
         parallax = (px_mm.mu(), px_mm.t0(), normal)
-    compiled = _compiled_lab_coordinates()
+    compiled = lazy_jit("geometry.lab_coordinates", _define_lab_coordinates)
     if compiled is not None:
         # the same formulas, one pass per pixel (a 6M detector: 0.8 s in
         # numpy temporaries, 0.1 s compiled); equal to rounding (exp)
@@ -201,40 +203,27 @@ def pixel_lab_coordinates(panel, x_px: np.ndarray, y_px: np.ndarray) -> np.ndarr
     return lab
 
 
-_COMPILED = {}
+def _define_lab_coordinates(jit):
+    @jit
+    def lab_coordinates(x_px, y_px, size_x, size_y, origin, fast, slow, parallax, mu, t0,
+                        normal, lab):
+        for i in range(x_px.size):
+            x = x_px[i] * size_x
+            y = y_px[i] * size_y
+            if parallax:
+                r0 = origin[0] + x * fast[0] + y * slow[0]
+                r1 = origin[1] + x * fast[1] + y * slow[1]
+                r2 = origin[2] + x * fast[2] + y * slow[2]
+                norm = np.sqrt(r0 * r0 + r1 * r1 + r2 * r2)
+                r0, r1, r2 = r0 / norm, r1 / norm, r2 / norm
+                cos_t = r0 * normal[0] + r1 * normal[1] + r2 * normal[2]
+                depth = (1.0 / mu) - (t0 / cos_t + 1.0 / mu) * np.exp(-mu * t0 / cos_t)
+                x -= (r0 * fast[0] + r1 * fast[1] + r2 * fast[2]) * depth
+                y -= (r0 * slow[0] + r1 * slow[1] + r2 * slow[2]) * depth
+            for k in range(3):
+                lab[i, k] = origin[k] + x * fast[k] + y * slow[k]
 
-
-def _compiled_lab_coordinates():
-    """pixel_lab_coordinates' loop compiled by numba (None without numba:
-    the numpy path is used)."""
-    if "lab" not in _COMPILED:
-        try:
-            import numba
-        except Exception:  # no numba, or one that does not work here
-            _COMPILED["lab"] = None
-            return None
-
-        @numba.njit(cache=True, nogil=True)
-        def lab_coordinates(x_px, y_px, size_x, size_y, origin, fast, slow, parallax, mu, t0,
-                            normal, lab):
-            for i in range(x_px.size):
-                x = x_px[i] * size_x
-                y = y_px[i] * size_y
-                if parallax:
-                    r0 = origin[0] + x * fast[0] + y * slow[0]
-                    r1 = origin[1] + x * fast[1] + y * slow[1]
-                    r2 = origin[2] + x * fast[2] + y * slow[2]
-                    norm = np.sqrt(r0 * r0 + r1 * r1 + r2 * r2)
-                    r0, r1, r2 = r0 / norm, r1 / norm, r2 / norm
-                    cos_t = r0 * normal[0] + r1 * normal[1] + r2 * normal[2]
-                    depth = (1.0 / mu) - (t0 / cos_t + 1.0 / mu) * np.exp(-mu * t0 / cos_t)
-                    x -= (r0 * fast[0] + r1 * fast[1] + r2 * fast[2]) * depth
-                    y -= (r0 * slow[0] + r1 * slow[1] + r2 * slow[2]) * depth
-                for k in range(3):
-                    lab[i, k] = origin[k] + x * fast[k] + y * slow[k]
-
-        _COMPILED["lab"] = lab_coordinates
-    return _COMPILED["lab"]
+    return lab_coordinates
 
 
 def detector_geometry(detector, pixel_step: int = 1) -> List[PanelGeometry]:

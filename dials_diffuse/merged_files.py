@@ -34,6 +34,7 @@ import numpy as np
 from dials.util import Sorry
 
 from dials_diffuse.command_util import ensure_output_directory
+from dials_diffuse.compiled import lazy_jit
 from dials_diffuse import io, symmetry
 from dials_diffuse.statistics import isotropic_profile
 import mrcfile
@@ -215,31 +216,91 @@ def write_ccp4_maps(maps, grid, voxel_grid, operators, output):
     ``maps``: (path, values per voxel, label). The symmetry expansion is
     made once for all of them (0.3-0.5 s each on a 6M sweep)."""
     ndiv = np.array(grid.ndiv)
-    columns = np.stack([np.asarray(v, dtype=np.float64) for _, v, _ in maps], axis=1)
-    full, vals = symmetry.expand_to_p1(voxel_grid, columns, operators, ndiv)
+    fill = lazy_jit("merged_files.fill_box", _define_fill_box)
+    if fill is not None:
+        # mates computed in the fill itself: no expanded copy of the map
+        g = np.ascontiguousarray(voxel_grid, np.int64)
+        ops = np.ascontiguousarray(np.asarray(operators, np.int64).reshape(-1, 3, 3))
+        symmetry.check_ndiv(ndiv, ops)
+        lo, hi = _map_box(output, ndiv, lambda: _mate_range(g, ops))
+    else:
+        columns = np.stack([np.asarray(v, dtype=np.float64) for _, v, _ in maps], axis=1)
+        full, vals = symmetry.expand_to_p1(voxel_grid, columns, operators, ndiv)
+        lo, hi = _map_box(output, ndiv, lambda: (full.min(axis=0), full.max(axis=0)))
+        inside = np.all((full >= lo) & (full <= hi), axis=1)
+        # C-order positions in the box, computed once for every map
+        flat_index = np.ravel_multi_index(tuple((full[inside] - lo).T), tuple(hi - lo + 1))
+    dense = np.empty(tuple(hi - lo + 1), dtype=np.float32)  # one buffer for every map
+    for k, (path, values, label) in enumerate(maps):
+        if fill is not None:
+            dense.view(np.uint32).fill(_UNSET)
+            fill(g, ops, np.asarray(lo, np.int64), np.asarray(dense.shape, np.int64),
+                 np.ascontiguousarray(values, np.float64), dense.reshape(-1),
+                 dense.reshape(-1).view(np.uint32), np.float32(output.map_fill_value))
+        else:
+            dense.fill(output.map_fill_value)
+            v = vals[inside, k]
+            ok = np.isfinite(v)
+            dense.reshape(-1)[flat_index[ok]] = v[ok]
+        _write_ccp4_file(path, grid, dense, lo, hi, output, label)
+
+
+def _map_box(output, ndiv, mate_range):
+    """(lo, hi) grid corners of the CCP4 box: output.map_hkl_box, else the
+    range of every mate (``mate_range()``); a Sorry beyond map_max_points."""
     if output.map_hkl_box is not None:
         box = np.array(output.map_hkl_box, dtype=float).reshape(3, 2)
         lo = np.ceil(box[:, 0] * ndiv).astype(int)
         hi = np.floor(box[:, 1] * ndiv).astype(int)
     else:
-        lo, hi = full.min(axis=0), full.max(axis=0)
-    inside = np.all((full >= lo) & (full <= hi), axis=1)
-    shape = hi - lo + 1
-    n_points = int(np.prod(shape))
+        lo, hi = mate_range()
+    n_points = int(np.prod(hi - lo + 1))
     if n_points > output.map_max_points:
         raise Sorry(
             f"the CCP4 map box has {n_points} points (more than output.map_max_points="
             f"{output.map_max_points}); set output.map_hkl_box or output.ccp4_maps=False"
         )
-    # C-order positions in the box, computed once for every map
-    flat_index = np.ravel_multi_index(tuple((full[inside] - lo).T), tuple(shape))
-    dense = np.empty(tuple(shape), dtype=np.float32)  # one buffer for every map
-    for k, (path, _, label) in enumerate(maps):
-        dense.fill(output.map_fill_value)
-        v = vals[inside, k]
-        ok = np.isfinite(v)
-        dense.reshape(-1)[flat_index[ok]] = v[ok]
-        _write_ccp4_file(path, grid, dense, lo, hi, output, label)
+    return lo, hi
+
+
+def _mate_range(g, ops):
+    """Componentwise min and max of g @ op over every voxel and operator."""
+    if len(g) == 0:
+        zero = np.zeros(3, np.int64)
+        return zero, zero - 1
+    mates_lo = [np.min(g @ op, axis=0) for op in ops]
+    mates_hi = [np.max(g @ op, axis=0) for op in ops]
+    return np.min(mates_lo, axis=0), np.max(mates_hi, axis=0)
+
+
+# bits of a float32 NaN that no value or fill can have: "no voxel wrote this
+# point yet" while the box is filled
+_UNSET = np.uint32(0x7FA00001)
+
+
+def _define_fill_box(jit):
+    @jit
+    def fill_box(g, ops, lo, shape, values, dense, dense_bits, fill):
+        """Every mate g @ op of each voxel inside the box gets the voxel's
+        value (float32; non-finite -> fill); where mates of two voxels meet,
+        the first voxel wins (symmetry.expand_to_p1's rule); points no mate
+        reaches get fill."""
+        unset = np.uint32(0x7FA00001)
+        for v in range(g.shape[0]):
+            value = np.float32(values[v]) if np.isfinite(values[v]) else fill
+            for o in range(ops.shape[0]):
+                i = g[v, 0] * ops[o, 0, 0] + g[v, 1] * ops[o, 1, 0] + g[v, 2] * ops[o, 2, 0] - lo[0]
+                j = g[v, 0] * ops[o, 0, 1] + g[v, 1] * ops[o, 1, 1] + g[v, 2] * ops[o, 2, 1] - lo[1]
+                k = g[v, 0] * ops[o, 0, 2] + g[v, 1] * ops[o, 1, 2] + g[v, 2] * ops[o, 2, 2] - lo[2]
+                if 0 <= i < shape[0] and 0 <= j < shape[1] and 0 <= k < shape[2]:
+                    flat = (i * shape[1] + j) * shape[2] + k
+                    if dense_bits[flat] == unset:
+                        dense[flat] = value
+        for p in range(dense.size):
+            if dense_bits[p] == unset:
+                dense[p] = fill
+
+    return fill_box
 
 
 def _write_ccp4_file(path, grid, dense, lo, hi, output, label):

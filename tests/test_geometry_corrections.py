@@ -215,10 +215,13 @@ def test_pixel_lab_coordinates_match_dxtbx(strategy, compiled, monkeypatch):
     one goes through dxtbx)."""
     from dxtbx import flumpy
 
-    if compiled and geometry._compiled_lab_coordinates() is None:
+    from dials_diffuse import compiled as compiled_loops
+
+    if compiled and compiled_loops.lazy_jit(
+            "geometry.lab_coordinates", geometry._define_lab_coordinates) is None:
         pytest.skip("numba is not available")
     if not compiled:
-        monkeypatch.setitem(geometry._COMPILED, "lab", None)
+        compiled_loops.disable("geometry.lab_coordinates", monkeypatch)
     from dxtbx.model import OffsetParallaxCorrectedPxMmStrategy, SimplePxMmStrategy
     from scitbx.array_family import flex
 

@@ -185,6 +185,46 @@ def test_ccp4_file_is_iotbx_own(tmp_path):
     assert np.array_equal(m.map_data().as_numpy_array(), dense)
 
 
+@pytest.mark.parametrize("space_group", ["P 2", "P 6 2 2", "I 4 3 2"])
+@pytest.mark.parametrize("hkl_box", [None, (-1.0, 1.5, -0.5, 2.0, -2.0, 0.25)])
+def test_ccp4_maps_compiled_equal_expand_to_p1(tmp_path, monkeypatch, space_group, hkl_box):
+    """write_ccp4_maps filling the box in one compiled pass per map (mates
+    computed on the fly) writes the same bytes as the numpy path through
+    symmetry.expand_to_p1: ASU voxels with special positions, non-ASU
+    voxels whose mates meet (the first voxel wins), NaN values (the fill
+    value), with and without output.map_hkl_box."""
+    from cctbx import sgtbx
+
+    from dials_diffuse import compiled
+    from dials_diffuse.grid import GlobalVoxelGrid
+    from dials_diffuse.phil_scopes import merge_params_scope
+
+    if compiled.lazy_jit("merged_files.fill_box", merged_files._define_fill_box) is None:
+        pytest.skip("numba is not available")
+    output = merge_params_scope.extract().output
+    output.map_fill_value = -7.0
+    output.map_hkl_box = hkl_box
+    group = sgtbx.space_group_info(space_group).group()
+    grid = GlobalVoxelGrid((40.0, 40.0, 40.0, 90.0, 90.0, 90.0) if space_group == "I 4 3 2"
+                           else (40.0, 40.0, 50.0, 90.0, 90.0, 120.0) if "6" in space_group
+                           else (30.0, 40.0, 50.0, 90.0, 95.0, 90.0), group, (4, 4, 4))
+    ops = symmetry.laue_operators(group)
+    rng = np.random.default_rng(11)
+    g = rng.integers(-9, 10, (3000, 3))
+    asu = np.unique(symmetry.map_to_asu(g, grid.ndiv, ops), axis=0)
+    voxels = np.concatenate([asu, g[:200]])  # then some non-canonical ones
+    values = rng.normal(size=(2, len(voxels)))
+    values[0, ::17] = np.nan
+    outputs = {}
+    for kind in ("compiled", "numpy"):
+        if kind == "numpy":
+            compiled.disable("merged_files.fill_box", monkeypatch)
+        maps = [(str(tmp_path / f"{kind}_{k}.ccp4"), values[k], "label") for k in range(2)]
+        merged_files.write_ccp4_maps(maps, grid, voxels, ops, output)
+        outputs[kind] = [open(path, "rb").read() for path, _, _ in maps]
+    assert outputs["compiled"] == outputs["numpy"]
+
+
 def test_rotation_sequence(tmp_path_factory):
     truth, base = simulate_and_extract(
         tmp_path_factory, "merge_rotation", mode="rotation", n_images=80,

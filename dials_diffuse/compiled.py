@@ -1,0 +1,38 @@
+"""Small compiled loops (numba, Debian's python3-numba) defined on first use,
+with a numpy path in the caller when numba is not there: :func:`lazy_jit`.
+
+The extraction's per-pixel kernels (:mod:`dials_diffuse.extraction.kernels`)
+and the scaling sweeps (:mod:`dials_diffuse.scaling.kernels`) are modules of
+their own; this is for single loops inside other modules (geometry, map
+writing).
+"""
+
+from __future__ import annotations
+
+import logging
+
+logger = logging.getLogger("dials.diffuse")
+
+_FUNCTIONS = {}
+
+
+def lazy_jit(name, define):
+    """``define(jit)`` compiled once per process (numba's on-disk cache makes
+    later processes load it), or None without numba. ``define`` receives
+    numba.njit(cache=True, nogil=True) and returns the jitted function; it
+    must not call other functions jitted this way (numba does not cache a
+    function that calls another closure's)."""
+    if name not in _FUNCTIONS:
+        try:
+            import numba
+        except Exception as e:  # no numba, or one that does not work here
+            logger.debug("numba unavailable (%s): the numpy path is used", e)
+            _FUNCTIONS[name] = None
+        else:
+            _FUNCTIONS[name] = define(numba.njit(cache=True, nogil=True))
+    return _FUNCTIONS[name]
+
+
+def disable(name, monkeypatch):
+    """For tests: force the numpy path of ``name``."""
+    monkeypatch.setitem(_FUNCTIONS, name, None)
