@@ -155,8 +155,9 @@ def extract(models, params, images=None, reflections=None, progress=True,
     return manifest
 
 
-def extract_one(job: ImageJob, background, dynamic) -> dict:
-    """Extract one image, write its file (and masks); return its manifest entry."""
+def extract_one(job: ImageJob, background, dynamic, writer=None) -> dict:
+    """Extract one image, write its file (and masks); return its manifest
+    entry. ``writer(func)``: runs the file writes (by default now)."""
     task, params = job.task, job.params
     entry = {
         "still_id": task.still_id,
@@ -206,14 +207,18 @@ def extract_one(job: ImageJob, background, dynamic) -> dict:
         "bragg_mask": "+".join(sorted(bragg_methods(params.masking.bragg))) or "none",
         "pixel_counts": result.stages,
     }
-    if result.masks is not None:
-        for kind, panel_masks in result.masks.items():
-            io.write_pickle(
-                os.path.join(job.out_dir, mask_file_name(kind, task.still_id)),
-                masks.to_flex(panel_masks),
-            )
-    # the image file last: its presence means the image is complete
-    write_image_file(os.path.join(job.out_dir, name), result.arrays, metadata)
+
+    def write_files():
+        if result.masks is not None:
+            for kind, panel_masks in result.masks.items():
+                io.write_pickle(
+                    os.path.join(job.out_dir, mask_file_name(kind, task.still_id)),
+                    masks.to_flex(panel_masks),
+                )
+        # the image file last: its presence means the image is complete
+        write_image_file(os.path.join(job.out_dir, name), result.arrays, metadata)
+
+    (writer or (lambda func: func()))(write_files)
     entry.update(
         status="extracted",
         file=name,
@@ -269,19 +274,28 @@ def run_jobs(jobs, params, background, dynamic, show_progress=True, prepared=Fal
             while_running()
         return _run_dask(jobs, params, dynamic, nproc)
     if nproc <= 1:
-        # while_running in a thread: its file write overlaps the images'
-        # compiled kernels and compression, which release the GIL
+        # with one process the file writes (while_running's, then each
+        # image's) run in a thread while the next image is extracted: the
+        # compiled kernels, zlib and the file system release the GIL
         side = concurrent.futures.ThreadPoolExecutor(1)
-        side_job = side.submit(while_running) if while_running is not None else None
+        side_jobs = [side.submit(while_running)] if while_running is not None else []
+
+        def writer(func):
+            # one image's files pending at most: the next image waits for
+            # the one before (its error, if any, is raised here)
+            while side_jobs:
+                side_jobs.pop(0).result()
+            side_jobs.append(side.submit(func))
+
         try:
-            iterator = (extract_one(job, background, dynamic) for job in jobs)
+            iterator = (extract_one(job, background, dynamic, writer) for job in jobs)
             entries = []
             for entry in progress_bar(iterator, total=len(jobs),
                                       disable=not show_progress or None):
                 _log_entry(entry, len(entries), len(jobs))
                 entries.append(entry)
-            if side_job is not None:
-                side_job.result()  # its error, if any, is raised here
+            while side_jobs:
+                side_jobs.pop(0).result()
         finally:
             side.shutdown()
         return entries
