@@ -227,7 +227,7 @@ def _define():
         m10, m11, m12 = to_grid[1, 0], to_grid[1, 1], to_grid[1, 2]
         m20, m21, m22 = to_grid[2, 0], to_grid[2, 1], to_grid[2, 2]
         l0, l1, l2 = lower[0], lower[1], lower[2]
-        s0, s1 = strides[0], strides[1]
+        f0, f1 = np.float64(strides[0]), np.float64(strides[1])
         magic = np.float32(12582912.0)
         n_trusted = 0
         n_kept = 0
@@ -244,8 +244,10 @@ def _define():
             g0 = ((m00 * qx + m01 * qy + m02 * qz) + magic) - magic - l0
             g1 = ((m10 * qx + m11 * qy + m12 * qz) + magic) - magic - l1
             g2 = ((m20 * qx + m21 * qy + m22 * qz) + magic) - magic - l2
-            k = np.int64(g0) * s0 + np.int64(g1) * s1 + np.int64(g2)
-            out_key[i] = k if kept else -1
+            # in float64 (exact: integers below 2^53), converted once to the
+            # key's type: AVX2 vectorises float64 -> int32, not int64 maths
+            k = np.float64(g0) * f0 + np.float64(g1) * f1 + np.float64(g2)
+            out_key[i] = out_key.dtype.type(k) if kept else -1
         return n_trusted, n_kept
 
     @jit
