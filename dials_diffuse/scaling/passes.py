@@ -149,10 +149,10 @@ def _run_partition(rows, task):
     return func(rows, start, stop, *args)
 
 
-def _ordered_results(executor, rows, tasks):
+def _ordered_results(executor, n_threads, rows, tasks):
     """The tasks' results in order, at most one task per thread ahead of the
     one being reduced (each result holds per-voxel arrays)."""
-    ahead = executor._max_workers
+    ahead = n_threads
     futures = [executor.submit(_run_partition, rows, t) for t in tasks[:ahead]]
     for k in range(len(tasks)):
         if k + ahead < len(tasks):
@@ -197,6 +197,7 @@ class ObservationPasses:
                 # compiled sweeps release the GIL: threads share everything,
                 # nothing is pickled
                 self._threads = concurrent.futures.ThreadPoolExecutor(n_workers)
+                self._n_threads = n_workers
             else:
                 self._pool = ForkPool(self.rows, n_workers).__enter__()
 
@@ -211,7 +212,7 @@ class ObservationPasses:
     def _reduce(self, func, args, concat):
         tasks = [(func, a, b, args) for a, b in self.bounds]
         if self._threads is not None:
-            results = _ordered_results(self._threads, self.rows, tasks)
+            results = _ordered_results(self._threads, self._n_threads, self.rows, tasks)
         elif self._pool is not None:
             results = self._pool.map(_run_partition, tasks)
         else:
@@ -243,7 +244,7 @@ class ObservationPasses:
     def log_timings(self):
         workers = ("1 process" if self._pool is None and self._threads is None else
                    f"{self._pool.nproc} processes" if self._pool else
-                   f"{self._threads._max_workers} threads")
+                   f"{self._n_threads} threads")
         kind = "compiled" if self.rows.kernels is not None else "numpy"
         logger.info("Passes over the observations (%d partitions, %s, %s): %s", len(self.bounds),
                     kind, workers,
