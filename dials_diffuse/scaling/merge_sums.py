@@ -128,14 +128,21 @@ def merged_error_k(half_sums, min_obs=2, max_k=None):
 
     if float(np.median(diff2 / p)) <= target:
         return 0.0
-    # z_j(k) = d_j / (p_j + k^2 q_j) <= m  <=>  t_j = (d_j - m p_j) / (m q_j) <= k^2:
-    # the median of z is m where k^2 is the median of t (one median, no search)
+    return median_error_k(diff2, p, q, target, MAX_ERROR_K if max_k is None else max_k)
+
+
+def median_error_k(squared, counting, expected2, target, max_k=MAX_ERROR_K):
+    """k >= 0 such that the median of squared / (counting + k^2 expected2) is
+    ``target`` (at most max_k). z_j(k) <= m <=> t_j = (squared_j - m
+    counting_j) / (m expected2_j) <= k^2, so the median of z is m where k^2
+    is the median of t: one median, no search."""
+    m = target
     with np.errstate(divide="ignore", invalid="ignore"):
-        t = np.where(q > 0, (diff2 - target * p) / (target * np.where(q > 0, q, 1.0)),
-                     np.where(diff2 > target * p, np.inf, -np.inf))
+        t = np.where(expected2 > 0,
+                     (squared - m * counting) / (m * np.where(expected2 > 0, expected2, 1.0)),
+                     np.where(squared > m * counting, np.inf, -np.inf))
     k2 = float(np.median(t))
-    top = MAX_ERROR_K if max_k is None else max_k
-    return float(min(np.sqrt(k2), top)) if k2 > 0 else 0.0
+    return float(min(np.sqrt(k2), max_k)) if k2 > 0 else 0.0
 
 
 def merge_intensities(obs, model: ScalingModel, use: np.ndarray = None, passes=None, halves=None):

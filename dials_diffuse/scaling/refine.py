@@ -11,7 +11,7 @@ import numpy as np
 from dials.util import tabulate
 
 from dials_diffuse.scaling.gauss_newton import add_gauss_newton_rows, compiled_gauss_newton_outputs, compiled_gauss_newton_sums, denominator_partition, gauss_newton_partition, gauss_newton_scales, new_gauss_newton_sums, sample_columns, schur_sample_step
-from dials_diffuse.scaling.merge_sums import MAX_ERROR_K, MERGE_SUMS, add_merge_sums, compiled_sweep, intensities, merge_partition, prediction, merge_intensities, merged_error_k, model_prediction, model_variance
+from dials_diffuse.scaling.merge_sums import MERGE_SUMS, add_merge_sums, compiled_sweep, intensities, median_error_k, merge_partition, prediction, merge_intensities, merged_error_k, model_prediction, model_variance
 from dials_diffuse.scaling.model import ScalingModel, ScalingResult
 from dials_diffuse.scaling.surface_steps import update_surfaces
 from dials_diffuse.scaling.surfaces import enabled as surfaces_enabled
@@ -238,18 +238,9 @@ def fit_error_model(resid, poisson_var, expected):
     outlier test would reject good data. The median makes the fit robust to
     the outliers themselves.
     """
-    # z_j(k) = r_j^2 / (p_j + k^2 e_j^2) <= m  <=>  t_j = (r_j^2 - m p_j) / (m e_j^2) <= k^2,
-    # so median(z) = m where k^2 = median(t): one median, no search
-    m = CHI2_1_MEDIAN
     if resid.size == 0:
         return 0.0
-    r2, pv, e2 = resid**2, poisson_var, expected**2
-    above = r2 > m * pv
-    with np.errstate(divide="ignore", invalid="ignore"):
-        t = np.where(e2 > 0, (r2 - m * pv) / (m * np.where(e2 > 0, e2, 1.0)),
-                     np.where(above, np.inf, -np.inf))
-    k2 = float(np.median(t))
-    return float(min(np.sqrt(k2), MAX_ERROR_K)) if k2 > 0 else 0.0
+    return median_error_k(resid**2, poisson_var, expected**2, CHI2_1_MEDIAN)
 
 
 def _offset_partition(rows, start, stop, model, intensity):
