@@ -33,6 +33,20 @@ def lazy_jit(name, define):
     return _FUNCTIONS[name]
 
 
+def use_compiled(choice, available, reason="") -> bool:
+    """The rule of every ``kernel = auto numba numpy`` parameter: numpy never
+    compiles, auto compiles when numba is available, numba insists (a Sorry
+    without it; ``reason``: why it is not available)."""
+    if choice == "numpy":
+        return False
+    if choice == "numba" and not available:
+        from dials.util import Sorry
+
+        why = reason or "apt-get install python3-numba"
+        raise Sorry(f"kernel=numba: numba is not available here ({why})")
+    return bool(available)
+
+
 def disable(name, monkeypatch):
     """For tests: force the numpy path of ``name``."""
     monkeypatch.setitem(_FUNCTIONS, name, None)

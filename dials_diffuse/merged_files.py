@@ -213,8 +213,9 @@ def write_hdf5(path, arrays):
 
 def write_ccp4_maps(maps, grid, voxel_grid, operators, output):
     """Expand ASU maps by symmetry into an hkl box and write each as CCP4/MRC;
-    ``maps``: (path, values per voxel, label). The symmetry expansion is
-    made once for all of them (0.3-0.5 s each on a 6M sweep)."""
+    ``maps``: (path, values per voxel, label). Compiled, each map's box is
+    filled by one pass over voxels and operators (no expanded copy); else
+    the symmetry expansion is made once for all of them."""
     ndiv = np.array(grid.ndiv)
     fill = lazy_jit("merged_files.fill_box", _define_fill_box)
     if fill is not None:
@@ -285,7 +286,7 @@ def _define_fill_box(jit):
         value (float32; non-finite -> fill); where mates of two voxels meet,
         the first voxel wins (symmetry.expand_to_p1's rule); points no mate
         reaches get fill."""
-        unset = np.uint32(0x7FA00001)
+        unset = _UNSET  # a compile-time constant
         for v in range(g.shape[0]):
             value = np.float32(values[v]) if np.isfinite(values[v]) else fill
             for o in range(ops.shape[0]):

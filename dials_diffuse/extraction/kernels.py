@@ -11,9 +11,10 @@ into a hash table that stays in the CPU cache (a row of runs meets the same
 few hundred voxels as the row before). The dynamic mask's sums and local
 medians are compiled here too.
 
-The voxel key is computed with the same float32 operations in the same order
-as :class:`image.VoxelKeys` (no BLAS, no fused multiply-add), so both paths
-give the same keys and pixel counts bit for bit; their float64 sums of the
+The voxel's grid coordinates are computed with the same float32 operations
+in the same order as :class:`image.VoxelKeys` (no BLAS, no fused
+multiply-add) and combined into the key exactly (in float64, integers below
+2^53), so both paths give the same keys and pixel counts bit for bit; their float64 sums of the
 same float32 values differ only in the order of the additions.
 """
 
@@ -23,7 +24,7 @@ import logging
 
 import numpy as np
 
-from dials_diffuse import grid
+from dials_diffuse import compiled, grid
 
 logger = logging.getLogger("dials.diffuse_extract")
 
@@ -49,15 +50,9 @@ def available() -> bool:
 
 
 def use_compiled(choice) -> bool:
-    """Whether the extraction runs the compiled kernel: kernel=auto uses it
-    when numba is available, numba insists on it, numpy never uses it."""
-    if choice == "numpy":
-        return False
-    if choice == "numba" and not available():
-        from dials.util import Sorry
-
-        raise Sorry("kernel=numba: numba is not available here (apt-get install python3-numba)")
-    return available()
+    """Whether the extraction runs the compiled kernel (compiled.use_compiled's
+    rule for kernel=auto|numba|numpy)."""
+    return compiled.use_compiled(choice, choice != "numpy" and available())
 
 
 def warm_up(counts_dtype, with_background=False):

@@ -121,11 +121,12 @@ def extract(models, params, images=None, reflections=None, progress=True,
         ImageJob(task, params, ndiv, out_dir, reflections_for(reflections, task))
         for task in tasks
     ]
-    t1 = time.time()
+
     def write_dynamic_mask():
         if dynamic is not None:
             io.write_pickle(os.path.join(out_dir, DYNAMIC_MASK_NAME), masks.to_flex(dynamic))
 
+    t1 = time.time()
     # the dynamic mask's file is written while the extraction workers run
     entries = list(skipped) + run_jobs(jobs, params, background, dynamic, progress,
                                        prepared=bool(prepared), while_running=write_dynamic_mask)

@@ -10,7 +10,8 @@ the per-voxel sums add row by row in row order (numpy adds per-chunk sums),
 so the two paths agree to rounding. The kernels release the GIL: a pass's
 partitions run in threads (:class:`passes.ObservationPasses`).
 
-This module imports numba at import time; :func:`load` imports it lazily.
+This module imports numba at import time; :func:`passes.load_kernels` imports
+it lazily.
 """
 
 from __future__ import annotations
@@ -31,8 +32,8 @@ def sweep(voxel, image, signal, factor, variance, use, start, stop, scale, inten
     of |S - E[S]|, |S| and z^2 over the rows used. gn_image (2, n_img) and
     gn_voxel (3, n_vox) with a non-empty first axis: the Gauss-Newton sums
     (d_b, g_b; d_I, g_I, sum S) and the row's coupling C = w W^2 b I (0 if
-    not used: sparse_schur_product reads them). merge (n_sets, 5, n_vox) non-empty: the merge sums
-    (numerator, denominator, counting variance, count, E[S]^2 if
+    not used: sparse_schur_product reads them). merge (n_sets, 5, n_vox)
+    non-empty: the merge sums (numerator, denominator, counting variance, count, E[S]^2 if
     merge_expected), into set half[image] (one set: half all 0).
     """
     want_gn = gn_image.shape[0] > 0

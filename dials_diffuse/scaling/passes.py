@@ -14,6 +14,7 @@ import time
 
 import numpy as np
 
+from dials_diffuse.compiled import use_compiled
 from dials_diffuse.observations import keep_freed_memory, shared_array
 from dials_diffuse.parallel import ForkPool
 
@@ -126,17 +127,14 @@ class SharedRows:
 
 
 def load_kernels(choice="auto"):
-    """scaling.kernels when numba imports (kernel=auto|numba), else None;
-    kernel=numba without numba is a Sorry."""
+    """scaling.kernels when numba imports (kernel=auto|numba), else None
+    (compiled.use_compiled's rule: kernel=numba without numba is a Sorry)."""
     if choice == "numpy":
         return None
     try:
         from dials_diffuse.scaling import kernels
     except Exception as e:  # no numba, or one that does not work here
-        if choice == "numba":
-            from dials.util import Sorry
-
-            raise Sorry(f"kernel=numba: numba is not available here ({e})")
+        use_compiled(choice, False, str(e))  # a Sorry for kernel=numba
         logger.debug("Compiled scaling sweeps unavailable (%s): numpy passes", e)
         return None
     return kernels
