@@ -1,0 +1,239 @@
+"""Compiled and numpy paths of the components changed in issue 16 (session 7),
+timed side by side on the side-by-side benchmark's 100-image 6M sweep.
+
+Needs the data of ``bash bench/run_comparison.sh`` (``bench/data/p6m_rot_100``
+and our one-process extraction in ``bench/data/cmp_100/ours_np1/extracted``).
+Each component runs both paths in this process, best of ``--repeats``:
+
+* the merge's scaling passes (``kernel=numba`` against ``kernel=numpy``);
+* the Gauss-Newton matrix from the real couplings (compiled sparse product
+  against the dense BLAS blocks);
+* orbit sizes (one BLAS product against sorting the packed mates);
+* the two CCP4 maps (compiled box fill against ``expand_to_p1``);
+* pixel lab coordinates of the whole 6M detector (compiled against numpy);
+* one image's extraction (``kernel=numba`` against ``kernel=numpy``);
+* with ``--commands``: the one-process extraction command run with the
+  default environment and with ``OPENBLAS_NUM_THREADS=1`` (system time and
+  page faults of the child, from getrusage).
+
+    .venv/bin/python bench/components.py [--repeats 3] [--commands]
+        [--output components_session7.json]
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import pathlib
+import resource
+import subprocess
+import sys
+import tempfile
+import time
+
+sys.path.insert(0, str(pathlib.Path(__file__).resolve().parent))
+import common  # noqa: E402
+
+os.environ.setdefault("LIBTBX_BUILD", common.LIBTBX_BUILD)
+
+import numpy as np  # noqa: E402
+from dxtbx.model.experiment_list import ExperimentListFactory  # noqa: E402
+
+from dials_diffuse import api, compiled, geometry, merged_files, merging, symmetry  # noqa: E402
+from dials_diffuse.extraction import context as extraction_context  # noqa: E402
+from dials_diffuse.extraction import image as extraction_image  # noqa: E402
+from dials_diffuse.extraction.tasks import plan_tasks  # noqa: E402
+from dials_diffuse.merging import image_halves  # noqa: E402
+from dials_diffuse.observations import find_extraction_files, keep_freed_memory  # noqa: E402
+from dials_diffuse.observations import load_observations  # noqa: E402
+from dials_diffuse import scaling  # noqa: E402
+from dials_diffuse.scaling import gauss_newton  # noqa: E402
+
+EXPT = common.DATA / "p6m_rot_100" / "truth.expt"
+EXTRACTED = common.DATA / "cmp_100" / "ours_np1" / "extracted"
+
+
+def best(func, repeats):
+    times = []
+    for _ in range(repeats):
+        t0 = time.perf_counter()
+        func()
+        times.append(time.perf_counter() - t0)
+    return round(min(times), 4)
+
+
+class NumpyPath:
+    """A compiled loop of dials_diffuse.compiled disabled while inside."""
+
+    def __init__(self, name):
+        self.name = name
+
+    def __enter__(self):
+        self.saved = compiled._FUNCTIONS.pop(self.name, "absent")
+        compiled._FUNCTIONS[self.name] = None
+
+    def __exit__(self, *exc):
+        compiled._FUNCTIONS.pop(self.name)
+        if self.saved != "absent":
+            compiled._FUNCTIONS[self.name] = self.saved
+
+
+def sorted_mates_orbit_sizes(g, ops):
+    """The orbit sizes by sorting every voxel's packed mates (the method
+    before session 7)."""
+    mates = symmetry.symmetry_mates(g, ops)
+    offset = np.abs(mates).max() + 1
+    span = 2 * offset + 1
+    keys = ((mates[..., 0] + offset) * span + (mates[..., 1] + offset)) * span + (mates[..., 2] + offset)
+    keys.sort(axis=0)
+    return 1 + np.count_nonzero(np.diff(keys, axis=0), axis=0)
+
+
+def merge_components(experiments, repeats):
+    params = api.merge_params()
+    files = find_extraction_files([str(EXTRACTED)])
+    grid, _ = merging.build_grid(experiments, params, merging.extracted_ndiv(files[0]))
+    ops = symmetry.laue_operators(grid.space_group, params.symmetry.merge)
+    obs = load_observations(files, grid, ops, nproc=1)
+    out = {"n_observations": int(obs.n_obs), "n_voxels": int(obs.n_voxels)}
+    halves = image_halves(obs.n_images, 0)
+    for kernel in ("numba", "numpy"):
+        refine_s, passes_s = [], []
+        for _ in range(repeats):
+            with scaling.ObservationPasses(obs, 1, kernel) as passes:
+                t0 = time.perf_counter()
+                result = scaling.refine_scales(obs, params.scaling, passes, halves=halves)
+                refine_s.append(time.perf_counter() - t0)
+                passes_s.append(sum(t for _, t in passes.timings.values()))
+        out[f"refine_{kernel}_s"] = round(min(refine_s), 3)
+        out[f"passes_{kernel}_s"] = round(min(passes_s), 3)
+    # the Gauss-Newton matrix from the couplings of the last compiled pass
+    with scaling.ObservationPasses(obs, 1, "numba") as passes:
+        model = result.model
+        intensity = np.nan_to_num(result.intensity)
+        gn = passes.reduce(gauss_newton.gauss_newton_partition, model, intensity, 1,
+                           concat=gauss_newton.sample_columns(0))
+        d_b, d_i = gn[0], gn[1]
+        inv_d = np.where(d_i > 0, 1.0 / np.where(d_i > 0, d_i, 1.0), 0.0)
+        passes.voxel_rows(1)
+        out["schur_compiled_sparse_s"] = best(
+            lambda: gauss_newton._compiled_schur_matrix(passes, d_b, inv_d, 1), repeats)
+        order, start = passes.voxel_rows(1)
+        couplings = passes.rows.coupling[order].astype(np.float64)
+        used = couplings != 0
+        sampled = np.repeat(np.arange(obs.n_voxels, dtype=np.int32), np.diff(start))[used]
+        images = obs.image[order][used]
+        gauss_newton_dense = gauss_newton._sparse_is_cheaper
+        gauss_newton._sparse_is_cheaper = lambda *a: False
+        try:
+            out["schur_dense_blas_s"] = best(
+                lambda: gauss_newton._schur_matrix(d_b, images, sampled, couplings[used], inv_d, 1),
+                repeats)
+        finally:
+            gauss_newton._sparse_is_cheaper = gauss_newton_dense
+    out["orbit_sizes_blas_s"] = best(lambda: symmetry.orbit_sizes(obs.voxel_grid, ops), repeats)
+    out["orbit_sizes_sorted_mates_s"] = best(
+        lambda: sorted_mates_orbit_sizes(obs.voxel_grid, ops), repeats)
+    values = np.nan_to_num(result.intensity)
+    with tempfile.TemporaryDirectory() as tmp:
+        maps = [(os.path.join(tmp, f"m{k}.ccp4"), values, "map") for k in range(2)]
+        write = lambda: merged_files.write_ccp4_maps(maps, grid, obs.voxel_grid, ops, params.output)  # noqa: E731
+        write()
+        out["ccp4_two_maps_compiled_s"] = best(write, repeats)
+        with NumpyPath("merged_files.fill_box"):
+            out["ccp4_two_maps_numpy_s"] = best(write, repeats)
+    return out
+
+
+def extraction_components(experiments, repeats):
+    params = api.extraction_params(**{"grid.ndiv_h": 4, "grid.ndiv_k": 4, "grid.ndiv_l": 4,
+                                      "masking.bragg.mosaicity_deg": 0.1,
+                                      "masking.bragg.beam_divergence_deg": 0.03154,
+                                      "output.save_pixels": "off"})
+    tasks, _ = plan_tasks(experiments, None)
+    detector = experiments[0].detector
+    out = {}
+    pixels = [(panel, *np.meshgrid(np.arange(panel.get_image_size()[0]) + 0.5,
+                                   np.arange(panel.get_image_size()[1]) + 0.5))
+              for panel in detector]
+    lab = lambda: [geometry.pixel_lab_coordinates(p, x.ravel(), y.ravel()) for p, x, y in pixels]  # noqa: E731
+    lab()
+    out["lab_coordinates_6m_compiled_s"] = best(lab, repeats)
+    with NumpyPath("geometry.lab_coordinates"):
+        out["lab_coordinates_6m_numpy_s"] = best(lab, repeats)
+    extraction_context.clear_caches()
+    out["context_6m_s"] = best(lambda: (extraction_context.clear_caches(),
+                                        extraction_context.context_for(tasks[0], params)), 1)
+    context = extraction_context.context_for(tasks[0], params)
+    from dials_diffuse import bragg
+
+    widths = bragg.profile_widths(experiments, None, params.masking.bragg)
+    for task in tasks:
+        task.bragg_widths = widths.get(task.experiment_id)
+    ndiv = (params.grid.ndiv_h, params.grid.ndiv_k, params.grid.ndiv_l)
+    for kernel in ("numba", "numpy"):
+        params.kernel = kernel
+        extraction_image.extract_image(tasks[0], context, params, ndiv)
+        out[f"extract_image_{kernel}_s"] = best(
+            lambda: extraction_image.extract_image(tasks[5], context, params, ndiv), repeats)
+    return out
+
+
+def command_components():
+    """The one-process extraction command, default environment against one
+    OpenBLAS thread: wall, user and system time and minor page faults."""
+    out = {}
+    for label, threads in (("default_env", None), ("openblas_1", "1")):
+        env = dict(os.environ)
+        for k in ("OMP_NUM_THREADS", "OPENBLAS_NUM_THREADS", "MKL_NUM_THREADS"):
+            env.pop(k, None)
+        # the commands set one thread unless told otherwise: OpenBLAS's own
+        # default (a thread per core) has to be asked for
+        env["OPENBLAS_NUM_THREADS"] = threads or str(os.cpu_count())
+        with tempfile.TemporaryDirectory() as tmp:
+            before = resource.getrusage(resource.RUSAGE_CHILDREN)
+            t0 = time.perf_counter()
+            subprocess.run(
+                [str(common.VENV_BIN / "dials.diffuse_extract"), str(EXPT),
+                 "masking.bragg.mosaicity_deg=0.1", "masking.bragg.beam_divergence_deg=0.03154",
+                 "mp.nproc=1", "output.save_pixels=off", f"output.directory={tmp}/ex",
+                 f"output.log={tmp}/ex.log"],
+                env=env, check=True, capture_output=True)
+            wall = time.perf_counter() - t0
+            after = resource.getrusage(resource.RUSAGE_CHILDREN)
+        out[label] = {"wall_s": round(wall, 2),
+                      "user_s": round(after.ru_utime - before.ru_utime, 2),
+                      "system_s": round(after.ru_stime - before.ru_stime, 2),
+                      "minor_faults": after.ru_minflt - before.ru_minflt}
+    return out
+
+
+def main():
+    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    ap.add_argument("--repeats", type=int, default=3)
+    ap.add_argument("--commands", action="store_true",
+                    help="also run the extraction command twice (OpenBLAS threads)")
+    ap.add_argument("--output", default=None, help="JSON file name in bench/results")
+    args = ap.parse_args()
+    if not EXTRACTED.is_dir():
+        sys.exit(f"{EXTRACTED} is missing: run bash bench/run_comparison.sh first")
+    keep_freed_memory()
+    experiments = ExperimentListFactory.from_json_file(str(EXPT), check_format=True)
+    doc = {"date": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
+           "load_before": common.loadavg(),
+           "git_commit": subprocess.run(["git", "rev-parse", "--short", "HEAD"],
+                                        capture_output=True, text=True,
+                                        cwd=common.ROOT).stdout.strip(),
+           "repeats": args.repeats}
+    doc["merge"] = merge_components(experiments, args.repeats)
+    doc["extraction"] = extraction_components(experiments, args.repeats)
+    if args.commands:
+        doc["command"] = command_components()
+    print(json.dumps(doc, indent=1))
+    if args.output:
+        (common.RESULTS / args.output).write_text(json.dumps(doc, indent=1) + "\n")
+
+
+if __name__ == "__main__":
+    main()
