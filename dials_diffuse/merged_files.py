@@ -304,6 +304,45 @@ def _define_fill_box(jit):
     return fill_box
 
 
+def map_statistics(dense):
+    """(min, max, mean, rms deviation from the mean) of a float32 map as
+    float32, summed in float64; all NaN when any value is NaN (numpy's
+    rule, which mrcfile's header statistics follow)."""
+    values = np.ascontiguousarray(dense, np.float32).reshape(-1)
+    if values.size == 0:
+        return (np.float32(0), np.float32(-1), np.float32(-2), np.float32(-1))  # mrcfile's "unset"
+    stats = lazy_jit("merged_files.map_statistics", _define_map_statistics)
+    if stats is not None:
+        result = stats(values)
+    else:
+        mean = values.mean(dtype=np.float64)
+        result = (values.min(), values.max(), mean,
+                  np.sqrt(np.mean(np.square(values - mean, dtype=np.float64))))
+    return tuple(np.float32(x) for x in result)
+
+
+def _define_map_statistics(jit):
+    @jit
+    def map_statistics(values):
+        """Two passes: min, max and sum; then the squared deviations."""
+        lo = hi = values[0]
+        total = 0.0
+        for x in values:
+            if x != x:  # NaN
+                nan = np.float64(np.nan)
+                return nan, nan, nan, nan
+            lo = min(lo, x)
+            hi = max(hi, x)
+            total += x
+        mean = total / values.size
+        squares = 0.0
+        for x in values:
+            squares += (x - mean) ** 2
+        return np.float64(lo), np.float64(hi), mean, np.sqrt(squares / values.size)
+
+    return map_statistics
+
+
 def _write_ccp4_file(path, grid, dense, lo, hi, output, label):
     """One CCP4/MRC map through the mrcfile package, with the header iotbx's
     writer (which calls mrcfile the same way) gives a P 1 map of this box:
@@ -322,10 +361,15 @@ def _write_ccp4_file(path, grid, dense, lo, hi, output, label):
     with io.atomic_path(path) as tmp:
         with mrcfile.new(tmp, overwrite=True) as mrc:
             mrc.header.mapc, mrc.header.mapr, mrc.header.maps = 3, 2, 1
-            # no copy of a C-ordered float32 array; the header's statistics
-            # (dmin, dmax, dmean, rms) are computed here, once (iotbx has
-            # mrcfile compute them a second time, to the same values)
+            # no copy of a C-ordered float32 array. The header's statistics
+            # (dmin, dmax, dmean, rms) come from map_statistics: mrcfile's
+            # own take five passes and a temporary the size of the map
+            # (0.3 s for a 65 MB map), in float32 sums
+            mrc.update_header_stats = lambda: None  # this instance only
             mrc.set_data(np.asarray(dense, dtype=np.float32))
+            del mrc.update_header_stats
+            header = mrc.header
+            header.dmin, header.dmax, header.dmean, header.rms = map_statistics(dense)
             mrc.header.nlabl = len(labels)
             for k, text in enumerate(labels):
                 mrc.header.label[k] = text

@@ -151,7 +151,9 @@ def test_ccp4_file_is_iotbx_own(tmp_path):
     byte for byte the one iotbx's writer makes of the same box (with the
     reciprocal cell, P 1 and the ndiv grid it was given before)."""
     from cctbx import sgtbx, uctbx
+    import mrcfile
     from iotbx import mrcfile as iotbx_mrcfile
+    from mrcfile.dtypes import HEADER_DTYPE
     from scitbx.array_family import flex
 
     from dials_diffuse.grid import GlobalVoxelGrid
@@ -179,10 +181,42 @@ def test_ccp4_file_is_iotbx_own(tmp_path):
                                 "axes X,Y,Z = h,k,l; 4,2,3 points per reciprocal unit",
                                 f"cell = reciprocal cell (1/A) x {s:g}"]),
         unit_cell_grid=(4, 2, 3), out=open(os.devnull, "w"))
-    assert ours.read_bytes() == theirs.read_bytes()
+    # byte for byte, but for the mean and rms: summed in float64 here
+    # (merged_files.map_statistics), in float32 by mrcfile under iotbx
+    ours_bytes, theirs_bytes = bytearray(ours.read_bytes()), bytearray(theirs.read_bytes())
+    for field in ("dmean", "rms"):
+        with mrcfile.open(str(ours), header_only=True) as a, \
+                mrcfile.open(str(theirs), header_only=True) as b:
+            assert float(a.header[field]) == pytest.approx(float(b.header[field]), rel=1e-6)
+        offset = HEADER_DTYPE.fields[field][1]
+        ours_bytes[offset:offset + 4] = theirs_bytes[offset:offset + 4] = b"\0" * 4
+    assert ours_bytes == theirs_bytes
     m = iotbx_mrcfile.map_reader(file_name=str(ours))
     assert m.map_data().origin() == tuple(lo)
     assert np.array_equal(m.map_data().as_numpy_array(), dense)
+
+
+@pytest.mark.parametrize("kind", ["compiled", "numpy"])
+def test_map_statistics_match_numpy_float64(monkeypatch, kind):
+    """The CCP4 header's min, max, mean and rms (map_statistics, compiled or
+    numpy) against numpy's own functions in float64; NaN anywhere makes
+    them all NaN, as numpy's (and so mrcfile's) do."""
+    from dials_diffuse import compiled
+
+    if kind == "numpy":
+        compiled.disable("merged_files.map_statistics", monkeypatch)
+    elif compiled.lazy_jit("merged_files.map_statistics", merged_files._define_map_statistics) is None:
+        pytest.skip("numba is not available")
+    rng = np.random.default_rng(3)
+    dense = (rng.normal(size=(40, 30, 20)) * 50 + 1000).astype(np.float32)
+    dense[::3] = 0.0  # fill value
+    ref = dense.astype(np.float64)
+    stats = merged_files.map_statistics(dense)
+    assert all(isinstance(x, np.float32) for x in stats)
+    expected = (ref.min(), ref.max(), ref.mean(), ref.std())
+    assert np.allclose(stats, expected, rtol=1e-6, atol=0)
+    dense[5, 6, 7] = np.nan
+    assert np.all(np.isnan(merged_files.map_statistics(dense)))
 
 
 @pytest.mark.parametrize("space_group", ["P 2", "P 6 2 2", "I 4 3 2"])
