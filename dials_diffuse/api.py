@@ -96,7 +96,7 @@ def _run(experiment, index, params, background=None, dynamic_mask=None, want_mas
     clear_caches()  # contexts depend on the parameters
     if background is None:
         background = load_background(params, experiment.detector)
-    context = context_for(task, params)
+    context = context_for(task, params, parts_step=1)  # every pixel's correction factors
     result = _extract_image(task, context, params, ndiv, background, dynamic_mask)
     return task, context, result
 
@@ -133,7 +133,7 @@ def extract_image(experiment, index=0, params=None, background=None, dynamic_mas
         rows = np.flatnonzero(panel == pp.panel_id)
         raster = (slow[rows] // pp.step) * pp.shape[1] + fast[rows] // pp.step
         for k in CORRECTIONS:
-            parts[k][rows] = pp.parts[k][raster]
+            parts[k][rows] = pp.parts[k][pp.parts_index(raster)]
         parts["total"][rows] = pp.factor[raster]
     parts["total"] *= exposure_time(task, params)
     for k, values in parts.items():

@@ -250,6 +250,35 @@ def test_multipanel(simulated_multipanel, tmp_path):
     assert np.all(np.abs(by_shell - 1) < 0.02), by_shell
 
 
+def test_correction_sample_matches_every_pixel_factors(simulated_multipanel, tmp_path):
+    """The correction sample's separate factors, kept by the context on a
+    coarse grid of pixels only, are the factors api.extract_image computes
+    for every kept pixel (the same panel, slow, fast) on every panel; the
+    sample spreads over the panels and lies on the grid."""
+    from dials_diffuse import api
+    from dials_diffuse.extraction.context import CORRECTION_PARTS_STEP
+
+    truth = load_truth(simulated_multipanel)
+    params = extraction_params(
+        truth, tmp_path / "out", **{"corrections.exposure_time": truth.exposure_time})
+    extract(truth.experiments, params, progress=False)
+    with np.load(tmp_path / "out" / "image_000000.npz") as npz:
+        sample = {k: npz[k] for k in npz.files if k.startswith("sample_")}
+    assert sample["sample_panel"].size == 200
+    assert len(np.unique(sample["sample_panel"])) > len(truth.detector) // 2
+    assert np.all(sample["sample_slow"] % CORRECTION_PARTS_STEP == 0)
+    assert np.all(sample["sample_fast"] % CORRECTION_PARTS_STEP == 0)
+    table = api.extract_image(truth.experiments[0], 0, params)
+    fast, slow, _ = (np.asarray(c) for c in table["xyzobs.px"].parts())
+    panel = np.asarray(table["panel"]).astype(np.int64)
+    row = {(p, int(y), int(x)): i for i, (p, y, x) in enumerate(zip(panel, slow, fast))}
+    rows = [row[(p, y, x)] for p, y, x in zip(
+        sample["sample_panel"], sample["sample_slow"], sample["sample_fast"])]
+    for name in ("polarization", "solid_angle", "efficiency", "air"):
+        every_pixel = np.asarray(table[f"correction.{name}"])[rows]
+        assert np.allclose(sample[f"sample_{name}"], every_pixel, rtol=1e-6, atol=0), name
+
+
 def test_gain_and_exposure(tmp_path):
     directory = simulate_dataset(
         params_from(

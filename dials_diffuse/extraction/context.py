@@ -35,7 +35,10 @@ class PanelPixels:
     selected: np.ndarray  # (n,) bool: passes the static mask and the resolution limits
     q_t: np.ndarray  # (3, n) float32 lab-frame q (1/Angstrom) of every raster pixel
     factor: np.ndarray  # (n,) float32 P * Omega * eta * T_air (exposure applied per image); 0 if not selected
-    parts: dict  # each correction factor separately, float32 (for the correction sample)
+    # each correction factor separately, float32, on every parts_step-th
+    # raster row and column (the correction sample's pixels)
+    parts: dict
+    parts_step: int
     n_static: int  # raster pixels passing the static mask
     n_selected: int  # raster pixels in ``selected`` (counted once, used per image)
 
@@ -53,6 +56,12 @@ class PanelPixels:
         """Slices of the raster covering ``rows`` rows each."""
         n_slow, n_fast = self.shape
         return [slice(r * n_fast, min(r + rows, n_slow) * n_fast) for r in range(0, n_slow, rows)]
+
+    def parts_index(self, index: np.ndarray) -> np.ndarray:
+        """Positions in ``parts`` of raster indices on its grid."""
+        row, column = np.divmod(index, self.shape[1])
+        return (row // self.parts_step) * -(-self.shape[1] // self.parts_step) \
+            + column // self.parts_step
 
     def slow_fast(self, index: np.ndarray):
         """Full-resolution (slow, fast) pixel coordinates of raster indices."""
@@ -89,14 +98,20 @@ class DetectorContext:
 #: fresh memory for the whole panel (page faults were most of the cost)
 CONTEXT_BLOCK_PIXELS = 2**17
 
+#: the correction factors one by one are kept on every n-th raster row and
+#: column (the correction sample's pixels): all of them were 100 MB of a 6M
+#: context, and fresh memory is most of a context's cost
+CORRECTION_PARTS_STEP = 8
+
 
 def detector_context(experiment, imageset, params, static_mask,
-                     geometries=None) -> DetectorContext:
+                     geometries=None, parts_step=CORRECTION_PARTS_STEP) -> DetectorContext:
     """The per-pixel context of an experiment's detector and beam, computed
     in blocks of raster rows into its float32 arrays. ``geometries``: a
     list, per panel, of the blocks' PanelGeometry; filled when empty, used
     when not (the beam-independent part, shared by contexts of one
-    detector)."""
+    detector); ``parts_step``: the grid of the separate correction factors
+    (1: every pixel)."""
     beam, detector = experiment.beam, experiment.detector
     reuse = bool(geometries)
     step = params.filter.pixel_step
@@ -108,11 +123,13 @@ def detector_context(experiment, imageset, params, static_mask,
         n = shape[0] * shape[1]
         q_t = np.empty((3, n), np.float32)
         factor = np.empty(n, np.float32)
-        parts = {k: np.empty(n, np.float32) for k in CORRECTION_PARTS}
+        parts_shape = (-(-shape[0] // parts_step), -(-shape[1] // parts_step))
+        parts = {k: np.empty(parts_shape, np.float32) for k in CORRECTION_PARTS}
         selected = np.empty(n, bool)
         static_raster = np.ascontiguousarray(static_mask[pid][::step, ::step]).reshape(-1)
         n_static = 0
-        rows_per_block = max(1, CONTEXT_BLOCK_PIXELS // shape[1])
+        # whole multiples of parts_step: every block starts on a parts row
+        rows_per_block = parts_step * max(1, CONTEXT_BLOCK_PIXELS // (shape[1] * parts_step))
         if geometries is not None and not reuse:
             geometries.append([])
         for k, first in enumerate(range(0, shape[0], rows_per_block)):
@@ -130,8 +147,10 @@ def detector_context(experiment, imageset, params, static_mask,
                 g, panel, beam, static, params, q_t[:, block])
             selected[block] = block_selected
             q_max = max(q_max, block_q_max)
+            on_grid = slice(first // parts_step, -(-(first + g.n_pixels // shape[1]) // parts_step))
             for name in CORRECTION_PARTS:
-                parts[name][block] = getattr(block_parts, name)
+                part = getattr(block_parts, name).reshape(-1, shape[1])
+                parts[name][on_grid] = part[::parts_step, ::parts_step]
             # 0 outside the selection: a non-finite factor there cannot
             # spread through the numpy path's running sums
             factor[block] = np.where(block_selected, block_parts.total, 0.0)
@@ -145,7 +164,8 @@ def detector_context(experiment, imageset, params, static_mask,
                 # 7 digits are ample for binning and for the factors
                 q_t=q_t,
                 factor=factor,
-                parts=parts,
+                parts={k: v.reshape(-1) for k, v in parts.items()},
+                parts_step=parts_step,
                 n_static=n_static,
                 n_selected=int(np.count_nonzero(selected)),
             )
@@ -225,12 +245,18 @@ def clear_caches():
     _BUILT_ONCE.clear()
 
 
-def context_for(task, params):
+def context_for(task, params, parts_step=CORRECTION_PARTS_STEP):
+    """The task's context (cached); ``parts_step``: see detector_context
+    (a cached context with another grid is made again)."""
     context = _find_context(_CONTEXTS, task)
+    if context is not None and context.panels and context.panels[0].parts_step != parts_step:
+        _CONTEXTS[:] = [c for c in _CONTEXTS if c[2] is not context]
+        context = None
     if context is None:
         static = masks.static_mask(task.imageset, params.masking, params.masking.beamstop)
         context = detector_context(task.experiment, task.imageset, params, static,
-                                   _panel_geometries(task.experiment.detector, params))
+                                   _panel_geometries(task.experiment.detector, params),
+                                   parts_step)
         _CONTEXTS.append((task.experiment.detector, task.experiment.beam, context))
         del _CONTEXTS[:-MAX_CONTEXTS]
     return context

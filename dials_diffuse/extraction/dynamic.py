@@ -39,7 +39,19 @@ def _accumulate_dynamic(tasks, params):
 
 
 def _forked_dynamic(shared, indices):
-    return _accumulate_dynamic([shared["tasks"][i] for i in indices], shared["params"])
+    """A worker's share of the sums; the only worker makes the masks too
+    (6 MB sent back instead of 100 MB of sums, and the medians run while
+    the parent builds the extraction's context)."""
+    sums = _accumulate_dynamic([shared["tasks"][i] for i in indices], shared["params"])
+    if not shared["only_worker"]:
+        return sums
+    acc = _dynamic_accumulator(shared["tasks"], shared["params"])
+    acc.add_sums(sums)
+    return _masks(acc, shared["params"])
+
+
+def _masks(acc, params):
+    return acc.masks(kernels.local_level_median if kernels.use_compiled(params.kernel) else None)
 
 
 def sampled_tasks(tasks, max_images):
@@ -53,27 +65,31 @@ def sampled_tasks(tasks, max_images):
 def dynamic_mask(tasks, params, while_waiting=None):
     """Hot and dead pixels from a pass over the images (masking.dynamic.
     max_images of them, evenly spaced; in parallel with
-    mp.method=multiprocessing: each worker sums its share of the images;
-    ``while_waiting()`` runs in this process meanwhile, on one of the
-    mp.nproc cores)."""
+    mp.method=multiprocessing: each worker sums its share of the images, a
+    single worker makes the masks too; ``while_waiting()`` runs in this
+    process meanwhile, on one of the mp.nproc cores)."""
     tasks = sampled_tasks(tasks, params.masking.dynamic.max_images)
-    acc = _dynamic_accumulator(tasks, params)
+    acc = _dynamic_accumulator(tasks, params)  # zero pages until written
     nproc = min(resolve_nproc(params), len(tasks) + (while_waiting is not None))
     if nproc > 1 and params.mp.method == "multiprocessing":
         # this process works meanwhile (while_waiting): one worker fewer, so
         # that nproc processes share nproc cores
         n_workers = min(nproc - (while_waiting is not None), len(tasks))
         shares = [list(range(k, len(tasks), n_workers)) for k in range(n_workers)]
-        with ForkPool({"tasks": tasks, "params": params}, n_workers) as pool:
-            partial_sums = pool.map(_forked_dynamic, shares)  # submitted (forked) now
+        shared = {"tasks": tasks, "params": params, "only_worker": n_workers == 1}
+        with ForkPool(shared, n_workers) as pool:
+            results = pool.map(_forked_dynamic, shares)  # submitted (forked) now
             if while_waiting is not None:
                 while_waiting()
-            for sums in partial_sums:
-                acc.add_sums(sums)
+            if n_workers == 1:
+                result = next(results)
+            else:
+                for sums in results:
+                    acc.add_sums(sums)
+                result = _masks(acc, params)
     else:
         acc.add_sums(_accumulate_dynamic(tasks, params))
-    result = acc.masks(kernels.local_level_median if kernels.use_compiled(params.kernel)
-                       else None)
+        result = _masks(acc, params)
     n_bad = sum(int((~m).sum()) for m in result)
     logger.info("Dynamic mask: %d hot or dead pixels", n_bad)
     return result

@@ -151,12 +151,16 @@ def _kept_pixels_on_grid(pp, run, step):
     rows = np.arange(0, pp.shape[0], step)
     columns = np.arange(0, pp.shape[1], step)
     index = (rows[:, None] * pp.shape[1] + columns[None, :]).ravel()
+    return index[_is_kept(run, index)]
+
+
+def _is_kept(run, index):
+    """Which raster indices (sorted) lie in a run of kept pixels."""
     if run["start"].size == 0:
-        return index[:0]
+        return np.zeros(index.size, bool)
     which = np.searchsorted(run["start"], index, side="right") - 1
-    kept = (which >= 0) & (index < run["start"][np.maximum(which, 0)]
+    return (which >= 0) & (index < run["start"][np.maximum(which, 0)]
                            + run["n"][np.maximum(which, 0)])
-    return index[kept]
 
 
 def pixel_sample_step(context, output) -> int:
@@ -210,21 +214,21 @@ def _pixel_arrays(context, runs, raw, background, bg_constant, setting_inv, t_ex
 
 
 def _correction_sample(context, runs, raw, background, bg_constant, t_exp, gains):
-    """A deterministic sample of kept pixels (evenly spaced in raster order over
-    all panels) with every correction factor, for the diagnostics' correction
-    summary."""
-    n_kept = np.array([int(r["n"].sum()) for r in runs])
+    """A deterministic sample of kept pixels with every correction factor,
+    for the diagnostics' correction summary: evenly spaced in raster order
+    over all panels among the kept pixels on the grid of the context's
+    separate factors (every parts_step-th row and column)."""
+    on_grid = _correction_candidates(context, runs)
+    n_kept = np.array([index.size for index in on_grid])
     n = int(n_kept.sum())
     pick = np.unique(np.linspace(0, n - 1, min(CORRECTION_SAMPLE_SIZE, n)).astype(np.int64))
     panel_first = np.cumsum(n_kept) - n_kept
     keys = ("panel", "slow", "fast", "counts", "background", "factor", "q", "gain",
             "polarization", "solid_angle", "efficiency", "air")
     cols = {k: [] for k in keys}
-    for k, (pp, r) in enumerate(zip(context.panels, runs)):
+    for k, pp in enumerate(context.panels):
         mine = pick[(pick >= panel_first[k]) & (pick < panel_first[k] + n_kept[k])] - panel_first[k]
-        run_first = np.cumsum(r["n"]) - r["n"]
-        which = np.searchsorted(run_first, mine, side="right") - 1
-        index = r["start"][which] + (mine - run_first[which])
+        index = on_grid[k][mine]
         slow, fast = pp.slow_fast(index)
         cols["panel"].append(np.full(index.size, pp.panel_id, np.int16))
         cols["gain"].append(np.full(index.size, gains[pp.panel_id]))
@@ -238,7 +242,7 @@ def _correction_sample(context, runs, raw, background, bg_constant, t_exp, gains
         cols["factor"].append(pp.factor[index] * np.float64(t_exp))
         cols["q"].append(pp.q_t[:, index].T.astype(np.float64))
         for name in ("polarization", "solid_angle", "efficiency", "air"):
-            cols[name].append(pp.parts[name][index].astype(np.float64))
+            cols[name].append(pp.parts[name][pp.parts_index(index)].astype(np.float64))
     c = {k: np.concatenate(v) for k, v in cols.items()}
     sample = {
         "sample_panel": c["panel"],
@@ -254,6 +258,27 @@ def _correction_sample(context, runs, raw, background, bg_constant, t_exp, gains
     }
     sample.update({f"sample_{k}": c[k] for k in ("polarization", "solid_angle", "efficiency", "air")})
     return sample
+
+
+def _correction_candidates(context, runs, oversample=4):
+    """Per panel, raster indices of kept pixels on the grid of the separate
+    correction factors: of ``oversample`` x CORRECTION_SAMPLE_SIZE grid
+    points evenly spaced over all panels, those kept (every kept grid point
+    when too few of them are)."""
+    shapes = [(-(-pp.shape[0] // pp.parts_step), -(-pp.shape[1] // pp.parts_step))
+              for pp in context.panels]
+    n_grid = np.array([a * b for a, b in shapes])
+    first = np.cumsum(n_grid) - n_grid
+    points = np.unique(np.linspace(0, n_grid.sum() - 1, min(
+        int(n_grid.sum()), oversample * CORRECTION_SAMPLE_SIZE)).astype(np.int64))
+    out = []
+    for pp, run, (_, n_cols), start, n in zip(context.panels, runs, shapes, first, n_grid):
+        row, column = np.divmod(points[(points >= start) & (points < start + n)] - start, n_cols)
+        index = row * pp.parts_step * pp.shape[1] + column * pp.parts_step
+        out.append(index[_is_kept(run, index)])
+    if sum(index.size for index in out) < min(CORRECTION_SAMPLE_SIZE, points.size):
+        out = [_kept_pixels_on_grid(pp, r, pp.parts_step) for pp, r in zip(context.panels, runs)]
+    return out
 
 
 def image_bragg_mask(task, params, shapes, prediction_cache, reflections=None):
