@@ -492,8 +492,9 @@ def test_compiled_passes_equal_numpy_for_stills(stills_run, tmp_path):
 @pytest.mark.parametrize("every", [1, 3])
 def test_compiled_sparse_schur_product(every):
     """kernels.sparse_schur_product over the rows grouped by sampled voxel
-    (kernels.voxel_rows) equals the explicit C D^-1 C^T of the sampled
-    voxels, with repeated (image, voxel) rows and unused (zero) couplings."""
+    (kernels.voxel_rows), summed over voxel ranges and mirrored, equals the
+    explicit C D^-1 C^T of the sampled voxels, with repeated (image, voxel)
+    rows and unused (zero) couplings."""
     from dials_diffuse.scaling import kernels
 
     rng = np.random.default_rng(7)
@@ -513,8 +514,10 @@ def test_compiled_sparse_schur_product(every):
     c = np.zeros((n_img, n_sub))
     np.add.at(c, (image[sampled], voxel[sampled] // every), coupling[sampled].astype(float))
     expected = (c * inv_d) @ c.T
-    got = kernels.sparse_schur_product(n_img, order, start, image, coupling, inv_d)
-    assert np.allclose(got, expected, rtol=1e-12, atol=1e-12)
+    # two voxel ranges, each the upper triangle (half diagonal), mirrored
+    upper = sum(kernels.sparse_schur_product(n_img, order, start, image, coupling, inv_d, a, b)
+                for a, b in ((0, n_sub // 3), (n_sub // 3, n_sub)))
+    assert np.allclose(upper + upper.T, expected, rtol=1e-12, atol=1e-12)
 
 
 def test_merged_error_k_calibrates_half_map_differences():

@@ -204,15 +204,29 @@ def _compiled_schur_matrix(passes, d_b, inv_d_sampled, every):
     order, start = passes.voxel_rows(every)
     n_img, n_sub = d_b.size, inv_d_sampled.size
     degree = np.diff(start).astype(np.float64)
-    if COMPILED_SPARSE_COST * float(degree @ degree) < float(n_sub) * n_img * n_img:
-        product = kernels.sparse_schur_product(n_img, order, start, obs.image,
-                                               passes.rows.coupling, inv_d_sampled)
-        return np.diag(d_b) - float(every) * product
+    cost = np.cumsum(degree * degree)
+    if COMPILED_SPARSE_COST * float(cost[-1]) < float(n_sub) * n_img * n_img:
+        # SCHUR_PARTS voxel ranges of equal cost, summed in order: the same
+        # matrix whether they run one after the other or in threads
+        bounds = np.searchsorted(cost, np.linspace(0, cost[-1], SCHUR_PARTS + 1)[1:-1])
+        bounds = [0, *bounds.tolist(), n_sub]
+        parts = passes.thread_map(
+            lambda v: kernels.sparse_schur_product(n_img, order, start, obs.image,
+                                                   passes.rows.coupling, inv_d_sampled, *v),
+            list(zip(bounds[:-1], bounds[1:])))
+        upper = parts[0]
+        for part in parts[1:]:
+            upper += part
+        return np.diag(d_b) - float(every) * (upper + upper.T)
     couplings = passes.rows.coupling[order].astype(np.float64)
     used = couplings != 0.0
     sampled = np.repeat(np.arange(n_sub, dtype=np.int32), np.diff(start))
     return _schur_matrix(d_b, obs.image[order][used], sampled[used], couplings[used],
                          inv_d_sampled, every)
+
+
+# Voxel ranges of the compiled sparse product (see _compiled_schur_matrix).
+SCHUR_PARTS = 4
 
 
 # Cost of a compiled sparse pair (per (image, image, voxel) term) relative to

@@ -135,19 +135,20 @@ def voxel_rows(voxel, every, n_sub, order, start):
 
 
 @jit
-def sparse_schur_product(n_img, order, start, image, coupling, inv_d_sampled):
-    """sum_v C_iv C_jv / d_v over the sampled voxels (images x images), from
-    the couplings stored per row (0 where unused) and the rows grouped by
-    voxel (voxel_rows). Rows of one (image, voxel) pair need not be combined
-    first: the sum over pairs of rows is the same product. Symmetric: the
-    pairs q >= p only, then mirrored."""
+def sparse_schur_product(n_img, order, start, image, coupling, inv_d_sampled, v_start, v_stop):
+    """sum_v C_iv C_jv / d_v over the sampled voxels v_start:v_stop (images x
+    images), from the couplings stored per row (0 where unused) and the rows
+    grouped by voxel (voxel_rows). Rows of one (image, voxel) pair need not
+    be combined first: the sum over pairs of rows is the same product.
+    Symmetric: the pairs q >= p only (the caller mirrors: half the diagonal
+    here)."""
     upper = np.zeros((n_img, n_img))
     max_degree = 0
-    for v in range(inv_d_sampled.size):
+    for v in range(v_start, v_stop):
         max_degree = max(max_degree, start[v + 1] - start[v])
     images = np.empty(max_degree, np.int64)
     weights = np.empty(max_degree, np.float64)
-    for v in range(inv_d_sampled.size):
+    for v in range(v_start, v_stop):
         # the voxel's nonzero couplings gathered first: the pair loop then
         # reads two small arrays
         n = 0
@@ -164,4 +165,4 @@ def sparse_schur_product(n_img, order, start, image, coupling, inv_d_sampled):
             row[images[p]] += 0.5 * wp * weights[p]
             for q in range(p + 1, n):
                 row[images[q]] += wp * weights[q]
-    return upper + upper.T
+    return upper

@@ -185,6 +185,8 @@ class ObservationPasses:
         self.timings = {}  # pass name: (count, seconds)
         self._pool = None
         self._threads = None
+        self._side_threads = None
+        self.nproc = max(1, int(nproc))
         n_workers = min(nproc, len(self.bounds))
         # below PARALLEL_MIN_OBS the per-voxel arrays each worker makes and
         # sends back cost more than the rows it sums (measured on the 6.6e6
@@ -227,6 +229,15 @@ class ObservationPasses:
                     total[i] += r
         return [np.concatenate(t) if i in concat else t for i, t in enumerate(total)]
 
+    def thread_map(self, func, items):
+        """[func(item) for item in items], in up to nproc threads when the
+        compiled kernels run (they release the GIL), in order."""
+        if self.nproc < 2 or self.rows.kernels is None or len(items) < 2:
+            return [func(item) for item in items]
+        if self._side_threads is None:
+            self._side_threads = concurrent.futures.ThreadPoolExecutor(self.nproc)
+        return list(self._side_threads.map(func, items))
+
     def voxel_rows(self, every):
         """(order, start): the rows of the voxels sampled every ``every``,
         grouped by voxel // every (kernels.voxel_rows); made once per run
@@ -252,9 +263,10 @@ class ObservationPasses:
         if self._pool is not None:
             self._pool.close()
             self._pool = None
-        if self._threads is not None:
-            self._threads.shutdown()
-            self._threads = None
+        for executor in (self._threads, self._side_threads):
+            if executor is not None:
+                executor.shutdown()
+        self._threads = self._side_threads = None
 
     def __enter__(self):
         return self
