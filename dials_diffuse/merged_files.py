@@ -269,9 +269,12 @@ def _mate_range(g, ops):
     if len(g) == 0:
         zero = np.zeros(3, np.int64)
         return zero, zero - 1
-    mates_lo = [np.min(g @ op, axis=0) for op in ops]
-    mates_hi = [np.max(g @ op, axis=0) for op in ops]
-    return np.min(mates_lo, axis=0), np.max(mates_hi, axis=0)
+    # every operator in one float64 product (exact for grid indices): 16
+    # integer products were 0.15-0.5 s for 8 operators and 3.6e5 voxels
+    mates = g.astype(np.float64) @ ops.transpose(1, 0, 2).reshape(3, -1).astype(np.float64)
+    lo = mates.min(axis=0).reshape(-1, 3).min(axis=0)
+    hi = mates.max(axis=0).reshape(-1, 3).max(axis=0)
+    return lo.astype(np.int64), hi.astype(np.int64)
 
 
 # bits of a float32 NaN that no value or fill can have: "no voxel wrote this
