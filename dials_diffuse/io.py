@@ -112,10 +112,11 @@ def write_json(path: str, data: Any) -> None:
 
 
 def write_npz(path: str, compress_level: int = 6, deflate_floats: bool = True,
-              **arrays) -> None:
+              stored=(), **arrays) -> None:
     """An .npz that ``np.load`` reads; ``compress_level`` 0 stores, 1 is fast
     deflate, 9 smallest. ``deflate_floats=False`` stores floating-point arrays
-    uncompressed (deflate gains little on noisy floats and costs the most)."""
+    uncompressed (deflate gains little on noisy floats and costs the most);
+    the arrays named in ``stored`` are stored uncompressed too."""
 
     # ZipInfo's level is private before Python 3.13
     level_slot = (
@@ -125,7 +126,7 @@ def write_npz(path: str, compress_level: int = 6, deflate_floats: bool = True,
         with zipfile.ZipFile(tmp, "w", allowZip64=True) as zf:
             for name, value in arrays.items():
                 value = np.asanyarray(value)
-                deflate = compress_level > 0 and (
+                deflate = compress_level > 0 and name not in stored and (
                     deflate_floats or value.dtype.kind not in "fc"
                 )
                 # a fixed timestamp: the same arrays give the same bytes
