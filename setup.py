@@ -2,12 +2,14 @@
 
 from setuptools import setup
 
+# each command module's main(): run(), then exit without the interpreter's
+# teardown (dials_diffuse.startup.run_and_exit)
 COMMANDS = {
-    "dials.diffuse_simulate": "dials_diffuse.command_line.simulate:run",
-    "dials.diffuse_extract": "dials_diffuse.command_line.extract:run",
-    "dials.diffuse_merge": "dials_diffuse.command_line.merge:run",
-    "dials.diffuse_check": "dials_diffuse.command_line.check:run",
-    "dials.diffuse_process": "dials_diffuse.command_line.process:run",
+    "dials.diffuse_simulate": "dials_diffuse.command_line.simulate:main",
+    "dials.diffuse_extract": "dials_diffuse.command_line.extract:main",
+    "dials.diffuse_merge": "dials_diffuse.command_line.merge:main",
+    "dials.diffuse_check": "dials_diffuse.command_line.check:main",
+    "dials.diffuse_process": "dials_diffuse.command_line.process:main",
 }
 
 setup(

@@ -66,6 +66,7 @@ from dials_diffuse.command_util import parse_arguments
 
 from dials_diffuse.diagnostics import run_check
 from dials_diffuse.diagnostics.inputs import classify
+from dials_diffuse.startup import run_and_exit
 
 logger = logging.getLogger("dials.diffuse_check")
 
@@ -112,6 +113,12 @@ def run(args: List[str] = None, phil: libtbx.phil.scope = phil_scope) -> None:
         )
     experiments = flatten_experiments(params.input.experiments) if params.input.experiments else None
     run_check(found, params, experiments)
+
+
+def main() -> None:
+    """The console entry point: run(), then exit without the interpreter's
+    teardown (startup.run_and_exit)."""
+    run_and_exit(run)
 
 
 if __name__ == "__main__":

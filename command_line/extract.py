@@ -44,6 +44,7 @@ from dials.util.options import ArgumentParser, flatten_experiments, flatten_refl
 
 from dials_diffuse.extraction import extract
 from dials_diffuse.command_util import check_unhandled, parse_arguments
+from dials_diffuse.startup import run_and_exit
 
 logger = logging.getLogger("dials.diffuse_extract")
 
@@ -99,6 +100,12 @@ def run(args: List[str] = None, phil: libtbx.phil.scope = phil_scope) -> None:
         manifest["n_images"],
         params.output.directory,
     )
+
+
+def main() -> None:
+    """The console entry point: run(), then exit without the interpreter's
+    teardown (startup.run_and_exit)."""
+    run_and_exit(run)
 
 
 if __name__ == "__main__":

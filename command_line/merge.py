@@ -41,6 +41,7 @@ from dials.util.options import ArgumentParser, flatten_experiments
 
 from dials_diffuse.merging import merge_run
 from dials_diffuse.command_util import check_unhandled, parse_arguments
+from dials_diffuse.startup import run_and_exit
 
 logger = logging.getLogger("dials.diffuse_merge")
 
@@ -82,6 +83,12 @@ def run(args: List[str] = None, phil: libtbx.phil.scope = phil_scope) -> None:
     if not inputs:
         raise Sorry("no extracted data given: name the dials.diffuse_extract output directory")
     merge_run(experiments, inputs, params)
+
+
+def main() -> None:
+    """The console entry point: run(), then exit without the interpreter's
+    teardown (startup.run_and_exit)."""
+    run_and_exit(run)
 
 
 if __name__ == "__main__":

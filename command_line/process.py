@@ -64,6 +64,7 @@ from dials.util.version import dials_version
 
 from dials_diffuse import pipeline
 from dials_diffuse.command_util import split_preset_files
+from dials_diffuse.startup import run_and_exit
 
 logger = logging.getLogger("dials.diffuse_process")
 
@@ -124,6 +125,12 @@ def run(args: List[str] = None, phil=phil_scope) -> None:
         report = summary["steps"].get(name, {}).get("report")
         if report:
             logger.info("Diagnostics report: %s", base / report)
+
+
+def main() -> None:
+    """The console entry point: run(), then exit without the interpreter's
+    teardown (startup.run_and_exit)."""
+    run_and_exit(run)
 
 
 if __name__ == "__main__":

@@ -41,6 +41,7 @@ from dials.util.version import dials_version
 
 from dials_diffuse.simulate.params import phil_scope
 from dials_diffuse.simulate.simulator import simulate_dataset
+from dials_diffuse.startup import run_and_exit
 
 logger = logging.getLogger("dials.diffuse_simulate")
 
@@ -65,6 +66,12 @@ def run(args: Optional[List[str]] = None, phil=phil_scope) -> None:
         logger.info("The following parameters have been modified:\n%s", diff_phil)
     path = simulate_dataset(params)
     logger.info("Dataset written to %s", path)
+
+
+def main() -> None:
+    """The console entry point: run(), then exit without the interpreter's
+    teardown (startup.run_and_exit)."""
+    run_and_exit(run)
 
 
 if __name__ == "__main__":

@@ -23,12 +23,39 @@ from __future__ import annotations
 
 import importlib
 import importlib.util
+import logging
 import os
 import sys
 import types
 
 #: placeholder modules, parents before children
 DEFERRED = ("sklearn", "sklearn.cluster", "pandas")
+
+
+def run_and_exit(run) -> None:
+    """A console entry point: ``run()``, then end the process without the
+    interpreter's teardown of the ~1,700 modules DIALS imports (0.35-0.5 s
+    of every command's wall time, measured after ``import
+    dials.util.options``). Log handlers and the output streams are flushed
+    first; the exit status is kept (SystemExit's code, as the interpreter
+    would report it); any other exception ends the process as usual."""
+    try:
+        run()
+        status = 0
+    except SystemExit as e:
+        status = e.code
+    if status is None:
+        status = 0
+    elif not isinstance(status, int):
+        print(status, file=sys.stderr)
+        status = 1
+    logging.shutdown()
+    for stream in (sys.stdout, sys.stderr):
+        try:
+            stream.flush()
+        except (OSError, ValueError):  # closed, or a broken pipe
+            pass
+    os._exit(status)
 
 
 def single_threaded_blas():

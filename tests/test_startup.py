@@ -45,3 +45,41 @@ def test_deferred_modules_load_on_use():
     assert deferred.startswith("[] "), deferred
     assert plain.startswith("['sklearn', 'pandas'] "), plain
     assert deferred[len("[] "):] == plain[len("['sklearn', 'pandas'] "):]
+
+
+EXIT_SCRIPT = r"""
+import logging, sys
+from dials_diffuse.startup import run_and_exit
+
+def run():
+    logging.basicConfig(filename=sys.argv[1], level=logging.INFO)
+    logging.getLogger("dials.diffuse_test").info("logged before the exit")
+    sys.stdout.write("x" * 100000)  # more than a pipe's buffer: flushed at exit
+    sys.stdout.write("|the end\n")
+    outcome = sys.argv[2]
+    if outcome == "sorry":
+        sys.exit(1)
+    if outcome == "message":
+        sys.exit("Sorry: a message")
+    if outcome == "error":
+        raise RuntimeError("an unexpected error")
+
+run_and_exit(run)
+"""
+
+
+def test_run_and_exit_keeps_status_output_and_log(tmp_path):
+    """The console entry points' run_and_exit (no interpreter teardown): the
+    exit status of run() (0, a SystemExit code, a SystemExit message as 1),
+    every byte written to stdout and the log file flushed; an unexpected
+    exception still ends with its traceback and status 1."""
+    expected = {"ok": (0, ""), "sorry": (1, ""), "message": (1, "Sorry: a message"),
+                "error": (1, "RuntimeError: an unexpected error")}
+    for outcome, (status, stderr) in expected.items():
+        log = tmp_path / f"{outcome}.log"
+        result = subprocess.run([sys.executable, "-c", EXIT_SCRIPT, str(log), outcome],
+                                capture_output=True, text=True, timeout=120)
+        assert result.returncode == status, (outcome, result.stderr[-2000:])
+        assert result.stdout == "x" * 100000 + "|the end\n", outcome
+        assert stderr in result.stderr, (outcome, result.stderr[-2000:])
+        assert "logged before the exit" in log.read_text(), outcome
