@@ -150,21 +150,6 @@ def merge_map(obs, result, grid, multiplicity) -> MergedMap:
     )
 
 
-def _kernel_warm_up(params):
-    """With forked readers (mp.nproc > 1), this process would only wait:
-    it loads the compiled scaling sweeps meanwhile (0.4-0.5 s: numba and
-    its code generator), when the plain model will use them."""
-    if resolve_nproc(params) < 2 or scaling.surfaces_enabled(params.scaling.surfaces):
-        return None
-
-    def warm_up():
-        kernels = scaling.load_kernels(params.kernel)
-        if kernels is not None:
-            kernels.warm_up()
-
-    return warm_up
-
-
 def merge_run(experiments, inputs, params):
     """Scale and merge extracted images; write every output. Returns a summary dict."""
     t0 = time.time()
@@ -182,8 +167,7 @@ def merge_run(experiments, inputs, params):
         raise Sorry(f"symmetry.merge={params.symmetry.merge}: {e}")
     obs = load_observations(files, grid, operators, params.d_min, params.d_max,
                             nproc=resolve_nproc(params),
-                            detector_xy=scaling.needs_detector_xy(params.scaling.surfaces),
-                            while_reading=_kernel_warm_up(params))
+                            detector_xy=scaling.needs_detector_xy(params.scaling.surfaces))
     n_expt = len(experiments)
     for meta in obs.metadata:
         if meta["experiment_id"] >= n_expt:

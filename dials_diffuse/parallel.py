@@ -92,19 +92,12 @@ class ForkPool:
         self.close()
 
 
-def fork_map(func, tasks, nproc, shared=None, initializer=None, while_waiting=None):
+def fork_map(func, tasks, nproc, shared=None, initializer=None):
     """``[func(shared, task) for task in tasks]``, in forked workers when
-    ``nproc > 1`` and there are at least two tasks, else in this process.
-    ``while_waiting()`` runs once in this process while the workers run
-    (before the tasks when there are none)."""
+    ``nproc > 1`` and there are at least two tasks, else in this process."""
     tasks = list(tasks)
     nproc = min(int(nproc or 1), len(tasks))
     if nproc <= 1:
-        if while_waiting is not None:
-            while_waiting()
         return [func(shared, t) for t in tasks]
     with ForkPool(shared, nproc, initializer=initializer) as pool:
-        results = pool.map(func, tasks)  # every worker forked now
-        if while_waiting is not None:
-            while_waiting()
-        return list(results)
+        return list(pool.map(func, tasks))

@@ -45,12 +45,10 @@ from dials_diffuse.scaling.passes import (
     ObservationPasses,
     SharedRows,
     chunks,
-    load_kernels,
     partition_bounds,
 )
 from dials_diffuse.scaling.refine import CHI2_1_MEDIAN, fit_error_model, refine_scales
 from dials_diffuse.scaling.surfaces import SurfaceModel, needs_detector_xy, setup_surfaces
-from dials_diffuse.scaling.surfaces import enabled as surfaces_enabled
 
 __all__ = [
     "CHI2_1_MEDIAN",
@@ -63,7 +61,6 @@ __all__ = [
     "SmoothScaleBasis",
     "chunks",
     "fit_error_model",
-    "load_kernels",
     "merge_intensities",
     "merged_error_k",
     "model_prediction",
@@ -72,5 +69,4 @@ __all__ = [
     "partition_bounds",
     "refine_scales",
     "setup_surfaces",
-    "surfaces_enabled",
 ]

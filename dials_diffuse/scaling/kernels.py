@@ -166,16 +166,3 @@ def sparse_schur_product(n_img, order, start, image, coupling, inv_d_sampled, v_
             for q in range(p + 1, n):
                 row[images[q]] += wp * weights[q]
     return upper
-
-
-def warm_up():
-    """Load the sweep (and with it numba's code generator) from numba's
-    cache now, on arrays of the merge's types: a merge does it while its
-    forked readers run instead of at the first pass."""
-    n, n_vox, n_img = 4, 2, 2
-    index = np.zeros(n, np.int32)
-    column = np.ones(n, np.float32)
-    sweep(index, index, column, column, column, np.ones(n, np.bool_), 0, n, np.ones(n_img),
-          np.ones(n_vox), np.ones(n_img), 0.0, 9.0, True, np.zeros(3), np.zeros((2, n_img)),
-          np.zeros((3, n_vox)), np.zeros(n, np.float32), np.zeros((0, 0, 0)),
-          np.zeros(n_img, np.int8), False)
