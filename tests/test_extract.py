@@ -694,4 +694,14 @@ def test_contexts_share_the_detector_geometry(simulated_stills, tmp_path):
             assert np.array_equal(a.selected, b.selected)
             assert all(np.array_equal(a.parts[k], b.parts[k]) for k in a.parts)
         assert got.q_max == fresh.q_max
+    # every pixel's factors (api.extract_image's grid) from the kept geometry:
+    # the same factors, and on the coarse grid the same separate ones
+    extraction_context.clear_caches()
+    shared = [extraction_context.context_for(task, params) for task in tasks[:3]]
+    every = extraction_context.context_for(tasks[2], params, parts_step=1)
+    assert extraction_context._GEOMETRIES
+    for a, b in zip(shared[2].panels, every.panels):
+        assert b.parts_step == 1 and np.array_equal(a.factor, b.factor)
+        grid = np.arange(a.selected.size).reshape(a.shape)[::a.parts_step, ::a.parts_step].ravel()
+        assert all(np.array_equal(a.parts[k], b.parts[k][grid]) for k in a.parts)
     extraction_context.clear_caches()

@@ -112,6 +112,8 @@ def detector_context(experiment, imageset, params, static_mask,
     when not (the beam-independent part, shared by contexts of one
     detector); ``parts_step``: the grid of the separate correction factors
     (1: every pixel)."""
+    if CORRECTION_PARTS_STEP % parts_step:
+        raise ValueError(f"parts_step {parts_step} must divide {CORRECTION_PARTS_STEP}")
     beam, detector = experiment.beam, experiment.detector
     reuse = bool(geometries)
     step = params.filter.pixel_step
@@ -128,8 +130,11 @@ def detector_context(experiment, imageset, params, static_mask,
         selected = np.empty(n, bool)
         static_raster = np.ascontiguousarray(static_mask[pid][::step, ::step]).reshape(-1)
         n_static = 0
-        # whole multiples of parts_step: every block starts on a parts row
-        rows_per_block = parts_step * max(1, CONTEXT_BLOCK_PIXELS // (shape[1] * parts_step))
+        # blocks of whole multiples of CORRECTION_PARTS_STEP rows, whatever
+        # parts_step (a divisor of it): every block starts on a parts row,
+        # and the blocks of kept geometries match every context's
+        rows_per_block = CORRECTION_PARTS_STEP * max(
+            1, CONTEXT_BLOCK_PIXELS // (shape[1] * CORRECTION_PARTS_STEP))
         if geometries is not None and not reuse:
             geometries.append([])
         for k, first in enumerate(range(0, shape[0], rows_per_block)):
