@@ -57,11 +57,15 @@ class PanelPixels:
         n_slow, n_fast = self.shape
         return [slice(r * n_fast, min(r + rows, n_slow) * n_fast) for r in range(0, n_slow, rows)]
 
+    @property
+    def parts_shape(self):
+        """(rows, columns) of the grid of ``parts``."""
+        return parts_grid_shape(self.shape, self.parts_step)
+
     def parts_index(self, index: np.ndarray) -> np.ndarray:
         """Positions in ``parts`` of raster indices on its grid."""
         row, column = np.divmod(index, self.shape[1])
-        return (row // self.parts_step) * -(-self.shape[1] // self.parts_step) \
-            + column // self.parts_step
+        return (row // self.parts_step) * self.parts_shape[1] + column // self.parts_step
 
     def slow_fast(self, index: np.ndarray):
         """Full-resolution (slow, fast) pixel coordinates of raster indices."""
@@ -104,6 +108,11 @@ CONTEXT_BLOCK_PIXELS = 2**17
 CORRECTION_PARTS_STEP = 8
 
 
+def parts_grid_shape(shape, parts_step):
+    """(rows, columns) of every parts_step-th row and column of a raster."""
+    return (-(-shape[0] // parts_step), -(-shape[1] // parts_step))
+
+
 def detector_context(experiment, imageset, params, static_mask,
                      geometries=None, parts_step=CORRECTION_PARTS_STEP) -> DetectorContext:
     """The per-pixel context of an experiment's detector and beam, computed
@@ -125,8 +134,8 @@ def detector_context(experiment, imageset, params, static_mask,
         n = shape[0] * shape[1]
         q_t = np.empty((3, n), np.float32)
         factor = np.empty(n, np.float32)
-        parts_shape = (-(-shape[0] // parts_step), -(-shape[1] // parts_step))
-        parts = {k: np.empty(parts_shape, np.float32) for k in CORRECTION_PARTS}
+        parts = {k: np.empty(parts_grid_shape(shape, parts_step), np.float32)
+                 for k in CORRECTION_PARTS}
         selected = np.empty(n, bool)
         static_raster = np.ascontiguousarray(static_mask[pid][::step, ::step]).reshape(-1)
         n_static = 0
@@ -253,10 +262,7 @@ def clear_caches():
 def context_for(task, params, parts_step=CORRECTION_PARTS_STEP):
     """The task's context (cached); ``parts_step``: see detector_context
     (a cached context with another grid is made again)."""
-    context = _find_context(_CONTEXTS, task)
-    if context is not None and context.panels and context.panels[0].parts_step != parts_step:
-        _CONTEXTS[:] = [c for c in _CONTEXTS if c[2] is not context]
-        context = None
+    context = _find_context(_CONTEXTS, task, parts_step)
     if context is None:
         static = masks.static_mask(task.imageset, params.masking, params.masking.beamstop)
         context = detector_context(task.experiment, task.imageset, params, static,
@@ -281,8 +287,9 @@ def _panel_geometries(detector, params):
     return _GEOMETRIES[0][2]
 
 
-def _find_context(contexts, task):
+def _find_context(contexts, task, parts_step):
     for detector, beam, context in contexts:
-        if task.experiment.detector == detector and task.experiment.beam == beam:
+        if (task.experiment.detector == detector and task.experiment.beam == beam
+                and all(pp.parts_step == parts_step for pp in context.panels)):
             return context
     return None

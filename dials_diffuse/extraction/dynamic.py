@@ -26,7 +26,7 @@ def _dynamic_accumulator(tasks, params):
 
 
 def _accumulate_dynamic(tasks, params):
-    """Per-pixel sums of the dynamic-mask pass over some images."""
+    """The dynamic-mask pass's accumulator of per-pixel sums over some images."""
     acc = _dynamic_accumulator(tasks, params)
     add_panel = kernels.add_dynamic_panel if kernels.use_compiled(params.kernel) else None
     for task in tasks:
@@ -35,19 +35,15 @@ def _accumulate_dynamic(tasks, params):
         except ImageError:
             continue
         acc.add(raw, add_panel)
-    return acc.sums()
+    return acc
 
 
 def _forked_dynamic(shared, indices):
     """A worker's share of the sums; the only worker makes the masks too
     (6 MB sent back instead of 100 MB of sums, and the medians run while
     the parent builds the extraction's context)."""
-    sums = _accumulate_dynamic([shared["tasks"][i] for i in indices], shared["params"])
-    if not shared["only_worker"]:
-        return sums
-    acc = _dynamic_accumulator(shared["tasks"], shared["params"])
-    acc.add_sums(sums)
-    return _masks(acc, shared["params"])
+    acc = _accumulate_dynamic([shared["tasks"][i] for i in indices], shared["params"])
+    return _masks(acc, shared["params"]) if shared["only_worker"] else acc.sums()
 
 
 def _masks(acc, params):
@@ -69,7 +65,6 @@ def dynamic_mask(tasks, params, while_waiting=None):
     single worker makes the masks too; ``while_waiting()`` runs in this
     process meanwhile, on one of the mp.nproc cores)."""
     tasks = sampled_tasks(tasks, params.masking.dynamic.max_images)
-    acc = _dynamic_accumulator(tasks, params)  # zero pages until written
     nproc = min(resolve_nproc(params), len(tasks) + (while_waiting is not None))
     if nproc > 1 and params.mp.method == "multiprocessing":
         # this process works meanwhile (while_waiting): one worker fewer, so
@@ -84,12 +79,12 @@ def dynamic_mask(tasks, params, while_waiting=None):
             if n_workers == 1:
                 result = next(results)
             else:
+                acc = _dynamic_accumulator(tasks, params)
                 for sums in results:
                     acc.add_sums(sums)
                 result = _masks(acc, params)
     else:
-        acc.add_sums(_accumulate_dynamic(tasks, params))
-        result = _masks(acc, params)
+        result = _masks(_accumulate_dynamic(tasks, params), params)
     n_bad = sum(int((~m).sum()) for m in result)
     logger.info("Dynamic mask: %d hot or dead pixels", n_bad)
     return result

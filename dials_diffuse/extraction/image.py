@@ -265,8 +265,7 @@ def _correction_candidates(context, runs, oversample=4):
     correction factors: of ``oversample`` x CORRECTION_SAMPLE_SIZE grid
     points evenly spaced over all panels, those kept (every kept grid point
     when too few of them are)."""
-    shapes = [(-(-pp.shape[0] // pp.parts_step), -(-pp.shape[1] // pp.parts_step))
-              for pp in context.panels]
+    shapes = [pp.parts_shape for pp in context.panels]
     n_grid = np.array([a * b for a, b in shapes])
     first = np.cumsum(n_grid) - n_grid
     points = np.unique(np.linspace(0, n_grid.sum() - 1, min(
