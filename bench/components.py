@@ -16,7 +16,20 @@ Each component runs both paths in this process, best of ``--repeats``:
   default environment and with ``OPENBLAS_NUM_THREADS=1`` (system time and
   page faults of the child, from getrusage).
 
-    .venv/bin/python bench/components.py [--repeats 3] [--commands]
+``--session8`` adds the components changed in session 8 (``session8``):
+
+* the CCP4 header statistics (``merged_files.map_statistics`` against
+  mrcfile's own, on a 6M sweep's map);
+* the 6M context with the separate correction factors on the 8-pixel grid
+  against every pixel's (``parts_step=1``);
+* the Gauss-Newton matrix's voxel ranges in one thread and in two;
+* one 6M image's file written with the per-voxel arrays stored and deflated;
+* 400 MB of fresh memory touched, and again at once (this VM's first-touch
+  cost);
+* the exit of a Python that imported DIALS' option parser, with and without
+  the interpreter's teardown (``startup.run_and_exit``).
+
+    .venv/bin/python bench/components.py [--repeats 3] [--commands] [--session8]
         [--output components_session7.json]
 """
 
@@ -180,6 +193,107 @@ def extraction_components(experiments, repeats):
     return out
 
 
+def first_call(func):
+    """Seconds of one call after 3 s of rest: the pages an earlier call freed
+    are handed back to the host by then, so what the call allocates is fresh
+    memory, as in a command's single call (best() reuses it)."""
+    time.sleep(3)
+    t0 = time.perf_counter()
+    func()
+    return round(time.perf_counter() - t0, 4)
+
+
+def session8_components(experiments, repeats):
+    out = {}
+    params = api.merge_params()
+    files = find_extraction_files([str(EXTRACTED)])
+    grid, _ = merging.build_grid(experiments, params, merging.extracted_ndiv(files[0]))
+    ops = symmetry.laue_operators(grid.space_group, params.symmetry.merge)
+    obs = load_observations(files, grid, ops, nproc=1)
+    # a map of the sweep's size: the two CCP4 maps' header statistics
+    with tempfile.TemporaryDirectory() as tmp:
+        path = os.path.join(tmp, "m.ccp4")
+        merged_files.write_ccp4_maps([(path, np.nan_to_num(obs.voxel_qmag), "m")], grid,
+                                     obs.voxel_grid, ops, params.output)
+        import mrcfile
+
+        with mrcfile.open(path) as mrc:
+            dense = np.array(mrc.data)
+        out["map_points"] = int(dense.size)
+        with mrcfile.new(os.path.join(tmp, "n.ccp4")) as mrc:
+            mrc.set_data(dense)
+            out["map_statistics_mrcfile_first_s"] = first_call(mrc.update_header_stats)
+            out["map_statistics_mrcfile_s"] = best(mrc.update_header_stats, repeats)
+        out["map_statistics_ours_first_s"] = first_call(lambda: merged_files.map_statistics(dense))
+        out["map_statistics_ours_s"] = best(lambda: merged_files.map_statistics(dense), repeats)
+    # the Gauss-Newton matrix in one thread and in two
+    with scaling.ObservationPasses(obs, 1, "numba") as passes:
+        result = scaling.refine_scales(obs, params.scaling, passes,
+                                       halves=image_halves(obs.n_images, 0))
+    for nproc in (1, 2):
+        with scaling.ObservationPasses(obs, nproc, "numba") as passes:
+            gn = passes.reduce(gauss_newton.gauss_newton_partition, result.model,
+                               np.nan_to_num(result.intensity), 1,
+                               concat=gauss_newton.sample_columns(0))
+            d_b, d_i = gn[0], gn[1]
+            inv_d = np.where(d_i > 0, 1.0 / np.where(d_i > 0, d_i, 1.0), 0.0)
+            passes.voxel_rows(1)
+            out[f"schur_{nproc}_threads_s"] = best(
+                lambda: gauss_newton._compiled_schur_matrix(passes, d_b, inv_d, 1), repeats)
+    # the 6M context: separate factors on the grid and on every pixel
+    eparams = api.extraction_params(**{"masking.bragg.mosaicity_deg": 0.1,
+                                       "masking.bragg.beam_divergence_deg": 0.03154})
+    tasks, _ = plan_tasks(experiments, None)
+    for step in (extraction_context.CORRECTION_PARTS_STEP, 1):
+        extraction_context.clear_caches()
+        out[f"context_6m_parts_step_{step}_first_s"] = first_call(
+            lambda: extraction_context.context_for(tasks[0], eparams, parts_step=step))
+        out[f"context_6m_parts_step_{step}_s"] = best(
+            lambda: (extraction_context.clear_caches(),
+                     extraction_context.context_for(tasks[0], eparams, parts_step=step)), repeats)
+    extraction_context.clear_caches()
+    # one extraction file, the per-voxel arrays stored or deflated
+    from dials_diffuse import io as diffuse_io
+    from dials_diffuse.diffuse_files import write_image_file
+
+    with np.load(EXTRACTED / "image_000050.npz") as npz:
+        arrays = {k: npz[k] for k in npz.files if k != "metadata_json"}
+        metadata = json.loads(str(npz["metadata_json"]))
+    with tempfile.TemporaryDirectory() as tmp:
+        out["image_file_write_stored_s"] = best(
+            lambda: write_image_file(os.path.join(tmp, "a.npz"), arrays, metadata), repeats)
+        out["image_file_stored_MB"] = round(os.path.getsize(os.path.join(tmp, "a.npz")) / 1e6, 2)
+        out["image_file_write_deflated_s"] = best(
+            lambda: diffuse_io.write_npz(os.path.join(tmp, "b.npz"), compress_level=1,
+                                         deflate_floats=False,
+                                         metadata_json=np.array(json.dumps(metadata)), **arrays),
+            repeats)
+        out["image_file_deflated_MB"] = round(os.path.getsize(os.path.join(tmp, "b.npz")) / 1e6, 2)
+    # fresh memory: 400 MB touched for the first time, then again at once
+    time.sleep(3)  # freed pages handed back meanwhile
+    t0 = time.perf_counter()
+    block = np.ones(50_000_000)
+    out["fresh_400MB_s"] = round(time.perf_counter() - t0, 3)
+    del block
+    t0 = time.perf_counter()
+    block = np.ones(50_000_000)
+    out["reused_400MB_s"] = round(time.perf_counter() - t0, 3)
+    del block
+    # a process's exit after DIALS' imports, with and without the teardown
+    code = ("import os, sys, time, dials.util.options; "
+            "open(sys.argv[1], 'w').write(repr(time.time())); "
+            "os._exit(0) if sys.argv[2] == '1' else None")
+    with tempfile.TemporaryDirectory() as tmp:
+        stamp = os.path.join(tmp, "t")
+        for label, hard in (("exit_with_teardown_s", "0"), ("exit_without_teardown_s", "1")):
+            times = []
+            for _ in range(repeats):
+                subprocess.run([sys.executable, "-c", code, stamp, hard], check=True)
+                times.append(time.time() - float(open(stamp).read()))
+            out[label] = round(min(times), 3)
+    return out
+
+
 def command_components():
     """The one-process extraction command, default environment against one
     OpenBLAS thread: wall, user and system time and minor page faults."""
@@ -214,6 +328,8 @@ def main():
     ap.add_argument("--repeats", type=int, default=3)
     ap.add_argument("--commands", action="store_true",
                     help="also run the extraction command twice (OpenBLAS threads)")
+    ap.add_argument("--session8", action="store_true",
+                    help="also time the components changed in session 8")
     ap.add_argument("--output", default=None, help="JSON file name in bench/results")
     args = ap.parse_args()
     if not EXTRACTED.is_dir():
@@ -228,6 +344,8 @@ def main():
            "repeats": args.repeats}
     doc["merge"] = merge_components(experiments, args.repeats)
     doc["extraction"] = extraction_components(experiments, args.repeats)
+    if args.session8:
+        doc["session8"] = session8_components(experiments, args.repeats)
     if args.commands:
         doc["command"] = command_components()
     print(json.dumps(doc, indent=1))
