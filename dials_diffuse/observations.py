@@ -73,6 +73,39 @@ class ObservationSet:
         return self.image_ids.size
 
 
+# The per-row columns of an ObservationSet (surface_terms' columns too).
+ROW_COLUMNS = ("voxel", "image", "signal", "factor", "variance", "detector_x", "detector_y",
+               "surface_gain", "surface_offset")
+
+
+def rows_grouped(obs, chunk=1_000_000) -> bool:
+    """Whether the rows are grouped by image in image order and sorted by
+    voxel within an image (checked a chunk at a time: no temporaries of
+    the size of the columns)."""
+    for a in range(0, obs.n_obs, chunk):
+        b = min(a + chunk + 1, obs.n_obs)  # one row of overlap
+        step_image = np.diff(obs.image[a:b])
+        if np.any(step_image < 0) or np.any((step_image == 0) & (np.diff(obs.voxel[a:b]) < 0)):
+            return False
+    return True
+
+
+def group_rows(obs):
+    """Put the rows in the order every pass expects, in place: grouped by
+    image in image order, sorted by voxel within an image (a stable sort).
+    The read makes this order; reindexing (ambiguity) or an ObservationSet
+    made by hand may not. Columns keep their buffers (shared memory)."""
+    if rows_grouped(obs):
+        return obs
+    order = np.lexsort((obs.voxel, obs.image))
+    columns = [getattr(obs, name) for name in ROW_COLUMNS]
+    columns += list((obs.surface_terms or {}).values())
+    for column in columns:
+        if column is not None:
+            column[:] = column[order]
+    return obs
+
+
 def find_extraction_files(inputs: List[str]):
     """Per-image files from directories (via their manifest), manifests or NPZ paths."""
     files = []

@@ -572,3 +572,57 @@ def test_solver_auto_switches_to_alternating_for_many_scales():
     assert use_gauss_newton(params, 10_000)
     params.solver, params.offsets = "auto", True
     assert not use_gauss_newton(params, 10)
+
+
+def test_partitions_cover_every_row_once(stills_run):
+    """The passes' partitions, in both forms: the row ranges tile the rows;
+    the voxel ranges tile the voxels, and their runs (one per image) hold
+    every row exactly once, each row in the run of its image and voxel."""
+    from dials_diffuse.scaling import passes
+
+    obs = stills_run[2]["observations"]
+    parts = passes.make_partitions(obs)
+    assert [p.start for p in parts[1:]] == [p.stop for p in parts[:-1]]
+    assert parts[0].start == 0 and parts[-1].stop == obs.n_obs
+    assert [p.v0 for p in parts[1:]] == [p.v1 for p in parts[:-1]]
+    assert parts[0].v0 == 0 and parts[-1].v1 == obs.n_voxels
+    seen = np.zeros(obs.n_obs, np.int64)
+    for p in parts:
+        for i, (a, b) in enumerate(zip(p.run_start, p.run_stop)):
+            seen[a:b] += 1
+            assert np.all(obs.image[a:b] == i)
+            assert np.all((obs.voxel[a:b] >= p.v0) & (obs.voxel[a:b] < p.v1))
+    assert np.all(seen == 1)
+
+
+def test_rows_in_any_order_merge_the_same(stills_run):
+    """Observations whose rows come in another order (as reindexing leaves
+    them) are grouped by image and voxel first: the same scales, rejections
+    and map, byte for byte (rows of one image and voxel, the symmetry mates
+    an image saw, keep their order: the stable sort restores the rows)."""
+    import dataclasses
+
+    from dials_diffuse.observations import rows_grouped
+    from dials_diffuse.scaling import refine_scales
+    from dials_diffuse.statistics import image_halves
+
+    truth, _, result = stills_run
+    obs = result["observations"]
+    assert rows_grouped(obs)
+    pair = obs.image.astype(np.int64) * obs.n_voxels + obs.voxel
+    shuffle = np.argsort(np.random.default_rng(3).random(obs.n_images * obs.n_voxels)[pair],
+                         kind="stable")
+    shuffled = dataclasses.replace(obs, **{k: getattr(obs, k)[shuffle].copy() for k in
+                                           ("voxel", "image", "signal", "factor", "variance")})
+    assert not rows_grouped(shuffled)
+    params = merge_params("unused").scaling
+    halves = image_halves(obs.n_images, 0)
+    a = refine_scales(obs, params, halves=halves)
+    b = refine_scales(shuffled, params, halves=halves)
+    assert rows_grouped(shuffled)
+    assert np.array_equal(shuffled.voxel, obs.voxel) and np.array_equal(shuffled.image, obs.image)
+    assert np.array_equal(shuffled.signal, obs.signal)
+    assert np.array_equal(a.rejected, b.rejected)
+    assert np.array_equal(a.model.scale, b.model.scale)
+    assert np.array_equal(a.intensity, b.intensity, equal_nan=True)
+    assert np.array_equal(a.sigma, b.sigma, equal_nan=True)

@@ -13,7 +13,7 @@ from scipy.linalg import blas
 
 from dials_diffuse.scaling.merge_sums import compiled_sweep, prediction, model_variance
 from dials_diffuse.scaling.model import solver
-from dials_diffuse.scaling.passes import bincount, chunk_slices, chunks, used_index, used_sum
+from dials_diffuse.scaling.passes import VoxelSums, bincount, chunk_slices, chunks, used_index, used_sum
 
 logger = logging.getLogger("dials.diffuse_merge")
 
@@ -90,55 +90,60 @@ def sampled_voxels(n_vox, every):
     return sampled
 
 
-def compiled_gauss_newton_sums(sums):
+def compiled_gauss_newton_sums(n_images, part):
     """The per-image (d_b, g_b) and per-voxel (d_I, g_I, sum S) arrays that
-    kernels.sweep fills, from a pass's new Gauss-Newton sums."""
-    return np.stack([sums[0], sums[2]]), np.stack([sums[1], sums[3], sums[4]])
+    kernels.sweep fills over a Partition's voxels."""
+    return np.zeros((2, n_images)), np.zeros((3, part.n_voxels))
 
 
-def compiled_gauss_newton_outputs(gn):
+def compiled_gauss_newton_outputs(gn, part):
     """A compiled pass's outputs in the numpy pass's order: the sums, then
     no sampled couplings (the matrix reads the couplings stored per row)."""
     per_image, per_voxel = gn
-    return [per_image[0], per_voxel[0], per_image[1], per_voxel[1], per_voxel[2],
+    return [per_image[0], VoxelSums(part.v0, per_voxel[0]), per_image[1],
+            VoxelSums(part.v0, per_voxel[1]), VoxelSums(part.v0, per_voxel[2]),
             np.zeros(0, np.int32), np.zeros(0, np.int32), np.zeros(0)]
 
 
-def gauss_newton_partition(rows, start, stop, model, intensity, every):
-    sums, samples = new_gauss_newton_sums(rows.obs)
+def gauss_newton_partition(rows, part, model, intensity, every):
     kernels = rows.compiled(model)
     if kernels is not None:
-        gn = compiled_gauss_newton_sums(sums)
-        compiled_sweep(kernels, rows, start, stop, model, intensity, gauss_newton=gn)
-        return compiled_gauss_newton_outputs(gn)
-    for ch, u, sl in chunks(rows.obs, rows.use, start, stop):
+        gn = compiled_gauss_newton_sums(rows.obs.n_images, part)
+        compiled_sweep(kernels, rows, part, model, intensity, gauss_newton=gn)
+        return compiled_gauss_newton_outputs(gn, part)
+    sums, samples = new_gauss_newton_sums(rows.obs)
+    for ch, u, sl in chunks(rows.obs, rows.use, part):
         b, x, mu = prediction(ch, model, intensity)
         add_gauss_newton_rows(rows, ch, u, sl, b, x, model_variance(ch, mu), ch.signal - mu,
                                every, sums, samples)
     return sums + [np.concatenate(s) for s in samples]
 
 
-def _coupling_partition(rows, start, stop, g_over_d):
+def _coupling_partition(rows, part, g_over_d):
     """sum_v C_iv g_v / d_v per image, from the stored couplings."""
-    return (_coupling_sums(rows, start, stop, g_over_d, per_image=True),)
+    return (_coupling_sums(rows, part, g_over_d, per_image=True),)
 
 
-def _coupling_transpose_partition(rows, start, stop, x):
+def _coupling_transpose_partition(rows, part, x):
     """sum_i C_iv x_i per voxel, from the stored couplings."""
-    return (_coupling_sums(rows, start, stop, x, per_image=False),)
+    return (_coupling_sums(rows, part, x, per_image=False),)
 
 
-def _coupling_sums(rows, start, stop, values, per_image):
+def _coupling_sums(rows, part, values, per_image):
     """Sums of C times ``values`` of the other index, by image or by voxel."""
     obs = rows.obs
     group, other, n = (
         (obs.image, obs.voxel, obs.n_images) if per_image else (obs.voxel, obs.image, obs.n_voxels)
     )
-    total = np.zeros(n)
     if rows.kernels is not None:
-        rows.kernels.coupling_sums(group, other, rows.coupling, start, stop, values, total)
-        return total
-    for sl in chunk_slices(start, stop):
+        # per voxel: the partition's voxels only
+        group0, n = (0, n) if per_image else (part.v0, part.n_voxels)
+        total = np.zeros(n)
+        rows.kernels.coupling_sums(group, other, rows.coupling, part.run_start, part.run_stop,
+                                   group0, values, total)
+        return total if per_image else VoxelSums(part.v0, total)
+    total = np.zeros(n)
+    for sl in chunk_slices(part.start, part.stop):
         total += bincount(group[sl], rows.coupling[sl] * values[other[sl]], n)
     return total
 
@@ -146,8 +151,9 @@ def _coupling_sums(rows, start, stop, values, per_image):
 def _schur_product(passes, d_b, inv_d_i, x):
     """The exact S x = diag(d_b) x - C D^-1 C^T x (two light passes over the
     stored couplings)."""
-    y, = passes.reduce(_coupling_transpose_partition, x)
-    z, = passes.reduce(_coupling_partition, y * inv_d_i)
+    compiled = passes.rows.kernels is not None
+    y, = passes.reduce(_coupling_transpose_partition, x, compiled=compiled)
+    z, = passes.reduce(_coupling_partition, y * inv_d_i, compiled=compiled)
     return d_b * x - z
 
 
@@ -157,16 +163,18 @@ def _schur_product(passes, d_b, inv_d_i, x):
 REFINEMENT_STEPS = 1
 
 
-def denominator_partition(rows, start, stop, scale):
+def denominator_partition(rows, part, scale):
     """sum_i b_i W_iv per voxel (a with no smoother, c = 0): the
     merge denominator, the only part of the merge that the scales change."""
     obs, n = rows.obs, rows.obs.n_voxels
-    den = np.zeros(n)
     if rows.kernels is not None:
-        rows.kernels.denominator(obs.voxel, obs.image, obs.factor, rows.use, start, stop,
-                                 np.ascontiguousarray(scale, np.float64), den)
-        return (den,)
-    for sl in chunk_slices(start, stop):
+        den = np.zeros(part.n_voxels)
+        rows.kernels.denominator(obs.voxel, obs.image, obs.factor, rows.use, part.run_start,
+                                 part.run_stop, part.v0, np.ascontiguousarray(scale, np.float64),
+                                 den)
+        return (VoxelSums(part.v0, den),)
+    den = np.zeros(n)
+    for sl in chunk_slices(part.start, part.stop):
         image = obs.image[sl]
         values = scale[image] * obs.factor[sl]
         den += used_sum(used_index(obs.voxel[sl], rows.use[sl], n), values, n)
@@ -267,7 +275,8 @@ def gauss_newton_scales(passes, model, gn, every):
     n_img = passes.obs.n_images
     d_b, d_i, g_b, g_i, _, images, sampled, couplings = gn
     inv_d_i = np.where(d_i > 0, 1.0 / np.where(d_i > 0, d_i, 1.0), 0.0)
-    coupling_rhs, = passes.reduce(_coupling_partition, g_i * inv_d_i)
+    coupling_rhs, = passes.reduce(_coupling_partition, g_i * inv_d_i,
+                                  compiled=passes.rows.kernels is not None)
     rhs = g_b - coupling_rhs
     if passes.rows.kernels is not None:
         schur = _compiled_schur_matrix(passes, d_b, inv_d_i[::every], every)

@@ -7,8 +7,10 @@ mdx2 surfaces): the default, and the only model the Gauss-Newton solver
 refines. The row arithmetic is that of :mod:`merge_sums` and
 :mod:`gauss_newton` in the same order, in float64 from the float32 columns;
 the per-voxel sums add row by row in row order (numpy adds per-chunk sums),
-so the two paths agree to rounding. The kernels release the GIL: a pass's
-partitions run in threads (:class:`passes.ObservationPasses`).
+so the two paths agree to rounding. A sweep runs over a partition's voxel
+range v0:v1 (rows given as one run per image, passes.Partition) and writes
+that range's per-voxel sums at v - v0. The kernels release the GIL: a
+pass's partitions run in threads (:class:`passes.ObservationPasses`).
 
 This module imports numba at import time; :func:`passes.load_kernels` imports
 it lazily.
@@ -23,10 +25,11 @@ jit = numba.njit(cache=True, nogil=True)
 
 
 @jit
-def sweep(voxel, image, signal, factor, variance, use, start, stop, scale, intensity,
-          image_gain, error_k, outlier2, reject, totals, gn_image, gn_voxel, coupling,
-          merge, half, merge_expected):
-    """One pass over rows start:stop with the plain model.
+def sweep(voxel, image, signal, factor, variance, use, run_start, run_stop, v0, scale,
+          intensity, image_gain, error_k, outlier2, reject, totals, gn_image, gn_voxel,
+          coupling, merge, half, merge_expected):
+    """One pass over the rows run_start[k]:run_stop[k] (every k) with the
+    plain model; per-voxel outputs are indexed v - v0.
 
     reject: rewrite use[row] as z^2 <= outlier2 (else read it); totals: sums
     of |S - E[S]|, |S| and z^2 over the rows used. gn_image (2, n_img) and
@@ -41,79 +44,83 @@ def sweep(voxel, image, signal, factor, variance, use, start, stop, scale, inten
     sum_resid = 0.0
     sum_signal = 0.0
     sum_z2 = 0.0
-    for row in range(start, stop):
-        i = image[row]
-        v = voxel[row]
-        s = np.float64(signal[row])
-        w = np.float64(factor[row])
-        var = np.float64(variance[row])
-        gain = image_gain[i]
-        b = scale[i]
-        x = intensity[v]
-        expected = b * x
-        expected *= w
-        background = var - s
-        if background < 0.0:
-            background = 0.0
-        model_var = expected + background
-        if model_var < gain:
-            model_var = gain
-        resid = s - expected
-        z2 = resid * resid
-        if error_k != 0.0:
-            t = error_k * expected
-            z2 /= model_var + t * t
-        else:
-            z2 /= model_var
-        if reject:
-            u = z2 <= outlier2
-            use[row] = u
-        else:
-            u = use[row]
-        if u:
-            sum_resid += abs(resid)
-            sum_signal += abs(s)
-            sum_z2 += z2
-        if want_gn:
-            if u:
-                w_w = w / model_var
-                w_wb = w_w * b
-                w_wx = w_w * x
-                gn_image[0, i] += w_wx * w * x
-                gn_voxel[0, v] += w_wb * w * b
-                gn_image[1, i] += w_wx * resid
-                gn_voxel[1, v] += w_wb * resid
-                gn_voxel[2, v] += s
-                coupling[row] = w_wb * w * x
+    for k in range(run_start.size):
+        for row in range(run_start[k], run_stop[k]):
+            i = image[row]
+            v = voxel[row]
+            lv = v - v0
+            s = np.float64(signal[row])
+            w = np.float64(factor[row])
+            var = np.float64(variance[row])
+            gain = image_gain[i]
+            b = scale[i]
+            x = intensity[v]
+            expected = b * x
+            expected *= w
+            background = var - s
+            if background < 0.0:
+                background = 0.0
+            model_var = expected + background
+            if model_var < gain:
+                model_var = gain
+            resid = s - expected
+            z2 = resid * resid
+            if error_k != 0.0:
+                t = error_k * expected
+                z2 /= model_var + t * t
             else:
-                coupling[row] = 0.0
-        if want_merge and u:
-            h = half[i]
-            merge[h, 0, v] += s
-            merge[h, 1, v] += b * w
-            merge[h, 2, v] += var if var > gain else gain
-            merge[h, 3, v] += 1.0
-            if merge_expected:
-                merge[h, 4, v] += expected * expected
+                z2 /= model_var
+            if reject:
+                u = z2 <= outlier2
+                use[row] = u
+            else:
+                u = use[row]
+            if u:
+                sum_resid += abs(resid)
+                sum_signal += abs(s)
+                sum_z2 += z2
+            if want_gn:
+                if u:
+                    w_w = w / model_var
+                    w_wb = w_w * b
+                    w_wx = w_w * x
+                    gn_image[0, i] += w_wx * w * x
+                    gn_voxel[0, lv] += w_wb * w * b
+                    gn_image[1, i] += w_wx * resid
+                    gn_voxel[1, lv] += w_wb * resid
+                    gn_voxel[2, lv] += s
+                    coupling[row] = w_wb * w * x
+                else:
+                    coupling[row] = 0.0
+            if want_merge and u:
+                h = half[i]
+                merge[h, 0, lv] += s
+                merge[h, 1, lv] += b * w
+                merge[h, 2, lv] += var if var > gain else gain
+                merge[h, 3, lv] += 1.0
+                if merge_expected:
+                    merge[h, 4, lv] += expected * expected
     totals[0] += sum_resid
     totals[1] += sum_signal
     totals[2] += sum_z2
 
 
 @jit
-def denominator(voxel, image, factor, use, start, stop, scale, out):
-    """out[v] += b_i W over the used rows start:stop."""
-    for row in range(start, stop):
-        if use[row]:
-            out[voxel[row]] += scale[image[row]] * np.float64(factor[row])
+def denominator(voxel, image, factor, use, run_start, run_stop, v0, scale, out):
+    """out[v - v0] += b_i W over the used rows of the runs."""
+    for k in range(run_start.size):
+        for row in range(run_start[k], run_stop[k]):
+            if use[row]:
+                out[voxel[row] - v0] += scale[image[row]] * np.float64(factor[row])
 
 
 @jit
-def coupling_sums(group, other, coupling, start, stop, values, out):
-    """out[group] += C values[other] over rows start:stop (C is 0 where
-    unused)."""
-    for row in range(start, stop):
-        out[group[row]] += np.float64(coupling[row]) * values[other[row]]
+def coupling_sums(group, other, coupling, run_start, run_stop, group0, values, out):
+    """out[group - group0] += C values[other] over the rows of the runs (C
+    is 0 where unused)."""
+    for k in range(run_start.size):
+        for row in range(run_start[k], run_stop[k]):
+            out[group[row] - group0] += np.float64(coupling[row]) * values[other[row]]
 
 
 @jit

@@ -9,7 +9,7 @@ import logging
 import numpy as np
 
 from dials_diffuse.scaling.model import ScalingModel
-from dials_diffuse.scaling.passes import SharedRows, used_index, used_sum, chunks
+from dials_diffuse.scaling.passes import SharedRows, VoxelSums, all_rows, used_index, used_sum, chunks
 
 logger = logging.getLogger("dials.diffuse_merge")
 
@@ -50,16 +50,18 @@ def add_merge_sums(sums, ch, u, model, halves=None, expected=None):
             sums[s, 4] += used_sum(voxel, expected * expected, n)
 
 
-def merge_partition(rows, start, stop, model, halves=None):
+def merge_partition(rows, part, model, halves=None):
     """Per-voxel merge sums of the partition's rows (see add_merge_sums)."""
     obs, use = rows.obs, rows.use
-    sums = np.zeros((1 if halves is None else 2, MERGE_SUMS, obs.n_voxels))
+    n_sets = 1 if halves is None else 2
     kernels = rows.compiled(model)
     if kernels is not None:
-        compiled_sweep(kernels, rows, start, stop, model, np.zeros(obs.n_voxels),
+        sums = np.zeros((n_sets, MERGE_SUMS, part.n_voxels))
+        compiled_sweep(kernels, rows, part, model, np.zeros(obs.n_voxels),
                        merge=sums, halves=halves)
-        return (sums,)
-    for ch, u, _ in chunks(obs, use, start, stop):
+        return (VoxelSums(part.v0, sums),)
+    sums = np.zeros((n_sets, MERGE_SUMS, obs.n_voxels))
+    for ch, u, _ in chunks(obs, use, part):
         add_merge_sums(sums, ch, u, model, halves)
     return (sums,)
 
@@ -68,19 +70,20 @@ _NONE_2D = np.zeros((0, 0))
 _NONE_3D = np.zeros((0, 0, 0))
 
 
-def compiled_sweep(kernels, rows, start, stop, model, intensity, error_k=0.0, outlier_sigma=None,
+def compiled_sweep(kernels, rows, part, model, intensity, error_k=0.0, outlier_sigma=None,
                    totals=None, gauss_newton=None, merge=None, halves=None, merge_expected=False):
-    """kernels.sweep over rows start:stop with the plain model (see there):
-    rejection when ``outlier_sigma``; the Gauss-Newton sums into
-    ``gauss_newton`` ((d_b, g_b) per image, (d_I, g_I, sum S) per voxel),
-    with the couplings stored per row; the merge sums into ``merge``."""
+    """kernels.sweep over a Partition's voxels with the plain model (see
+    there): rejection when ``outlier_sigma``; the Gauss-Newton sums into
+    ``gauss_newton`` ((d_b, g_b) per image, (d_I, g_I, sum S) per voxel of
+    the partition), with the couplings stored per row; the merge sums of the
+    partition's voxels into ``merge``."""
     obs = rows.obs
     gn_image, gn_voxel = (_NONE_2D, _NONE_2D) if gauss_newton is None else gauss_newton
     half = (np.zeros(obs.n_images, np.int8) if halves is None
             else np.where(halves, 0, 1).astype(np.int8))
     kernels.sweep(
-        obs.voxel, obs.image, obs.signal, obs.factor, obs.variance, rows.use, start, stop,
-        np.ascontiguousarray(model.scale, np.float64), intensity,
+        obs.voxel, obs.image, obs.signal, obs.factor, obs.variance, rows.use, part.run_start,
+        part.run_stop, part.v0, np.ascontiguousarray(model.scale, np.float64), intensity,
         np.ascontiguousarray(obs.image_gain, np.float64), float(error_k),
         -1.0 if outlier_sigma is None else outlier_sigma * outlier_sigma,
         outlier_sigma is not None, np.zeros(3) if totals is None else totals,
@@ -151,9 +154,10 @@ def merge_intensities(obs, model: ScalingModel, use: np.ndarray = None, passes=N
     per image), one such triple for each half of the images."""
     if passes is None:
         rows = SharedRows(obs=obs, use=use, coupling=None)
-        sums = merge_partition(rows, 0, obs.n_obs, model, halves)[0]
+        sums = merge_partition(rows, all_rows(obs), model, halves)[0]
     else:
-        sums = passes.reduce(merge_partition, model, halves)[0]
+        sums = passes.reduce(merge_partition, model, halves,
+                             compiled=passes.rows.compiled(model) is not None)[0]
     merged = [intensities(s) for s in sums]
     return merged[0] if halves is None else merged
 

@@ -1,7 +1,7 @@
-"""Passes over the observations: fixed row partitions of whole chunks (so
-every floating-point sum is the same for any number of processes), summed
-by compiled sweeps (:mod:`kernels`) in threads, or by numpy in forked
-workers (:class:`ObservationPasses`, on
+"""Passes over the observations: fixed partitions (so every floating-point
+sum is the same for any number of processes), summed by compiled sweeps
+(:mod:`kernels`) in threads over voxel ranges, or by numpy over row ranges
+in forked workers (:class:`ObservationPasses`, on
 :class:`dials_diffuse.parallel.ForkPool`) that inherit the observation
 columns in shared memory."""
 
@@ -15,7 +15,7 @@ import time
 import numpy as np
 
 from dials_diffuse.compiled import use_compiled
-from dials_diffuse.observations import keep_freed_memory, shared_array
+from dials_diffuse.observations import group_rows, keep_freed_memory, shared_array
 from dials_diffuse.parallel import ForkPool
 
 logger = logging.getLogger("dials.diffuse_merge")
@@ -26,13 +26,14 @@ logger = logging.getLogger("dials.diffuse_merge")
 CHUNK_ROWS = 1_000_000
 
 
-# A pass sums over at most this many row partitions (whole chunks each), in
-# partition order: the partitions, and so every floating-point sum, are the
-# same whatever the number of processes.
+# A pass sums over at most this many partitions, in partition order: the
+# partitions, and so every floating-point sum, are the same whatever the
+# number of processes.
 MAX_PARTITIONS = 16
 
 
-# Fewer observations than this are summed in one process (see ObservationPasses).
+# Numpy passes over fewer observations than this run in one process (see
+# ObservationPasses); the compiled sweeps run in threads whatever the size.
 PARALLEL_MIN_OBS = 20_000_000
 
 
@@ -62,10 +63,11 @@ def row_gain(image_gain, image):
     return image_gain[image]
 
 
-def chunks(obs, use=None, start=0, stop=None):
-    """(chunk, use of its rows, its slice) for consecutive slices of the rows
-    start:stop (chunk boundaries at multiples of CHUNK_ROWS)."""
-    stop = obs.n_obs if stop is None else stop
+def chunks(obs, use, part):
+    """(chunk, use of its rows, its slice) for consecutive slices of a
+    Partition's row range (chunk boundaries at multiples of CHUNK_ROWS from
+    its start)."""
+    start, stop = part.start, part.stop
     for a in range(start, stop, CHUNK_ROWS):
         sl = slice(a, min(a + CHUNK_ROWS, stop))
         yield observation_chunk(obs, sl), (None if use is None else use[sl]), sl
@@ -101,11 +103,75 @@ def chunk_slices(start, stop):
 
 
 def partition_bounds(n_obs):
-    """Row ranges of the partitions: whole chunks, at most MAX_PARTITIONS,
-    a function of the number of rows only."""
+    """Row ranges of the partitions: a multiple of 4 (up to MAX_PARTITIONS)
+    of about equal size, at least one chunk each when there are enough rows
+    (so that 2 or 4 threads share them evenly); a function of the number of
+    rows only."""
     n_chunks = max(1, -(-n_obs // CHUNK_ROWS))
-    rows = CHUNK_ROWS * -(-n_chunks // MAX_PARTITIONS)
-    return [(a, min(a + rows, n_obs)) for a in range(0, max(n_obs, 1), rows)]
+    n = min(MAX_PARTITIONS, 4 * -(-n_chunks // 4))
+    edges = np.linspace(0, n_obs, n + 1).astype(np.int64)
+    return [(int(a), int(b)) for a, b in zip(edges[:-1], edges[1:])]
+
+
+@dataclasses.dataclass(frozen=True)
+class Partition:
+    """The k-th of a pass's fixed partitions, in two forms that each cover
+    every row once.
+
+    Rows start:stop, for the numpy passes: they sum into arrays over all
+    voxels, which are added up in partition order. And the voxels v0:v1
+    with all their rows, for the compiled sweeps: the rows are grouped by
+    image and sorted by voxel within an image (observations.group_rows), so
+    those rows are one run per image, run_start[i]:run_stop[i]. A compiled
+    partition writes the sums of its own voxels only (VoxelSums): partitions
+    share no per-voxel array, none needs an array over all voxels, and a
+    voxel's sums add its rows in image order whatever the partitions.
+    """
+
+    start: int
+    stop: int
+    v0: int
+    v1: int
+    run_start: np.ndarray  # int64, per image
+    run_stop: np.ndarray
+
+    @property
+    def n_voxels(self):
+        return self.v1 - self.v0
+
+
+@dataclasses.dataclass
+class VoxelSums:
+    """A compiled partition's per-voxel sums of its voxels v0:v0 + n (last
+    axis): the pass's result is these placed side by side, not added."""
+
+    v0: int
+    values: np.ndarray
+
+
+def all_rows(obs):
+    """One Partition of every row and voxel (a single run: valid whatever
+    the rows' order)."""
+    return Partition(start=0, stop=obs.n_obs, v0=0, v1=obs.n_voxels,
+                     run_start=np.zeros(1, np.int64), run_stop=np.array([obs.n_obs], np.int64))
+
+
+def make_partitions(obs):
+    """The Partitions of an ObservationSet grouped by image and voxel: the
+    voxel ranges split the rows at about the row ranges' sizes."""
+    bounds = partition_bounds(obs.n_obs)
+    rows_before = np.zeros(obs.n_voxels + 1, np.int64)  # rows of voxels < v
+    np.cumsum(np.bincount(obs.voxel, minlength=obs.n_voxels), out=rows_before[1:])
+    cuts = np.searchsorted(rows_before, [a for a, _ in bounds[1:]])
+    voxel_edges = np.concatenate([[0], cuts, [obs.n_voxels]]).astype(np.int64)
+    image_start = np.searchsorted(obs.image, np.arange(obs.n_images + 1))
+    runs = np.empty((obs.n_images, voxel_edges.size), np.int64)
+    for i in range(obs.n_images):
+        a, b = image_start[i], image_start[i + 1]
+        runs[i] = a + np.searchsorted(obs.voxel[a:b], voxel_edges)
+    return [Partition(start=a, stop=b, v0=int(voxel_edges[k]), v1=int(voxel_edges[k + 1]),
+                      run_start=runs[:, k].copy(), run_stop=runs[:, k + 1].copy())
+            for k, (a, b) in enumerate(bounds)]
 
 
 @dataclasses.dataclass
@@ -143,8 +209,8 @@ def load_kernels(choice="auto"):
 def _run_partition(rows, task):
     """One pass over one partition in a worker; ``rows``: the SharedRows the
     workers inherited (no copy, no pickling)."""
-    func, start, stop, args = task
-    return func(rows, start, stop, *args)
+    func, part, args = task
+    return func(rows, part, *args)
 
 
 def _ordered_results(executor, n_threads, rows, tasks):
@@ -160,17 +226,22 @@ def _ordered_results(executor, n_threads, rows, tasks):
 
 
 class ObservationPasses:
-    """Sums over all observations, partition by partition, in ``nproc``
+    """Sums over all observations, partition by partition: compiled sweeps
+    in up to ``nproc`` threads, numpy passes of large runs in ``nproc``
     forked workers that read the observation columns they inherited.
 
-    A pass is a function ``func(rows, start, stop, *args)`` (rows: the
-    SharedRows) returning a tuple of arrays for its rows; ``reduce`` adds
-    them up in partition order (or concatenates the outputs named in
-    ``concat``), so that the result is byte-identical for any nproc.
+    A pass is a function ``func(rows, part, *args)`` (rows: the SharedRows,
+    part: a Partition) returning a tuple of arrays; ``reduce`` adds them up
+    in partition order, places VoxelSums side by side, or concatenates the
+    outputs named in ``concat``, so that the result is byte-identical for
+    any nproc. The observations' rows are grouped by image and voxel first
+    (observations.group_rows: a check, and a sort only if reindexing or a
+    caller left them otherwise).
     """
 
     def __init__(self, obs, nproc=1, kernel="auto"):
         keep_freed_memory()
+        group_rows(obs)
         self.obs = obs
         # the compiled sweeps know the plain columns only (no mdx2 surfaces)
         plain = obs.surface_gain is None and obs.surface_offset is None
@@ -181,50 +252,59 @@ class ObservationPasses:
                                kernels=load_kernels(kernel) if plain else None)
         self.use = self.rows.use
         self.use[:] = True
-        self.bounds = partition_bounds(obs.n_obs)
+        self.partitions = make_partitions(obs)
         self.timings = {}  # pass name: (count, seconds)
         self._pool = None
         self._threads = None
         self._side_threads = None
         self.nproc = max(1, int(nproc))
-        n_workers = min(nproc, len(self.bounds))
-        # below PARALLEL_MIN_OBS the per-voxel arrays each worker makes and
-        # sends back cost more than the rows it sums (measured on the 6.6e6
-        # observations of a 100-image sweep: numpy passes 7.8 s -> 10.6 s
-        # with 2 forked workers; compiled sweeps 3.0 s -> 3.7 s with 2 threads)
-        if n_workers > 1 and obs.n_obs >= PARALLEL_MIN_OBS:
-            if self.rows.kernels is not None:
-                # compiled sweeps release the GIL: threads share everything,
-                # nothing is pickled
-                self._threads = concurrent.futures.ThreadPoolExecutor(n_workers)
-                self._n_threads = n_workers
-            else:
-                self._pool = ForkPool(self.rows, n_workers).__enter__()
+        self._n_threads = min(self.nproc, len(self.partitions))
+        if self._n_threads > 1 and (self.rows.kernels is not None
+                                    or obs.n_obs >= PARALLEL_MIN_OBS):
+            # compiled sweeps release the GIL: threads share everything,
+            # nothing is pickled (and at any size: a partition allocates
+            # only its own voxels' sums)
+            self._threads = concurrent.futures.ThreadPoolExecutor(self._n_threads)
+        # below PARALLEL_MIN_OBS the per-voxel arrays each numpy worker makes
+        # and sends back cost more than the rows it sums (measured on the
+        # 6.6e6 observations of a 100-image sweep: 7.8 s -> 10.6 s with 2
+        # forked workers)
+        if (self._n_threads > 1 and self.rows.kernels is None
+                and obs.n_obs >= PARALLEL_MIN_OBS):
+            self._pool = ForkPool(self.rows, self._n_threads).__enter__()
 
-    def reduce(self, func, *args, concat=()):
+    def reduce(self, func, *args, concat=(), compiled=False):
+        """The pass ``func`` over every partition, reduced in partition
+        order. ``compiled``: the pass runs compiled sweeps (they release the
+        GIL: threads with nproc > 1); numpy passes run in forked workers for
+        large runs, else here (with the kernels loaded, in threads)."""
         t0 = time.perf_counter()
-        total = self._reduce(func, args, concat)
+        total = self._reduce(func, args, concat, compiled)
         name = func.__name__.strip("_").replace("_partition", "")
         count, seconds = self.timings.get(name, (0, 0.0))
         self.timings[name] = (count + 1, seconds + time.perf_counter() - t0)
         return total
 
-    def _reduce(self, func, args, concat):
-        tasks = [(func, a, b, args) for a, b in self.bounds]
-        if self._threads is not None:
-            results = _ordered_results(self._threads, self._n_threads, self.rows, tasks)
-        elif self._pool is not None:
+    def _reduce(self, func, args, concat, compiled):
+        tasks = [(func, part, args) for part in self.partitions]
+        if self._pool is not None and not compiled:
             results = self._pool.map(_run_partition, tasks)
+        elif self._threads is not None and (compiled or self.obs.n_obs >= PARALLEL_MIN_OBS):
+            results = _ordered_results(self._threads, self._n_threads, self.rows, tasks)
         else:
-            results = (func(self.rows, a, b, *args) for a, b in self.bounds)
+            results = (_run_partition(self.rows, t) for t in tasks)
         total = None
         for result in results:
             if total is None:
-                total = [[r] if i in concat else r for i, r in enumerate(result)]
+                total = [[r] if i in concat else
+                         _placed(r, self.obs.n_voxels) if isinstance(r, VoxelSums) else r
+                         for i, r in enumerate(result)]
                 continue
             for i, r in enumerate(result):
                 if i in concat:
                     total[i].append(r)
+                elif isinstance(r, VoxelSums):
+                    total[i][..., r.v0:r.v0 + r.values.shape[-1]] = r.values
                 else:
                     total[i] += r
         return [np.concatenate(t) if i in concat else t for i, t in enumerate(total)]
@@ -255,7 +335,7 @@ class ObservationPasses:
                    f"{self._pool.nproc} processes" if self._pool else
                    f"{self._n_threads} threads")
         kind = "compiled" if self.rows.kernels is not None else "numpy"
-        logger.info("Passes over the observations (%d partitions, %s, %s): %s", len(self.bounds),
+        logger.info("Passes over the observations (%d partitions, %s, %s): %s", len(self.partitions),
                     kind, workers,
                     ", ".join(f"{name} {n}x {t:.1f} s" for name, (n, t) in self.timings.items()))
 
@@ -273,6 +353,14 @@ class ObservationPasses:
 
     def __exit__(self, *exc):
         self.close()
+
+
+def _placed(sums, n_voxels):
+    """An array over every voxel holding a first VoxelSums (the others are
+    placed beside it; together the partitions cover every voxel)."""
+    total = np.empty(sums.values.shape[:-1] + (n_voxels,))
+    total[..., sums.v0:sums.v0 + sums.values.shape[-1]] = sums.values
+    return total
 
 
 def bincount(index, weights, n):

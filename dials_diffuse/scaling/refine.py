@@ -15,7 +15,7 @@ from dials_diffuse.scaling.merge_sums import MERGE_SUMS, add_merge_sums, compile
 from dials_diffuse.scaling.model import ScalingModel, ScalingResult
 from dials_diffuse.scaling.surface_steps import update_surfaces
 from dials_diffuse.scaling.surfaces import enabled as surfaces_enabled
-from dials_diffuse.scaling.passes import ObservationPasses, bincount, chunks, observation_chunk
+from dials_diffuse.scaling.passes import ObservationPasses, VoxelSums, bincount, chunks, observation_chunk
 
 logger = logging.getLogger("dials.diffuse_merge")
 
@@ -38,11 +38,11 @@ def use_gauss_newton(params, n_scale_params) -> bool:
 CHI2_1_MEDIAN = 0.45493642311957  # median of chi-squared with one degree of freedom
 
 
-def _scale_partition(rows, start, stop, model, intensity):
+def _scale_partition(rows, part, model, intensity):
     obs, use = rows.obs, rows.use
     n = obs.n_images
     num, den = np.zeros(n), np.zeros(n)
-    for ch, u, _ in chunks(obs, use, start, stop):
+    for ch, u, _ in chunks(obs, use, part):
         x = model.observation_factor(ch) * intensity[ch.voxel]
         num += bincount(ch.image, np.where(u, ch.signal - model.observation_offset(ch) * ch.factor, 0.0), n)
         den += bincount(ch.image, np.where(u, ch.factor * x, 0.0), n)
@@ -74,7 +74,7 @@ def _residual_sample(obs, model, intensity, use, max_samples=1_000_000):
     return sample.signal - expected, model_variance(sample, expected), expected
 
 
-def _rejection_partition(rows, start, stop, model, intensity, error_k, outlier_sigma,
+def _rejection_partition(rows, part, model, intensity, error_k, outlier_sigma,
                          then=None, halves=None, every=1):
     """Outlier rejection of the partition's rows (rewrites their ``use``) and
     the R / chi^2 sums over the rows kept. In the same sweep (same model, so
@@ -83,19 +83,20 @@ def _rejection_partition(rows, start, stop, model, intensity, error_k, outlier_s
     the images if ``halves``)."""
     obs, use = rows.obs, rows.use
     totals = np.zeros(3)  # sum |resid|, sum |S|, sum z^2 over the rows kept
-    sums, samples = new_gauss_newton_sums(obs) if then == "gauss_newton" else ([], [])
-    if then == "merge":
-        sums = [np.zeros((1 if halves is None else 2, MERGE_SUMS, obs.n_voxels))]
+    n_sets = 1 if halves is None else 2
     kernels = rows.compiled(model)
     if kernels is not None:
-        gn = compiled_gauss_newton_sums(sums) if then == "gauss_newton" else None
-        compiled_sweep(kernels, rows, start, stop, model, intensity, error_k, outlier_sigma,
-                       totals, gauss_newton=gn, merge=sums[0] if then == "merge" else None,
-                       halves=halves, merge_expected=True)
+        gn = compiled_gauss_newton_sums(obs.n_images, part) if then == "gauss_newton" else None
+        merge = np.zeros((n_sets, MERGE_SUMS, part.n_voxels)) if then == "merge" else None
+        compiled_sweep(kernels, rows, part, model, intensity, error_k, outlier_sigma,
+                       totals, gauss_newton=gn, merge=merge, halves=halves, merge_expected=True)
         if then == "gauss_newton":
-            return [totals] + compiled_gauss_newton_outputs(gn)
-        return [totals] + sums
-    for ch, u, sl in chunks(obs, use, start, stop):
+            return [totals] + compiled_gauss_newton_outputs(gn, part)
+        return [totals] + ([VoxelSums(part.v0, merge)] if then == "merge" else [])
+    sums, samples = new_gauss_newton_sums(obs) if then == "gauss_newton" else ([], [])
+    if then == "merge":
+        sums = [np.zeros((n_sets, MERGE_SUMS, obs.n_voxels))]
+    for ch, u, sl in chunks(obs, use, part):
         b, x, expected = prediction(ch, model, intensity)
         resid = ch.signal - expected
         variance = model_variance(ch, expected)
@@ -149,11 +150,14 @@ def refine_scales(obs, params, passes=None, halves=None, scale_basis=None,
     reject = params.outlier_sigma is not None and params.outlier_sigma > 0
     gauss_newton = use_gauss_newton(params, n_scale_params)
     every = schur_sample_step(obs) if gauss_newton else 1
-    merge_sums = passes.reduce(merge_partition, model)[0][0]
+    # the plain model's passes run compiled sweeps (threads with nproc > 1)
+    compiled = passes.rows.compiled(model) is not None
+    merge_sums = passes.reduce(merge_partition, model, compiled=compiled)[0][0]
     numerator = merge_sums[0]
     intensity = np.nan_to_num(intensities(merge_sums)[0])
     if gauss_newton:
-        gn = passes.reduce(gauss_newton_partition, model, intensity, every, concat=sample_columns(0))
+        gn = passes.reduce(gauss_newton_partition, model, intensity, every,
+                           concat=sample_columns(0), compiled=compiled)
     for iteration in range(1, params.max_iterations + 1):
         old_scale = model.scale.copy()
         # I_v from the end of the previous iteration (one pass fewer per
@@ -179,7 +183,7 @@ def refine_scales(obs, params, passes=None, halves=None, scale_basis=None,
         if gauss_newton:
             # with no offsets or smoother only the merge denominator depends
             # on the scales (the numerator came with the last rejection)
-            den, = passes.reduce(denominator_partition, model.scale)
+            den, = passes.reduce(denominator_partition, model.scale, compiled=compiled)
             intensity = np.where(den > 0, numerator / np.where(den > 0, den, 1.0), 0.0)
         else:
             intensity = np.nan_to_num(merge_intensities(obs, model, passes=passes)[0])
@@ -191,7 +195,8 @@ def refine_scales(obs, params, passes=None, halves=None, scale_basis=None,
         then = "merge" if last else ("gauss_newton" if gauss_newton else None)
         totals, *sums = passes.reduce(
             _rejection_partition, model, intensity, error_k, params.outlier_sigma if reject else None,
-            then, halves, every, concat=sample_columns(1) if then == "gauss_newton" else ())
+            then, halves, every, concat=sample_columns(1) if then == "gauss_newton" else (),
+            compiled=compiled)
         if then == "gauss_newton":
             gn, numerator = sums, sums[4]
         sum_abs_resid, sum_abs_signal, chi2_sum = totals
@@ -243,12 +248,12 @@ def fit_error_model(resid, poisson_var, expected):
     return median_error_k(resid**2, poisson_var, expected**2, CHI2_1_MEDIAN)
 
 
-def _offset_partition(rows, start, stop, model, intensity):
+def _offset_partition(rows, part, model, intensity):
     """Per-image sums of the 2x2 normal equations of (b_i, c_i)."""
     obs, use = rows.obs, rows.use
     n = obs.n_images
     sums = np.zeros((5, n))
-    for ch, u, _ in chunks(obs, use, start, stop):
+    for ch, u, _ in chunks(obs, use, part):
         x = model.observation_factor(ch) * intensity[ch.voxel]
         expected = ch.factor * (model.scale[ch.image] * x + model.offset[ch.image])
         w = np.where(u, 1.0 / model_variance(ch, expected), 0.0)
@@ -269,14 +274,14 @@ def _update_offsets(passes, model, intensity):
     model.scale, model.offset = b, c
 
 
-def _smoother_partition(rows, start, stop, model, intensity):
+def _smoother_partition(rows, part, model, intensity):
     """Per-image normal equations of the control-point values of a_i."""
     obs, use = rows.obs, rows.use
     k = model.smoother_q.size
     n = obs.n_images
     normal = np.zeros(n * k * k)
     rhs = np.zeros(n * k)
-    for ch, u, _ in chunks(obs, use, start, stop):
+    for ch, u, _ in chunks(obs, use, part):
         j, t = model.interpolation(ch.voxel_qmag[ch.voxel])
         base = ch.factor * model.scale[ch.image] * intensity[ch.voxel]
         offset = ch.factor * model.observation_offset(ch)

@@ -50,7 +50,7 @@ def _sampled_rows(obs, use, a, b, sampled):
     return rows[keep]
 
 
-def _step_partition(rows, start, stop, surfaces, name, model, intensity, sampled):
+def _step_partition(rows, part, surfaces, name, model, intensity, sampled):
     """The sums of a Gauss-Newton step of one term's control values c on the
     joint least squares in (c, I) over the partition's sampled rows, the
     other terms and blocks held: the normal matrix and gradient in c, the
@@ -66,6 +66,7 @@ def _step_partition(rows, start, stop, surfaces, name, model, intensity, sampled
     ring_moments = np.zeros(n_rings * k)
     d_voxel, g_voxel = np.zeros(n_vox), np.zeros(n_vox)
     couplings = [[], [], []]
+    start, stop = part.start, part.stop
     for a in range(start, stop, CHUNK_ROWS):
         index = _sampled_rows(obs, use, a, min(a + CHUNK_ROWS, stop), sampled)
         if index.size == 0:
@@ -101,13 +102,14 @@ def _step_partition(rows, start, stop, surfaces, name, model, intensity, sampled
         np.concatenate(c) if c else e for c, e in zip(couplings, empty)]
 
 
-def _radial_partition(rows, start, stop, surfaces, model, intensity, sampled):
+def _radial_partition(rows, part, surfaces, model, intensity, sampled):
     """Normal equations of h(|s|) ~ a d over the partition's sampled rows,
     weighted by the signal the gain multiplies."""
     obs, use = rows.obs, rows.use
     radial = surfaces.radial
     k = radial.grid.size
     normal, rhs = np.zeros((k, k)), np.zeros(k)
+    start, stop = part.start, part.stop
     for a in range(start, stop, CHUNK_ROWS):
         index = _sampled_rows(obs, use, a, min(a + CHUNK_ROWS, stop), sampled)
         if index.size == 0:
@@ -122,21 +124,23 @@ def _radial_partition(rows, start, stop, surfaces, model, intensity, sampled):
     return normal, rhs
 
 
-def _evaluate_partition(rows, start, stop, surface):
+def _evaluate_partition(rows, part, surface):
     """Write one term's value at each of the partition's rows into its column."""
     obs = rows.obs
     column = obs.surface_offset if surface.name == "offset" else obs.surface_terms[surface.name]
+    start, stop = part.start, part.stop
     for a in range(start, stop, CHUNK_ROWS):
         sl = slice(a, min(a + CHUNK_ROWS, stop))
         column[sl] = surface.evaluate(surface.row_coordinates(obs, sl))
     return (np.zeros(1),)
 
 
-def _gain_partition(rows, start, stop, surfaces):
+def _gain_partition(rows, part, surfaces):
     """Write the gain a d / h(|s|) of the partition's rows; returns the sum
     of the squared relative changes of their gains."""
     obs, radial = rows.obs, surfaces.radial
     change = 0.0
+    start, stop = part.start, part.stop
     for a in range(start, stop, CHUNK_ROWS):
         sl = slice(a, min(a + CHUNK_ROWS, stop))
         gain = surfaces.product(obs, sl) / radial.evaluate(radial.row_coordinates(obs, sl))
