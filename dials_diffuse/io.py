@@ -144,6 +144,34 @@ def write_pickle(path: str, obj: Any) -> None:
             pickle.dump(obj, fh, protocol=pickle.HIGHEST_PROTOCOL)
 
 
+class _FlexBoolPickle:
+    """Pickles as the flex.bool of a numpy bool array, byte for byte what
+    flex.bool's own pickle writes (tested), but made by numpy: flex builds
+    its state a character at a time (0.32 s for one Pilatus 6M mask, with
+    the GIL held while the extraction workers wait for their next image)."""
+
+    def __init__(self, array):
+        self.array = np.ascontiguousarray(array, dtype=bool)
+
+    def __reduce__(self):
+        from scitbx.array_family import flex
+
+        n = self.array.size
+        # flex's state: the element count (a byte holding its own length + 1,
+        # then the count little-endian; 0 alone for none), then '1' or '0'
+        # per element
+        count = n.to_bytes((n.bit_length() + 7) // 8, "little")
+        header = bytes([len(count) + 1]) + count if n else b"\x00"
+        chars = np.where(self.array.reshape(-1), np.uint8(ord("1")), np.uint8(ord("0")))
+        return flex.bool, (), (flex.grid(*self.array.shape), header + chars.tobytes())
+
+
+def write_mask_pickle(path: str, panel_masks) -> None:
+    """Per-panel bool masks (numpy) as the pickled tuple of flex.bool that
+    DIALS reads (``dials.image_viewer mask=``, ``lookup.mask``)."""
+    write_pickle(path, tuple(_FlexBoolPickle(m) for m in panel_masks))
+
+
 def write_experiments(path: str, experiments) -> None:
     with atomic_path(path) as tmp:
         experiments.as_file(tmp)

@@ -705,3 +705,22 @@ def test_contexts_share_the_detector_geometry(simulated_stills, tmp_path):
         grid = np.arange(a.selected.size).reshape(a.shape)[::a.parts_step, ::a.parts_step].ravel()
         assert all(np.array_equal(a.parts[k], b.parts[k][grid]) for k in a.parts)
     extraction_context.clear_caches()
+
+
+def test_mask_pickle_is_flex_bools_own(tmp_path):
+    """io.write_mask_pickle writes, from numpy, the bytes of pickling the
+    masks as flex.bool (masks.to_flex), which DIALS reads: empty, one-pixel,
+    count bytes of every length (255, 256, 65536, a Pilatus 6M panel)."""
+    from dials_diffuse import io, masks
+
+    rng = np.random.default_rng(4)
+    shapes = [(0,), (1,), (3, 85), (1, 256), (256, 256), (2527, 2463)]
+    panel_masks = [rng.random(shape) > 0.3 for shape in shapes]
+    path = tmp_path / "mask.pickle"
+    io.write_mask_pickle(str(path), panel_masks)
+    expected = pickle.dumps(masks.to_flex(panel_masks), protocol=pickle.HIGHEST_PROTOCOL)
+    assert path.read_bytes() == expected
+    with open(path, "rb") as fh:
+        loaded = masks.from_flex(pickle.load(fh))
+    for got, want in zip(loaded, panel_masks):
+        assert got.shape == want.shape and np.array_equal(got, want)

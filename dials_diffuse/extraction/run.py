@@ -124,7 +124,7 @@ def extract(models, params, images=None, reflections=None, progress=True,
 
     def write_dynamic_mask():
         if dynamic is not None:
-            io.write_pickle(os.path.join(out_dir, DYNAMIC_MASK_NAME), masks.to_flex(dynamic))
+            io.write_mask_pickle(os.path.join(out_dir, DYNAMIC_MASK_NAME), dynamic)
 
     t1 = time.time()
     # the dynamic mask's file is written while the extraction workers run
@@ -212,10 +212,8 @@ def extract_one(job: ImageJob, background, dynamic, writer=None) -> dict:
     def write_files():
         if result.masks is not None:
             for kind, panel_masks in result.masks.items():
-                io.write_pickle(
-                    os.path.join(job.out_dir, mask_file_name(kind, task.still_id)),
-                    masks.to_flex(panel_masks),
-                )
+                io.write_mask_pickle(
+                    os.path.join(job.out_dir, mask_file_name(kind, task.still_id)), panel_masks)
         # the image file last: its presence means the image is complete
         write_image_file(os.path.join(job.out_dir, name), result.arrays, metadata)
 

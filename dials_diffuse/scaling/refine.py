@@ -61,17 +61,31 @@ def _update_scales(passes, model, intensity):
         model.set_scale_controls(model.scale_basis.fit(per_image, den))
 
 
-def _residual_sample(obs, model, intensity, use, max_samples=1_000_000):
-    """Residuals, Poisson variances and expectations of a regular subsample of
-    the used observations (for the error-model fit)."""
-    # a regular stride first, so no index array of every observation is made
-    step = max(1, obs.n_obs // max_samples)
-    idx = np.arange(0, obs.n_obs, step)
-    idx = idx[use[::step]]
-    sample = observation_chunk(obs, idx)
-    sample.variance = sample.variance.astype(np.float64)
-    expected = model_prediction(sample, model, intensity)
-    return sample.signal - expected, model_variance(sample, expected), expected
+class ResidualSample:
+    """Every k-th observation (about ``max_samples``), for the error-model
+    fit: gathered once per refinement, as the columns do not change (again
+    for every fit with mdx2's surfaces, which change W and the offsets)."""
+
+    def __init__(self, obs, max_samples=1_000_000):
+        self.obs = obs
+        self.step = max(1, obs.n_obs // max_samples)
+        self._rows = None
+        self._fixed = obs.surface_gain is None and obs.surface_offset is None
+
+    def rows(self):
+        if self._rows is None or not self._fixed:
+            self._rows = observation_chunk(self.obs, slice(0, self.obs.n_obs, self.step))
+            self._rows.variance = self._rows.variance.astype(np.float64)
+        return self._rows
+
+    def residuals(self, model, intensity, use):
+        """Residuals, Poisson variances and expectations of the sample's
+        used rows."""
+        sample = self.rows()
+        used = use[::self.step]
+        expected = model_prediction(sample, model, intensity)
+        return ((sample.signal - expected)[used], model_variance(sample, expected)[used],
+                expected[used])
 
 
 def _rejection_partition(rows, part, model, intensity, error_k, outlier_sigma,
@@ -150,6 +164,7 @@ def refine_scales(obs, params, passes=None, halves=None, scale_basis=None,
     reject = params.outlier_sigma is not None and params.outlier_sigma > 0
     gauss_newton = use_gauss_newton(params, n_scale_params)
     every = schur_sample_step(obs) if gauss_newton else 1
+    residual_sample = ResidualSample(obs)
     # the plain model's passes run compiled sweeps (threads with nproc > 1)
     compiled = passes.rows.compiled(model) is not None
     merge_sums = passes.reduce(merge_partition, model, compiled=compiled)[0][0]
@@ -187,7 +202,7 @@ def refine_scales(obs, params, passes=None, halves=None, scale_basis=None,
             intensity = np.where(den > 0, numerator / np.where(den > 0, den, 1.0), 0.0)
         else:
             intensity = np.nan_to_num(merge_intensities(obs, model, passes=passes)[0])
-        error_k = fit_error_model(*_residual_sample(obs, model, intensity, passes.use))
+        error_k = fit_error_model(*residual_sample.residuals(model, intensity, passes.use))
         model.error_k = error_k
         shift = float(np.max(np.abs(model.scale - old_scale) / np.maximum(old_scale, 1e-12)))
         done = max(shift, surface_change) < params.convergence_tolerance
