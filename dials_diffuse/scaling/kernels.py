@@ -33,10 +33,10 @@ def sweep(voxel, image, signal, factor, variance, use, run_start, run_stop, v0, 
 
     reject: rewrite use[row] as z^2 <= outlier2 (else read it); totals: sums
     of |S - E[S]|, |S| and z^2 over the rows used. gn_image (2, n_img) and
-    gn_voxel (3, n_vox) with a non-empty first axis: the Gauss-Newton sums
-    (d_b, g_b; d_I, g_I, sum S) and the row's coupling C = w W^2 b I (0 if
-    not used: sparse_schur_product reads them). merge (n_sets, 5, n_vox)
-    non-empty: the merge sums (numerator, denominator, counting variance, count, E[S]^2 if
+    gn_voxel (3, n) over the voxels v0:v0 + n, with a non-empty first axis:
+    the Gauss-Newton sums (d_b, g_b; d_I, g_I, sum S) and the row's coupling
+    C = w W^2 b I (0 if not used: sparse_schur_product reads them). merge
+    (n_sets, 5, n) non-empty: the merge sums (numerator, denominator, counting variance, count, E[S]^2 if
     merge_expected), into set half[image] (one set: half all 0).
     """
     want_gn = gn_image.shape[0] > 0
