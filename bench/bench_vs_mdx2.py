@@ -16,6 +16,10 @@ its process tree (psutil polling every 50 ms, plus the kernel's maxrss):
   corrections, voxel binning at grid.ndiv = --ndiv, output.save_pixels=off)
   then dials.diffuse_merge (scaling, merging, CC1/2, maps);
   with mp.nproc=1 and 2 when dials.diffuse_extract has mp.nproc.
+* ours, one command (``ours1cmd``; --skip-one-command to leave out):
+  dials.diffuse_process truth.expt with the same extraction and merge
+  parameters and no diagnostics: the chain started from crystal models in
+  one process (one start-up instead of two).
 * mdx2 (PyPI, in its own venv bench/.mdx2-venv with the system site packages,
   installed here when missing; never a dependency of dials_diffuse):
   import_data, import_geometry, find_peaks, mask_peaks, integrate
@@ -153,6 +157,18 @@ def ours(directory, work, ndiv, nproc, mp_supported, inputs=None, extra=()):
     return r
 
 
+def ours_one_command(directory, work, ndiv, nproc, extra=()):
+    """Our chain as one command from the crystal models: dials.diffuse_process
+    truth.expt (phase 1 skipped), the same extraction and merge parameters as
+    ``ours``, no diagnostics: one process start-up instead of two."""
+    argv = [str(common.VENV_BIN / "dials.diffuse_process"), str(directory / "truth.expt"),
+            "output.base_dir=run", "extract.output.save_pixels=off",
+            f"grid.ndiv_h={ndiv}", f"grid.ndiv_k={ndiv}", f"grid.ndiv_l={ndiv}", *extra,
+            f"mp.nproc={nproc}", "diagnostics.extraction=False", "diagnostics.merged=False"]
+    common.rmtree(work)
+    return run_stages(f"ours one command nproc={nproc}", [("process", argv)], work)
+
+
 def mdx2(directory, work, ndiv, nproc, n_images, count_threshold, expt=None, chunks=(211, 493)):
     """mdx2's chain on ``expt`` (default: the simulator's truth.expt);
     ``chunks``: the (y, x) chunk shape of import_data (frames: min(20, n))."""
@@ -206,6 +222,8 @@ def main():
                     help="mdx2.find_peaks --count_threshold (Bragg peak pixels)")
     ap.add_argument("--skip-mdx2", action="store_true")
     ap.add_argument("--skip-rs-mapper", action="store_true")
+    ap.add_argument("--skip-one-command", action="store_true",
+                    help="no run of our chain as one command (dials.diffuse_process truth.expt)")
     ap.add_argument("--no-background", action="store_true",
                     help="simulate the images without the simulator's background (constant + radial "
                          "air/solvent photons, which neither chain subtracts here), so that the maps "
@@ -253,6 +271,9 @@ def main():
         if nproc == 1 or mp_supported:
             result["runs"][f"ours_np{nproc}"] = ours(directory, work / f"ours_np{nproc}",
                                                      args.ndiv, nproc, mp_supported, extra=extra)
+        if not args.skip_one_command:
+            result["runs"][f"ours1cmd_np{nproc}"] = ours_one_command(
+                directory, work / f"ours1cmd_np{nproc}", args.ndiv, nproc, extra=extra)
         if version:
             result["runs"][f"mdx2_np{nproc}"] = mdx2(directory, work / f"mdx2_np{nproc}", args.ndiv,
                                                      nproc, n, args.count_threshold)
@@ -273,6 +294,12 @@ def main():
         ratios["ours_speedup_1_to_2"] = round(runs["ours_np1"]["total_s"] / runs["ours_np2"]["total_s"], 2)
         ratios["ours_extract_speedup_1_to_2"] = round(
             runs["ours_np1"]["stages"]["extract"]["wall_s"] / runs["ours_np2"]["stages"]["extract"]["wall_s"], 2)
+    one_1, one_2 = runs.get("ours1cmd_np1", {}), runs.get("ours1cmd_np2", {})
+    if one_1.get("ok") and one_2.get("ok"):
+        ratios["ours_one_command_speedup_1_to_2"] = round(one_1["total_s"] / one_2["total_s"], 2)
+    if one_1.get("ok") and runs.get("mdx2_np1", {}).get("ok"):
+        ratios["mdx2_over_ours_one_command_np1"] = round(
+            runs["mdx2_np1"]["total_s"] / one_1["total_s"], 2)
     if runs.get("mdx2_np1", {}).get("ok") and runs.get("mdx2_np2", {}).get("ok"):
         ratios["mdx2_speedup_1_to_2"] = round(runs["mdx2_np1"]["total_s"] / runs["mdx2_np2"]["total_s"], 2)
     if runs.get("rs_mapper", {}).get("ok") and runs.get("ours_np1", {}).get("ok"):

@@ -12,6 +12,11 @@ reported and left out. The crystal models are validated against reference_pdb
 misorientation of sequences); validation.on_failure=continue leaves failing
 images out, stop ends the run.
 
+Started from DIALS' crystal models instead of images (refined.expt, with
+imported.expt for the images to extract and refined.refl for the Bragg
+masks, as dials.diffuse_extract takes them), phase 1 is skipped: one command
+after dials.refine gives the maps and their diagnostics.
+
 Phase 2: masks and extraction (every extract.* parameter of
 dials.diffuse_extract), then diagnostics of the first extracted image.
 Phase 3, with two or more extracted images: scaling and merging (merge.*,
@@ -46,6 +51,9 @@ Examples::
 
   dials.diffuse_process rotation_*.cbf processing.mode=sequence \\
     merge.symmetry.merge=friedel merge.scaling.offsets=True
+
+  dials.diffuse_process refined.expt imported.expt refined.refl \\
+    output.base_dir=diffuse_run
 """
 
 from __future__ import annotations
@@ -75,6 +83,8 @@ phil_scope = pipeline.phil_scope
 def run(args: List[str] = None, phil=phil_scope) -> None:
     usage = (
         "dials.diffuse_process [options] image_0001.cbf [image_0002.cbf ...] "
+        "output.base_dir=diffuse_run\n"
+        "       dials.diffuse_process [options] refined.expt [imported.expt] [refined.refl] "
         "output.base_dir=diffuse_run"
     )
     parser = ArgumentParser(
@@ -92,18 +102,26 @@ def run(args: List[str] = None, phil=phil_scope) -> None:
     params, options, unhandled = parser.parse_args(
         args=args, show_diff_phil=False, return_unhandled=True
     )
-    images = []
+    images, experiments, reflections = [], [], []
     for arg in unhandled:
         if "=" in arg and not os.path.exists(arg):
             raise Sorry(f"unknown or ambiguous parameter: {arg}")
         if not os.path.exists(arg):
             raise Sorry(f"file not found: {arg}")
-        images.append(arg)
-    if not images and not args:
+        kind = (experiments if arg.endswith(".expt") else
+                reflections if arg.endswith(".refl") else images)
+        kind.append(arg)
+    if not images and not experiments and not reflections and not args:
         parser.print_help()
         return
+    if images and (experiments or reflections):
+        raise Sorry("give images, or DIALS' crystal models (refined.expt [imported.expt] "
+                    "[refined.refl]), not both")
     # every input is checked (and the images imported) before anything is written
-    inputs = pipeline.check_inputs(images, params)
+    if experiments or reflections:
+        inputs = pipeline.check_model_inputs(experiments, reflections, params)
+    else:
+        inputs = pipeline.check_inputs(images, params)
     base = Path(params.output.base_dir)
     try:
         base.mkdir(parents=True, exist_ok=True)
@@ -119,7 +137,7 @@ def run(args: List[str] = None, phil=phil_scope) -> None:
     if diff:
         logger.info("The following parameters have been modified:\n%s", diff)
     dials_args = pipeline.dials_arguments(args, phil)
-    summary = pipeline.process(images, params, inputs=inputs, dials_args=dials_args)
+    summary = pipeline.process(inputs.image_paths, params, inputs=inputs, dials_args=dials_args)
     logger.info("Summary: %s", base / pipeline.SUMMARY_NAME)
     for name in ("extraction_diagnostics", "phase3_diagnostics"):
         report = summary["steps"].get(name, {}).get("report")

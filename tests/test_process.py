@@ -8,6 +8,8 @@
 * validation against a reference PDB (continue / stop);
 * real thaumatin stills 0001, 0002 and 0017 (0017 does not index and is
   listed), pixel_step=4;
+* started from DIALS' crystal models (refined.expt imported.expt
+  refined.refl): phase 1 skipped, the same map as from the images;
 * bad input: one-line Sorry, exit status 1, nothing written.
 
 The command runs in a subprocess (exit status, stderr, a fresh log each run).
@@ -251,6 +253,42 @@ def test_validation_against_reference_pdb(sim_run, tmp_path):
     s = summary_of(tmp_path / "run")
     assert s["steps"]["validation"]["status"] == "4 failed"
     assert {f["stage"] for f in s["failures"]} == {"validation"}
+
+
+def test_from_refined_experiments(sim_run, tmp_path):
+    """Started from the crystal models after dials.refine (phase 1's
+    refined.expt, imported.expt and refined.refl), phase 1 is skipped; the
+    same models and images give the same map as the run from the images; a
+    rerun reuses the extraction and the merge."""
+    base, images, _ = sim_run
+    models = [base / "refined.expt", base / "imported.expt", base / "refined.refl"]
+    args = [*models, "output.base_dir=run", *SIM_ARGS, "diagnostics.extraction=False"]
+    run_process(args, cwd=tmp_path)
+    s = summary_of(tmp_path / "run")
+    assert s["steps"]["phase1"]["status"] == "skipped"
+    assert not {"import", "find_spots", "index", "refine"} & set(s["steps"])
+    assert s["mode"] == "stills" and s["n_images"] == 4 and s["n_indexed"] == 4
+    assert s["n_extracted"] == 4 and not s["failures"]
+    for name in ("extraction", "merge", "phase3_diagnostics"):
+        assert s["steps"][name]["status"] == "done", (name, s["steps"][name])
+    assert (tmp_path / "run" / "phase3_diagnostics" / "phase3_diagnostics_summary.txt").is_file()
+    with np.load(base / "diffuse_merged" / "voxel_data_relative.npz") as a, \
+            np.load(tmp_path / "run" / "diffuse_merged" / "voxel_data_relative.npz") as b:
+        assert np.array_equal(a["voxel_indices"], b["voxel_indices"])
+        assert np.array_equal(a["I_merged_relative"], b["I_merged_relative"], equal_nan=True)
+
+    run_process(args, cwd=tmp_path)
+    s = summary_of(tmp_path / "run")
+    assert s["steps"]["extraction"]["status"] == "reused"
+    assert s["steps"]["merge"]["status"] == "reused"
+
+    # bad input: one-line Sorry, nothing written
+    for bad, expected in (([base / "refined.refl"], "needs the experiments"),
+                          ([base / "imported.expt"], "has no crystal"),
+                          ([images[0], base / "refined.expt"], "not both")):
+        msg = _sorry(run_process([*bad, "output.base_dir=bad"], cwd=tmp_path, check=False))
+        assert expected in msg, msg
+        assert not (tmp_path / "bad").exists()
 
 
 # --------------------------------------------------------------------------

@@ -3,7 +3,9 @@
 ``process(image_paths, params)`` is the library entry point behind
 ``dials.diffuse_process`` (the command only parses, calls and writes the log):
 
-1. **Phase 1, DIALS processing** (:mod:`dials_diffuse.processing`): import,
+1. **Phase 1, DIALS processing** (:mod:`dials_diffuse.processing`), unless
+   the run starts from DIALS' refined experiments (:func:`check_model_inputs`:
+   ``refined.expt [imported.expt] [refined.refl]``): import,
    spot finding, indexing (stills each on their own through the DIALS stills
    indexer, made to work on Debian's DIALS 3.12 by
    :func:`dials_diffuse.dials_compat.ensure_stills_indexing`; rotation
@@ -50,7 +52,12 @@ from typing import Optional
 
 from dials.util import Sorry
 
-from dials_diffuse.pipeline.inputs import Inputs, check_inputs, read_reference_symmetry
+from dials_diffuse.pipeline.inputs import (
+    Inputs,
+    check_inputs,
+    check_model_inputs,
+    read_reference_symmetry,
+)
 from dials_diffuse.pipeline.params import (
     default_params,
     dials_arguments,
@@ -59,7 +66,7 @@ from dials_diffuse.pipeline.params import (
     phil_scope,
     resolve_short_names,
 )
-from dials_diffuse.pipeline.phase1 import load_expts, run_phase1
+from dials_diffuse.pipeline.phase1 import given_models, load_expts, run_phase1
 from dials_diffuse.pipeline.state import SUMMARY_NAME, RunState, signature
 from dials_diffuse.pipeline.steps import (
     EXTRACTION_DIAGNOSTICS_DIR,
@@ -72,7 +79,8 @@ from dials_diffuse.pipeline.summary import finish
 from dials_diffuse.pipeline.validation import apply_validation, validate
 
 __all__ = [
-    "LOG_NAME", "SUMMARY_NAME", "Inputs", "check_inputs", "default_params", "dials_arguments",
+    "LOG_NAME", "SUMMARY_NAME", "Inputs", "check_inputs", "check_model_inputs", "default_params",
+    "dials_arguments",
     "dials_overrides", "load_expts", "params_from", "phil_scope", "process",
     "read_reference_symmetry", "resolve_short_names", "validate",
 ]
@@ -109,7 +117,10 @@ def process(image_paths, params, inputs: Optional[Inputs] = None, dials_args=Non
         logger.info("Reference symmetry from %s: %s", params.reference_pdb,
                     str(inputs.reference_symmetry).replace("\n", ", "))
     try:
-        models, refl, strong = run_phase1(run)
+        if inputs.models is not None:
+            models, refl, strong = given_models(run)
+        else:
+            models, refl, strong = run_phase1(run)
         models, refl = apply_validation(run, models, refl)
         upstream = signature(run.signature_of("phase1"), [e.identifier for e in models])
 

@@ -14,7 +14,9 @@ from typing import Iterable
 import iotbx.pdb
 import iotbx.phil
 from dxtbx.format.Registry import get_format_class_for_file
+from dxtbx.model.experiment_list import ExperimentListFactory
 
+from dials.array_family import flex
 from dials.util import Sorry
 
 from dials_diffuse import dials_programs
@@ -25,14 +27,23 @@ logger = logging.getLogger("dials.diffuse_process")
 
 class Inputs:
     """Validated inputs: image paths, imported experiments, reference symmetry,
-    DIALS overrides from ``dials_phil``."""
+    DIALS overrides from ``dials_phil``. Started from DIALS' refined
+    experiments (check_model_inputs), also the crystal ``models``, the
+    ``images`` to extract when given apart (imported.expt, else None), the
+    ``reflections`` for the Bragg masks (or None) and the ``model_files``
+    (their paths: phase 1 is not run)."""
 
-    def __init__(self, image_paths, experiments, reference_symmetry, dials_phil_scope, mode):
+    def __init__(self, image_paths, experiments, reference_symmetry, dials_phil_scope, mode,
+                 models=None, images=None, reflections=None, model_files=()):
         self.image_paths = image_paths
         self.experiments = experiments
         self.reference_symmetry = reference_symmetry
         self.dials_phil_scope = dials_phil_scope
         self.mode = mode
+        self.models = models
+        self.images = images
+        self.reflections = reflections
+        self.model_files = tuple(model_files)
 
 
 def check_inputs(image_paths: Iterable, params) -> Inputs:
@@ -49,6 +60,53 @@ def check_inputs(image_paths: Iterable, params) -> Inputs:
     if len({os.path.realpath(p) for p in paths}) != len(paths):
         raise Sorry("the same image file is given more than once")
     _check_image_formats(paths)
+    reference, dials_phil_scope = _check_options(params)
+    experiments = _import(paths, params.processing.mode)
+    mode = _choose_mode(experiments, params.processing.mode)
+    _check_detectors(experiments)
+    return Inputs(paths, experiments, reference, dials_phil_scope, mode)
+
+
+def check_model_inputs(experiment_files, reflection_files, params) -> Inputs:
+    """The inputs of a run that starts from DIALS' crystal models:
+    ``refined.expt [imported.expt] [refined.refl]`` (as dials.diffuse_extract
+    takes them). The first experiment list holds the crystals; the second,
+    if given, the images to extract, each matched to its crystal; the
+    reflections give the Bragg masks their spots and rotation profile
+    widths. Raise ``Sorry`` (one line) on bad input; nothing is written."""
+    if not experiment_files:
+        raise Sorry("a reflection table needs the experiments it belongs to: "
+                    "dials.diffuse_process refined.expt [imported.expt] [refined.refl]")
+    if len(experiment_files) > 2:
+        raise Sorry("at most two experiment lists: refined.expt [imported.expt]")
+    if len(reflection_files) > 1:
+        raise Sorry("at most one reflection table (e.g. refined.refl)")
+    reference, dials_phil_scope = _check_options(params)
+    models = _load_experiments(experiment_files[0])
+    without_crystal = [i for i, e in enumerate(models) if e.crystal is None]
+    if not len(models) or without_crystal:
+        raise Sorry(f"{experiment_files[0]}: "
+                    + (f"experiment {without_crystal[0]} has no crystal" if without_crystal
+                       else "no experiments")
+                    + " (give indexed or refined experiments first, e.g. refined.expt)")
+    images = _load_experiments(experiment_files[1]) if len(experiment_files) > 1 else None
+    reflections = _load_reflections(reflection_files[0]) if reflection_files else None
+    experiments = images if images is not None else models
+    if not len(experiments):
+        raise Sorry(f"{experiment_files[-1]} contains no experiments")
+    paths = []
+    for imageset in experiments.imagesets():
+        paths.extend(imageset.get_path(k) for k in range(len(imageset)))
+    mode = _choose_mode(experiments, params.processing.mode)
+    _check_detectors(experiments)
+    return Inputs(paths, experiments, reference, dials_phil_scope, mode, models=models,
+                  images=images, reflections=reflections,
+                  model_files=[*experiment_files, *reflection_files])
+
+
+def _check_options(params):
+    """The reference PDB's symmetry and the DIALS PHIL file (read), and the
+    base directory (checked)."""
     reference = read_reference_symmetry(params.reference_pdb) if params.reference_pdb else None
     dials_phil_scope = read_dials_phil(params.dials_phil) if params.dials_phil else None
     if params.output.base_dir in (None, ""):
@@ -56,10 +114,29 @@ def check_inputs(image_paths: Iterable, params) -> Inputs:
     base = Path(params.output.base_dir)
     if base.exists() and not base.is_dir():
         raise Sorry(f"output.base_dir={base} exists and is not a directory")
-    experiments = _import(paths, params.processing.mode)
-    mode = _choose_mode(experiments, params.processing.mode)
-    _check_detectors(experiments)
-    return Inputs(paths, experiments, reference, dials_phil_scope, mode)
+    return reference, dials_phil_scope
+
+
+def _load_experiments(path):
+    if not os.path.isfile(path):
+        raise Sorry(f"experiment list not found: {path}")
+    try:
+        return ExperimentListFactory.from_json_file(str(path), check_format=True)
+    except Exception as e:
+        lines = str(e).strip().splitlines()
+        raise Sorry(f"{path} cannot be read as an experiment list with its images: "
+                    f"{lines[-1] if lines else type(e).__name__}")
+
+
+def _load_reflections(path):
+    if not os.path.isfile(path):
+        raise Sorry(f"reflection table not found: {path}")
+    try:
+        return flex.reflection_table.from_file(str(path))
+    except Exception as e:
+        lines = str(e).strip().splitlines()
+        raise Sorry(f"{path} cannot be read as a reflection table: "
+                    f"{lines[-1] if lines else type(e).__name__}")
 
 
 def unreadable_image(experiments):

@@ -76,6 +76,27 @@ def _phase1_signature(run: RunState):
     )
 
 
+def given_models(run: RunState):
+    """Phase 1 when the run starts from DIALS' crystal models (refined.expt
+    [imported.expt] [refined.refl]): nothing to process; the images matched to
+    a model are marked indexed. Returns (models, reflections, reflections):
+    the given table serves as the indexed and the strong spots."""
+    inputs = run.inputs
+    for j, expt in enumerate(inputs.models):
+        for k in range(len(expt.imageset)):
+            run.update_image(path=expt.imageset.get_path(k), status="indexed", experiment_id=j)
+    run.set_unit_cells(lambda j: _cell(inputs.models[j].crystal))
+    run.record("n_indexed", sum(e.get("status") == "indexed" for e in run.summary["images"]))
+    files = [os.path.realpath(f) for f in inputs.model_files]
+    # the files' identity (size and time): a rerun on the same files reuses
+    # the later steps
+    stats = [(os.stat(f).st_size, os.stat(f).st_mtime_ns) for f in files]
+    run.record_signature("phase1", signature("models/1", files, stats))
+    run.step("phase1", "skipped", reason="crystal models given: " + ", ".join(
+        os.path.basename(f) for f in inputs.model_files))
+    return inputs.models, inputs.reflections, inputs.reflections
+
+
 def run_phase1(run: RunState):
     """Import, spot finding, indexing, refinement; returns the refined
     experiments (imagesets loaded) and reflections."""

@@ -76,9 +76,14 @@ def run_extraction(run: RunState, models, strong, upstream_signature, indexed=No
         # stills picks up strong diffuse halos, which the per-still predicted
         # mask leaves alone); rotation: both, the spots covering every frame
         # of every found spot
-        if "spots" in methods and (run.inputs.mode != "stills" or "predicted" not in methods):
+        if (strong is not None and "spots" in methods
+                and (run.inputs.mode != "stills" or "predicted" not in methods)):
             reflections = _strong_for(models, strong)
-        images = run.inputs.experiments if run.inputs.mode == "stills" else None
+        if run.inputs.models is not None:
+            # from given models: the images given apart (imported.expt), if any
+            images = run.inputs.images
+        else:
+            images = run.inputs.experiments if run.inputs.mode == "stills" else None
         if manifest_path.exists():
             manifest_path.unlink()  # unfinished until the new one is written
         # indexed spots give rotation Bragg masks their profile widths

@@ -124,6 +124,9 @@ def apply_validation(run: RunState, experiments, reflections):
         run.save()
         raise Sorry(f"no crystal model passed validation; first reason: {failed[min(failed)][0]}")
     kept = ExperimentList([experiments[i] for i in keep])
+    logger.info("%d of %d crystal models go on after validation", len(kept), len(experiments))
+    if reflections is None:
+        return kept, None
     ids = flumpy.to_numpy(reflections["id"])
     sel = np.isin(ids, keep)
     refl = reflections.select(flumpy.from_numpy(sel))
@@ -133,7 +136,6 @@ def apply_validation(run: RunState, experiments, reflections):
     refl.clean_experiment_identifiers_map()
     for j, e in enumerate(kept):
         refl.experiment_identifiers()[j] = e.identifier
-    logger.info("%d of %d crystal models go on after validation", len(kept), len(experiments))
     return kept, refl
 
 
