@@ -266,6 +266,11 @@ extract_output_phil_str = """
   masks = False
     .type = bool
     .help = "Write pixel, Bragg and total masks per image as DIALS mask pickles."
+  mask_images = *all first
+    .type = choice
+    .help = "masks=True: the masks of every image (all, 3 x 6 MB per Pilatus "
+            "6M image), or of the run's first image only (first: what the "
+            "extraction diagnostics overlay)."
 """
 
 extract_output_phil_scope = parse(extract_output_phil_str)

@@ -103,7 +103,8 @@ def test_phil_one_definition_and_short_names():
     assert p.extract.filter.pixel_step == 3
     assert p.extract.filter.d_min == 2.5 and p.spotfinder.filter.d_min == 3
     assert p.extract.masking.bragg.border == 4
-    assert p.extract.output.masks is True  # this command's default
+    # this command's default: the first image's masks (the diagnostics' overlay)
+    assert p.extract.output.masks is True and p.extract.output.mask_images == "first"
     assert p.processing.mode == "auto" and p.validation.on_failure == "continue"
 
 
@@ -173,6 +174,8 @@ def test_simulated_stills_end_to_end(sim_run, sim_data):
                  "phase3_diagnostics/phase3_diagnostics_summary.txt",
                  "per_image/image_00001_refined.expt"):
         assert (base / name).is_file(), name
+    # masks of the first image only (output.mask_images=first)
+    assert not list((base / "diffuse_extracted").glob("*_mask_00000[1-9].pickle"))
     manifest = json.loads((base / "intermediate_outputs_manifest.json").read_text())
     listed = {f["path"] for f in manifest["files"]}
     assert "refined.expt" in listed and "diffuse_merged/voxel_data_relative.npz" in listed

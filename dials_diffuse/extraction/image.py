@@ -35,11 +35,15 @@ class ImageResult:
 
 
 def extract_image(task, context: DetectorContext, params, ndiv, background=None,
-                  dynamic_mask=None, reflections=None, exposure=None) -> ImageResult:
-    """Corrected intensities of one image and their voxel sums."""
+                  dynamic_mask=None, reflections=None, exposure=None,
+                  want_masks=None) -> ImageResult:
+    """Corrected intensities of one image and their voxel sums; with
+    ``want_masks`` (default params.output.masks) its full-resolution masks."""
+    if want_masks is None:
+        want_masks = params.output.masks
     raw = read_image(task)
     detector = task.experiment.detector
-    trusted = masks.trusted_range_mask(detector, raw) if params.output.masks else None
+    trusted = masks.trusted_range_mask(detector, raw) if want_masks else None
     shapes = [a.shape for a in raw]
     bragg_mask = image_bragg_mask(task, params, shapes, context.predictions,
                                   reflections_for(reflections, task))
@@ -120,7 +124,7 @@ def extract_image(task, context: DetectorContext, params, ndiv, background=None,
                                     setting_inv, t_exp, gains, sample_step))
     arrays.update(_correction_sample(context, runs, raw, background, bg_constant, t_exp, gains))
     image_masks = None
-    if params.output.masks:
+    if want_masks:
         pixel = [
             st & tr & (dynamic_mask[i] if dynamic_mask is not None else True)
             for i, (st, tr) in enumerate(zip(context.static_full, trusted))

@@ -62,6 +62,7 @@ class ImageJob:
     ndiv: tuple
     out_dir: str
     reflections: object = None
+    masks: bool = False  # write this image's masks (output.masks, mask_images)
 
 
 _WORKER_CACHE = {}  # Dask workers: background and dynamic mask of the current run
@@ -117,9 +118,12 @@ def extract(models, params, images=None, reflections=None, progress=True,
                     len(sampled_tasks(tasks, params.masking.dynamic.max_images)), len(tasks),
                     time.time() - t0)
 
+    # output.mask_images=first: the first image's masks only (the one the
+    # extraction diagnostics overlay)
     jobs = [
-        ImageJob(task, params, ndiv, out_dir, reflections_for(reflections, task))
-        for task in tasks
+        ImageJob(task, params, ndiv, out_dir, reflections_for(reflections, task),
+                 masks=params.output.masks and (params.output.mask_images == "all" or k == 0))
+        for k, task in enumerate(tasks)
     ]
 
     def write_dynamic_mask():
@@ -174,7 +178,7 @@ def extract_one(job: ImageJob, background, dynamic, writer=None) -> dict:
         entry["exposure_time"] = exposure_time(task, params)
         result = extract_image(
             task, context, params, job.ndiv, background, dynamic, job.reflections,
-            exposure=entry["exposure_time"],
+            exposure=entry["exposure_time"], want_masks=job.masks,
         )
     except ImageError as e:
         entry.update(status="skipped", reason=str(e))
@@ -245,7 +249,8 @@ def _dask_job(spec):
         spec["index_in_imageset"], spec["frame"], spec["image_path"],
         spec["bragg_widths"],
     )
-    job = ImageJob(task, spec["params"], tuple(spec["ndiv"]), spec["out_dir"], spec["reflections"])
+    job = ImageJob(task, spec["params"], tuple(spec["ndiv"]), spec["out_dir"], spec["reflections"],
+                   masks=spec["masks"])
     bg_key = ("background", spec["params"].corrections.background.map)
     if bg_key not in _WORKER_CACHE:
         _WORKER_CACHE[bg_key] = load_background(spec["params"], experiment.detector)
@@ -388,6 +393,7 @@ def _run_dask(jobs, params, dynamic, nproc):
             "ndiv": list(job.ndiv),
             "out_dir": os.path.abspath(job.out_dir),
             "reflections": job.reflections,
+            "masks": job.masks,
             "dynamic_mask_path": dynamic_path,
             "run_token": run_token,
         }

@@ -156,9 +156,11 @@ def _build_phil_scope():
         + _body(dials_programs.index_master_phil, ("output",))
     )
     master = iotbx.phil.parse(text, process_includes=True)
-    # defaults of this command that differ from the single commands':
-    # masks are written so the extraction diagnostics can overlay them
-    return master.fetch(source=iotbx.phil.parse("extract.output.masks = True"))
+    # defaults of this command that differ from the single commands': the
+    # first image's masks are written, for the extraction diagnostics to
+    # overlay (every image's were 21 MB per 6M image)
+    return master.fetch(source=iotbx.phil.parse(
+        "extract.output.masks = True\nextract.output.mask_images = first"))
 
 
 phil_scope = _build_phil_scope()
