@@ -29,6 +29,9 @@ its process tree (psutil polling every 50 ms, plus the kernel's maxrss):
 
 Both chains read the simulator's truth.expt (the exact models), so neither
 needs indexing. Results: a table and bench/results/comparison_<n>.json.
+--repeats N runs each of our chains N times, interleaved, and reports each by
+its median run (mdx2 runs once): the VM's speed drifts by +-2 s between
+minutes, which moves a single run's 1 -> 2 ratio by +-0.2.
 
 Maps (issue 14, item 3; --skip-maps to leave out): after the timing table,
 bench/compare_maps.py puts our merged map (ours_np<k>/merged) and mdx2's
@@ -157,6 +160,18 @@ def ours(directory, work, ndiv, nproc, mp_supported, inputs=None, extra=()):
     return r
 
 
+def median_run(chain_runs):
+    """The run of median total time (the later of the two middle ones for an
+    even count; a failed run if any failed), with every repeat's total."""
+    failed = [r for r in chain_runs if not r["ok"]]
+    if failed:
+        return failed[0]
+    chosen = sorted(chain_runs, key=lambda r: r["total_s"])[len(chain_runs) // 2]
+    if len(chain_runs) > 1:
+        chosen = dict(chosen, repeats_total_s=[r["total_s"] for r in chain_runs])
+    return chosen
+
+
 def ours_one_command(directory, work, ndiv, nproc, extra=()):
     """Our chain as one command from the crystal models: dials.diffuse_process
     truth.expt (phase 1 skipped), the same extraction and merge parameters as
@@ -222,6 +237,8 @@ def main():
                     help="mdx2.find_peaks --count_threshold (Bragg peak pixels)")
     ap.add_argument("--skip-mdx2", action="store_true")
     ap.add_argument("--skip-rs-mapper", action="store_true")
+    ap.add_argument("--repeats", type=int, default=1,
+                    help="runs of each of our chains (interleaved); each reported by its median")
     ap.add_argument("--skip-one-command", action="store_true",
                     help="no run of our chain as one command (dials.diffuse_process truth.expt)")
     ap.add_argument("--no-background", action="store_true",
@@ -267,16 +284,23 @@ def main():
 
     extra = truth_bragg_widths(directory) if args.bragg_widths == "truth" else []
     result["ours_extra_parameters"] = extra
-    for nproc in args.nproc:
-        if nproc == 1 or mp_supported:
-            result["runs"][f"ours_np{nproc}"] = ours(directory, work / f"ours_np{nproc}",
-                                                     args.ndiv, nproc, mp_supported, extra=extra)
-        if not args.skip_one_command:
-            result["runs"][f"ours1cmd_np{nproc}"] = ours_one_command(
-                directory, work / f"ours1cmd_np{nproc}", args.ndiv, nproc, extra=extra)
-        if version:
-            result["runs"][f"mdx2_np{nproc}"] = mdx2(directory, work / f"mdx2_np{nproc}", args.ndiv,
-                                                     nproc, n, args.count_threshold)
+    # our chains --repeats times, interleaved (np1, np2, np1, ...: the VM's
+    # slow and fast minutes fall on both); each reported by its median run
+    repeats = {}
+    for repeat in range(args.repeats):
+        for nproc in args.nproc:
+            if nproc == 1 or mp_supported:
+                repeats.setdefault(f"ours_np{nproc}", []).append(ours(
+                    directory, work / f"ours_np{nproc}", args.ndiv, nproc, mp_supported,
+                    extra=extra))
+            if not args.skip_one_command:
+                repeats.setdefault(f"ours1cmd_np{nproc}", []).append(ours_one_command(
+                    directory, work / f"ours1cmd_np{nproc}", args.ndiv, nproc, extra=extra))
+            if version and repeat == 0:
+                result["runs"][f"mdx2_np{nproc}"] = mdx2(directory, work / f"mdx2_np{nproc}",
+                                                         args.ndiv, nproc, n, args.count_threshold)
+    for name, chain_runs in repeats.items():
+        result["runs"][name] = median_run(chain_runs)
     if not args.skip_rs_mapper:
         result["runs"]["rs_mapper"] = rs_mapper(directory, work / "rs_mapper", args.ndiv)
 
@@ -319,6 +343,10 @@ def main():
                      f"{r.get('images_per_s', 0):.2f} img/s, {r.get('mpixels_per_s', 0):.1f} Mpx/s"])
     print(f"\n{n} Pilatus 6M images, ndiv {args.ndiv} ({meta['uptime']})")
     print(common.table(rows, ["chain", "stage", "wall s", "cpu s", "peak MB", "throughput"]))
+    for name, r in runs.items():
+        if r.get("repeats_total_s"):
+            print(f"{name}: median of {len(r['repeats_total_s'])} runs "
+                  f"({', '.join(f'{t:.1f}' for t in r['repeats_total_s'])} s)")
     for k, v in ratios.items():
         print(f"{k}: {v}")
     floor = result["read_floor"]
