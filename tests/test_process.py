@@ -286,8 +286,16 @@ def test_from_refined_experiments(sim_run, tmp_path):
     assert s["steps"]["merge"]["status"] == "reused"
 
     # bad input: one-line Sorry, nothing written
+    from dxtbx.model.experiment_list import ExperimentListFactory
+
+    crystals_only = ExperimentListFactory.from_json_file(str(base / "refined.expt"),
+                                                         check_format=False)
+    for expt in crystals_only:
+        expt.imageset = None
+    crystals_only.as_file(str(tmp_path / "crystals_only.expt"))
     for bad, expected in (([base / "refined.refl"], "needs the experiments"),
                           ([base / "imported.expt"], "has no crystal"),
+                          ([tmp_path / "crystals_only.expt"], "has no images"),
                           ([images[0], base / "refined.expt"], "not both")):
         msg = _sorry(run_process([*bad, "output.base_dir=bad"], cwd=tmp_path, check=False))
         assert expected in msg, msg

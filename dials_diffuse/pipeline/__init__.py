@@ -97,7 +97,9 @@ def process(image_paths, params, inputs: Optional[Inputs] = None, dials_args=Non
 
     ``params``: from :data:`phil_scope` (``default_params()``,
     ``params_from(...)``). ``inputs``: the result of :func:`check_inputs`
-    when already called (the command checks inputs before it opens the log).
+    when already called (the command checks inputs before it opens the log),
+    or of :func:`check_model_inputs` to start from crystal models (phase 1
+    skipped; ``image_paths`` then ``inputs.image_paths``).
     ``dials_args``: DIALS parameters the user set explicitly
     (:func:`dials_arguments`), applied last.
     Raises ``Sorry`` on bad input or when nothing is left to process; per-image

@@ -94,6 +94,11 @@ def check_model_inputs(experiment_files, reflection_files, params) -> Inputs:
     experiments = images if images is not None else models
     if not len(experiments):
         raise Sorry(f"{experiment_files[-1]} contains no experiments")
+    for path, expts in zip(experiment_files, (models, images)):
+        no_images = [i for i, e in enumerate(expts or ()) if e.imageset is None]
+        if no_images:
+            raise Sorry(f"{path}: experiment {no_images[0]} has no images (imageset): give "
+                        "experiments with their images (e.g. refined.expt from dials.refine)")
     paths = []
     for imageset in experiments.imagesets():
         paths.extend(imageset.get_path(k) for k in range(len(imageset)))

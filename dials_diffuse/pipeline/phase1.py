@@ -82,9 +82,17 @@ def given_models(run: RunState):
     a model are marked indexed. Returns (models, reflections, reflections):
     the given table serves as the indexed and the strong spots."""
     inputs = run.inputs
+    # summary entries by path, in order: a container file (HDF5) holds
+    # several images under one path, matched in turn (one lookup per image,
+    # not a scan of the summary)
+    entries = {}
+    for i, path in enumerate(inputs.image_paths):
+        entries.setdefault(os.path.realpath(path), []).append(i)
     for j, expt in enumerate(inputs.models):
         for k in range(len(expt.imageset)):
-            run.update_image(path=expt.imageset.get_path(k), status="indexed", experiment_id=j)
+            matches = entries.get(os.path.realpath(expt.imageset.get_path(k)))
+            if matches:
+                run.update_image(index=matches.pop(0), status="indexed", experiment_id=j)
     run.set_unit_cells(lambda j: _cell(inputs.models[j].crystal))
     run.record("n_indexed", sum(e.get("status") == "indexed" for e in run.summary["images"]))
     files = [os.path.realpath(f) for f in inputs.model_files]

@@ -158,8 +158,12 @@ class RunState:
     def record_extracted(self, manifest, file_of):
         """Per-image status from an extraction manifest (``file_of(entry)``:
         the file's path relative to the base directory)."""
+        # entries by path once (a scan of the summary per image was quadratic)
+        by_path = {}
+        for e in self._summary["images"]:
+            by_path.setdefault(os.path.realpath(e["path"]), e)
         for entry in manifest["images"]:
-            e = self._entry(entry["image_path"])
+            e = by_path.get(os.path.realpath(entry["image_path"]))
             if e is None:
                 continue
             if entry["status"] == "extracted":

@@ -103,10 +103,10 @@ def chunk_slices(start, stop):
 
 
 def partition_bounds(n_obs):
-    """Row ranges of the partitions: a multiple of 4 (up to MAX_PARTITIONS)
-    of about equal size, at least one chunk each when there are enough rows
-    (so that 2 or 4 threads share them evenly); a function of the number of
-    rows only."""
+    """Row ranges of the partitions: as many as chunks, rounded up to a
+    multiple of 4 (so that 2 or 4 threads share them evenly), at most
+    MAX_PARTITIONS, of about equal size; a function of the number of rows
+    only."""
     n_chunks = max(1, -(-n_obs // CHUNK_ROWS))
     n = min(MAX_PARTITIONS, 4 * -(-n_chunks // 4))
     edges = np.linspace(0, n_obs, n + 1).astype(np.int64)
@@ -124,8 +124,8 @@ class Partition:
     image and sorted by voxel within an image (observations.group_rows), so
     those rows are one run per image, run_start[i]:run_stop[i]. A compiled
     partition writes the sums of its own voxels only (VoxelSums): partitions
-    share no per-voxel array, none needs an array over all voxels, and a
-    voxel's sums add its rows in image order whatever the partitions.
+    share no per-voxel output, none makes output arrays over all voxels, and
+    a voxel's sums add its rows in image order whatever the partitions.
     """
 
     start: int
@@ -276,8 +276,9 @@ class ObservationPasses:
     def reduce(self, func, *args, concat=(), compiled=False):
         """The pass ``func`` over every partition, reduced in partition
         order. ``compiled``: the pass runs compiled sweeps (they release the
-        GIL: threads with nproc > 1); numpy passes run in forked workers for
-        large runs, else here (with the kernels loaded, in threads)."""
+        GIL: threads with nproc > 1). Numpy passes of runs of at least
+        PARALLEL_MIN_OBS observations run in forked workers (in threads when
+        the kernels are loaded), of smaller runs here, one after the other."""
         t0 = time.perf_counter()
         total = self._reduce(func, args, concat, compiled)
         name = func.__name__.strip("_").replace("_partition", "")

@@ -165,14 +165,17 @@ def refine_scales(obs, params, passes=None, halves=None, scale_basis=None,
     gauss_newton = use_gauss_newton(params, n_scale_params)
     every = schur_sample_step(obs) if gauss_newton else 1
     residual_sample = ResidualSample(obs)
-    # the plain model's passes run compiled sweeps (threads with nproc > 1)
-    compiled = passes.rows.compiled(model) is not None
-    merge_sums = passes.reduce(merge_partition, model, compiled=compiled)[0][0]
+    def compiled():
+        """Whether this model's passes run compiled sweeps (the plain model:
+        offsets, once refined, make it another)."""
+        return passes.rows.compiled(model) is not None
+
+    merge_sums = passes.reduce(merge_partition, model, compiled=compiled())[0][0]
     numerator = merge_sums[0]
     intensity = np.nan_to_num(intensities(merge_sums)[0])
     if gauss_newton:
         gn = passes.reduce(gauss_newton_partition, model, intensity, every,
-                           concat=sample_columns(0), compiled=compiled)
+                           concat=sample_columns(0), compiled=compiled())
     for iteration in range(1, params.max_iterations + 1):
         old_scale = model.scale.copy()
         # I_v from the end of the previous iteration (one pass fewer per
@@ -198,7 +201,7 @@ def refine_scales(obs, params, passes=None, halves=None, scale_basis=None,
         if gauss_newton:
             # with no offsets or smoother only the merge denominator depends
             # on the scales (the numerator came with the last rejection)
-            den, = passes.reduce(denominator_partition, model.scale, compiled=compiled)
+            den, = passes.reduce(denominator_partition, model.scale, compiled=compiled())
             intensity = np.where(den > 0, numerator / np.where(den > 0, den, 1.0), 0.0)
         else:
             intensity = np.nan_to_num(merge_intensities(obs, model, passes=passes)[0])
@@ -211,7 +214,7 @@ def refine_scales(obs, params, passes=None, halves=None, scale_basis=None,
         totals, *sums = passes.reduce(
             _rejection_partition, model, intensity, error_k, params.outlier_sigma if reject else None,
             then, halves, every, concat=sample_columns(1) if then == "gauss_newton" else (),
-            compiled=compiled)
+            compiled=compiled())
         if then == "gauss_newton":
             gn, numerator = sums, sums[4]
         sum_abs_resid, sum_abs_signal, chi2_sum = totals
