@@ -21,7 +21,7 @@ from dials_diffuse import grid as grid_module
 from dials_diffuse import crystal_checks, merged_files, scaling, symmetry
 from dials_diffuse.statistics import cc_half, image_halves, isotropic_at, isotropic_profile
 from dials_diffuse.diffuse_files import image_frame
-from dials_diffuse.observations import find_extraction_files, group_rows, load_observations
+from dials_diffuse.observations import find_extraction_files, load_observations
 from dials_diffuse.command_util import resolve_nproc
 from dials_diffuse import absolute_scale
 from dials_diffuse.merge_ambiguity import resolve_in_merge
@@ -182,9 +182,6 @@ def merge_run(experiments, inputs, params):
     # indexing ambiguity: every image brought to one setting (its report is
     # written with the other outputs)
     obs, ambiguity_report = resolve_in_merge(experiments, obs, grid, operators, params)
-    # the passes' row order (reindexing breaks it): before the surfaces'
-    # columns are made
-    group_rows(obs)
     basis = smooth_scale_basis(experiments, obs, params.scaling)
     # mdx2's surfaces: their shared columns exist before the workers fork
     surfaces = scaling.setup_surfaces(params.scaling, obs, image_angles(experiments, obs))

@@ -67,9 +67,7 @@ def chunks(obs, use, part):
     """(chunk, use of its rows, its slice) for consecutive slices of a
     Partition's row range (chunk boundaries at multiples of CHUNK_ROWS from
     its start)."""
-    start, stop = part.start, part.stop
-    for a in range(start, stop, CHUNK_ROWS):
-        sl = slice(a, min(a + CHUNK_ROWS, stop))
+    for sl in chunk_slices(part.start, part.stop):
         yield observation_chunk(obs, sl), (None if use is None else use[sl]), sl
 
 

@@ -165,6 +165,7 @@ def refine_scales(obs, params, passes=None, halves=None, scale_basis=None,
     gauss_newton = use_gauss_newton(params, n_scale_params)
     every = schur_sample_step(obs) if gauss_newton else 1
     residual_sample = ResidualSample(obs)
+
     def compiled():
         """Whether this model's passes run compiled sweeps (the plain model:
         offsets, once refined, make it another)."""

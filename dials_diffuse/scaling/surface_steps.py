@@ -10,7 +10,7 @@ import scipy.sparse
 
 from dials_diffuse.scaling.gauss_newton import sampled_voxels
 from dials_diffuse.scaling.merge_sums import model_variance, prediction
-from dials_diffuse.scaling.passes import CHUNK_ROWS, observation_chunk
+from dials_diffuse.scaling.passes import chunk_slices, observation_chunk
 from dials_diffuse.surface_model import normal_equations, solve
 
 
@@ -66,9 +66,8 @@ def _step_partition(rows, part, surfaces, name, model, intensity, sampled):
     ring_moments = np.zeros(n_rings * k)
     d_voxel, g_voxel = np.zeros(n_vox), np.zeros(n_vox)
     couplings = [[], [], []]
-    start, stop = part.start, part.stop
-    for a in range(start, stop, CHUNK_ROWS):
-        index = _sampled_rows(obs, use, a, min(a + CHUNK_ROWS, stop), sampled)
+    for sl in chunk_slices(part.start, part.stop):
+        index = _sampled_rows(obs, use, sl.start, sl.stop, sampled)
         if index.size == 0:
             continue
         ch = observation_chunk(obs, index)
@@ -109,9 +108,8 @@ def _radial_partition(rows, part, surfaces, model, intensity, sampled):
     radial = surfaces.radial
     k = radial.grid.size
     normal, rhs = np.zeros((k, k)), np.zeros(k)
-    start, stop = part.start, part.stop
-    for a in range(start, stop, CHUNK_ROWS):
-        index = _sampled_rows(obs, use, a, min(a + CHUNK_ROWS, stop), sampled)
+    for sl in chunk_slices(part.start, part.stop):
+        index = _sampled_rows(obs, use, sl.start, sl.stop, sampled)
         if index.size == 0:
             continue
         ch = observation_chunk(obs, index)
@@ -128,9 +126,7 @@ def _evaluate_partition(rows, part, surface):
     """Write one term's value at each of the partition's rows into its column."""
     obs = rows.obs
     column = obs.surface_offset if surface.name == "offset" else obs.surface_terms[surface.name]
-    start, stop = part.start, part.stop
-    for a in range(start, stop, CHUNK_ROWS):
-        sl = slice(a, min(a + CHUNK_ROWS, stop))
+    for sl in chunk_slices(part.start, part.stop):
         column[sl] = surface.evaluate(surface.row_coordinates(obs, sl))
     return (np.zeros(1),)
 
@@ -140,9 +136,7 @@ def _gain_partition(rows, part, surfaces):
     of the squared relative changes of their gains."""
     obs, radial = rows.obs, surfaces.radial
     change = 0.0
-    start, stop = part.start, part.stop
-    for a in range(start, stop, CHUNK_ROWS):
-        sl = slice(a, min(a + CHUNK_ROWS, stop))
+    for sl in chunk_slices(part.start, part.stop):
         gain = surfaces.product(obs, sl) / radial.evaluate(radial.row_coordinates(obs, sl))
         change += float(np.sum((gain / obs.surface_gain[sl] - 1.0) ** 2))
         obs.surface_gain[sl] = gain
