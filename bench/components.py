@@ -29,7 +29,13 @@ Each component runs both paths in this process, best of ``--repeats``:
 * the exit of a Python that imported DIALS' option parser, with and without
   the interpreter's teardown (``startup.run_and_exit``).
 
-    .venv/bin/python bench/components.py [--repeats 3] [--commands] [--session8]
+``--session9`` adds those of session 9 (``session9``): the scaling
+refinement with its compiled passes over voxel ranges in one thread and in
+two; three error-model fits with the sample gathered once or for each; a 6M
+mask pickled through flex.bool and written from numpy; the CCP4 box range
+compiled and in numpy; each command's start-up (``-c``).
+
+    .venv/bin/python bench/components.py [--repeats 3] [--commands] [--session8] [--session9]
         [--output components_session7.json]
 """
 
@@ -294,6 +300,70 @@ def session8_components(experiments, repeats):
     return out
 
 
+def session9_components(experiments, repeats):
+    """The components changed in session 9 (issue 16)."""
+    import pickle
+
+    from dials_diffuse import io as diffuse_io
+    from dials_diffuse import masks as diffuse_masks
+    from dials_diffuse.scaling.refine import ResidualSample
+
+    out = {}
+    params = api.merge_params()
+    files = find_extraction_files([str(EXTRACTED)])
+    grid, _ = merging.build_grid(experiments, params, merging.extracted_ndiv(files[0]))
+    ops = symmetry.laue_operators(grid.space_group, params.symmetry.merge)
+    obs = load_observations(files, grid, ops, nproc=1)
+    halves = image_halves(obs.n_images, 0)
+    # the scaling refinement's compiled passes over voxel ranges, 1 and 2 threads
+    for nproc in (1, 2):
+        refine_s, passes_s = [], []
+        for _ in range(repeats):
+            with scaling.ObservationPasses(obs, nproc, "numba") as passes:
+                t0 = time.perf_counter()
+                result = scaling.refine_scales(obs, params.scaling, passes, halves=halves)
+                refine_s.append(time.perf_counter() - t0)
+                passes_s.append(sum(t for _, t in passes.timings.values()))
+        out[f"refine_{nproc}_threads_s"] = round(min(refine_s), 3)
+        out[f"passes_{nproc}_threads_s"] = round(min(passes_s), 3)
+    # the error model's sample: gathered once for three fits, or for each
+    intensity = np.nan_to_num(result.intensity)
+    use = ~result.rejected
+
+    def three_fits(sample_of):
+        for _ in range(3):
+            sample_of().residuals(result.model, intensity, use)
+
+    once = ResidualSample(obs)
+    out["residuals_3_fits_gathered_once_s"] = best(lambda: three_fits(lambda: once), repeats)
+    out["residuals_3_fits_gathered_each_s"] = best(
+        lambda: three_fits(lambda: ResidualSample(obs)), repeats)
+    # a 6M panel's mask pickle: flex.bool's own state against numpy's
+    mask = [np.random.default_rng(0).random((2527, 2463)) > 0.001]
+    out["mask_pickle_flex_s"] = best(
+        lambda: pickle.dumps(diffuse_masks.to_flex(mask), pickle.HIGHEST_PROTOCOL), repeats)
+    with tempfile.TemporaryDirectory() as tmp:
+        out["mask_pickle_numpy_write_s"] = best(
+            lambda: diffuse_io.write_mask_pickle(os.path.join(tmp, "m.pickle"), mask), repeats)
+    # the CCP4 box range: compiled loop against numpy's one product
+    g = np.ascontiguousarray(obs.voxel_grid, np.int64)
+    op = np.ascontiguousarray(np.asarray(ops, np.int64).reshape(-1, 3, 3))
+    out["mate_range_compiled_s"] = best(lambda: merged_files._mate_range(g, op), repeats)
+    with NumpyPath("merged_files.mate_range"):
+        out["mate_range_numpy_s"] = best(lambda: merged_files._mate_range(g, op), repeats)
+    # each command's start-up and exit (-c prints the parameters)
+    env = dict(os.environ, OPENBLAS_NUM_THREADS="1")
+    for command in ("dials.diffuse_extract", "dials.diffuse_merge", "dials.diffuse_process"):
+        times = []
+        for _ in range(repeats):
+            t0 = time.perf_counter()
+            subprocess.run([str(common.VENV_BIN / command), "-c"], check=True, env=env,
+                           stdout=subprocess.DEVNULL)
+            times.append(time.perf_counter() - t0)
+        out[f"startup_{command}_s"] = round(min(times), 3)
+    return out
+
+
 def command_components():
     """The one-process extraction command, default environment against one
     OpenBLAS thread: wall, user and system time and minor page faults."""
@@ -330,6 +400,8 @@ def main():
                     help="also run the extraction command twice (OpenBLAS threads)")
     ap.add_argument("--session8", action="store_true",
                     help="also time the components changed in session 8")
+    ap.add_argument("--session9", action="store_true",
+                    help="also time the components changed in session 9")
     ap.add_argument("--output", default=None, help="JSON file name in bench/results")
     args = ap.parse_args()
     if not EXTRACTED.is_dir():
@@ -346,6 +418,8 @@ def main():
     doc["extraction"] = extraction_components(experiments, args.repeats)
     if args.session8:
         doc["session8"] = session8_components(experiments, args.repeats)
+    if args.session9:
+        doc["session9"] = session9_components(experiments, args.repeats)
     if args.commands:
         doc["command"] = command_components()
     print(json.dumps(doc, indent=1))
