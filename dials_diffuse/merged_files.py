@@ -28,6 +28,7 @@ from __future__ import annotations
 import json
 import logging
 import os
+from concurrent.futures import ThreadPoolExecutor
 
 import numpy as np
 
@@ -142,7 +143,9 @@ def _error_model_document(model):
 
 
 def write_all(out_dir, grid, obs, result, merged, stats, params, operators, absolute=None,
-              ambiguity=None):
+              ambiguity=None, nthreads=1):
+    """Every merge output in ``out_dir``; ``nthreads`` > 1 writes the CCP4
+    maps in that many threads beside the other files."""
     ensure_output_directory(out_dir)
     centres, means, counts = isotropic_profile(merged.qmag, merged.intensity,
                                                merged.multiplicity, merged.on_bragg)
@@ -167,6 +170,7 @@ def write_all(out_dir, grid, obs, result, merged, stats, params, operators, abso
     grid_path = os.path.join(out_dir, GRID_NAME)
     io.remove_completion_marker(grid_path)
     written = []
+    maps_written = _Done()
 
     def path_of(name):
         written.append(os.path.join(out_dir, name))
@@ -180,7 +184,10 @@ def write_all(out_dir, grid, obs, result, merged, stats, params, operators, abso
             if absolute is not None:
                 maps.append((path_of(ABSOLUTE_MAP_NAME), absolute.intensity,
                              "dials.diffuse_merge electron units per cell"))
-            write_ccp4_maps(maps, grid, merged.voxel_grid, operators, params.output)
+            # with two or more cores each map is filled and written in its own
+            # thread (both release the GIL) while this one writes the rest
+            maps_written = write_ccp4_maps(maps, grid, merged.voxel_grid, operators,
+                                           params.output, threads=nthreads)
         io.write_npz(path_of(VOXEL_NAME), compress_level=1, deflate_floats=False, **arrays)
         if params.output.hdf5:
             write_hdf5(path_of(VOXEL_H5_NAME), arrays)
@@ -190,8 +197,10 @@ def write_all(out_dir, grid, obs, result, merged, stats, params, operators, abso
         io.write_json(path_of(SCALING_NAME), scaling_dict(obs, result, params))
         if ambiguity is not None:
             io.write_json(path_of(AMBIGUITY_NAME), ambiguity)
+        maps_written.result()  # the maps' errors are raised here
         io.write_json(path_of(GRID_NAME), grid.as_dict())
     except BaseException:
+        maps_written.wait()  # no thread still writing a file about to be removed
         for path in written:
             try:
                 os.unlink(path)
@@ -211,11 +220,43 @@ def write_hdf5(path, arrays):
                 fh.create_dataset(k, data=v, compression="gzip", track_times=False)
 
 
-def write_ccp4_maps(maps, grid, voxel_grid, operators, output):
+class _Done:
+    """What write_ccp4_maps returns when it wrote every map before returning."""
+
+    def result(self):
+        return None
+
+    def wait(self):
+        return None
+
+
+class _MapThreads:
+    """The maps being written in threads: result() waits for all and raises
+    the first error; wait() waits for all and raises none."""
+
+    def __init__(self, executor, futures):
+        self._executor, self._futures = executor, futures
+
+    def wait(self):
+        self._executor.shutdown(wait=True)
+
+    def result(self):
+        self.wait()
+        for f in self._futures:
+            f.result()
+
+
+def write_ccp4_maps(maps, grid, voxel_grid, operators, output, threads=1):
     """Expand ASU maps by symmetry into an hkl box and write each as CCP4/MRC;
     ``maps``: (path, values per voxel, label). Compiled, each map's box is
     filled by one pass over voxels and operators (no expanded copy); else
-    the symmetry expansion is made once for all of them."""
+    the symmetry expansion is made once for all of them.
+
+    threads=1 writes every map before returning (one buffer for all); with
+    more, and compiled, the maps are filled and written in that many threads
+    (a buffer each: the fill and the file write release the GIL) and the
+    return value's result() waits for them and raises their errors. The
+    files are the same either way."""
     ndiv = np.array(grid.ndiv)
     fill = lazy_jit("merged_files.fill_box", _define_fill_box)
     if fill is not None:
@@ -231,19 +272,31 @@ def write_ccp4_maps(maps, grid, voxel_grid, operators, output):
         inside = np.all((full >= lo) & (full <= hi), axis=1)
         # C-order positions in the box, computed once for every map
         flat_index = np.ravel_multi_index(tuple((full[inside] - lo).T), tuple(hi - lo + 1))
-    dense = np.empty(tuple(hi - lo + 1), dtype=np.float32)  # one buffer for every map
+    shape = tuple(hi - lo + 1)
+
+    def fill_and_write(dense, path, values, label):
+        dense.view(np.uint32).fill(_UNSET)
+        fill(g, ops, np.asarray(lo, np.int64), np.asarray(dense.shape, np.int64),
+             np.ascontiguousarray(values, np.float64), dense.reshape(-1),
+             dense.reshape(-1).view(np.uint32), np.float32(output.map_fill_value))
+        _write_ccp4_file(path, grid, dense, lo, hi, output, label)
+
+    if fill is not None and threads > 1 and len(maps) > 1:
+        executor = ThreadPoolExecutor(min(threads, len(maps)), "ccp4-map")
+        futures = [executor.submit(lambda m: fill_and_write(np.empty(shape, np.float32), *m), m)
+                   for m in maps]
+        return _MapThreads(executor, futures)
+    dense = np.empty(shape, dtype=np.float32)  # one buffer for every map
     for k, (path, values, label) in enumerate(maps):
         if fill is not None:
-            dense.view(np.uint32).fill(_UNSET)
-            fill(g, ops, np.asarray(lo, np.int64), np.asarray(dense.shape, np.int64),
-                 np.ascontiguousarray(values, np.float64), dense.reshape(-1),
-                 dense.reshape(-1).view(np.uint32), np.float32(output.map_fill_value))
-        else:
-            dense.fill(output.map_fill_value)
-            v = vals[inside, k]
-            ok = np.isfinite(v)
-            dense.reshape(-1)[flat_index[ok]] = v[ok]
+            fill_and_write(dense, path, values, label)
+            continue
+        dense.fill(output.map_fill_value)
+        v = vals[inside, k]
+        ok = np.isfinite(v)
+        dense.reshape(-1)[flat_index[ok]] = v[ok]
         _write_ccp4_file(path, grid, dense, lo, hi, output, label)
+    return _Done()
 
 
 def _map_box(output, ndiv, mate_range):

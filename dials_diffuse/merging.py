@@ -206,7 +206,8 @@ def merge_run(experiments, inputs, params):
     absolute = absolute_scale.absolute_scale_run(merged, experiments, cell_contents,
                                                  params.absolute_scale)
     merged_files.write_all(out, grid, obs, result, merged, stats, params, operators,
-                           absolute=absolute, ambiguity=ambiguity_report)
+                           absolute=absolute, ambiguity=ambiguity_report,
+                           nthreads=resolve_nproc(params))
     logger.info(
         "Read %.1f s, scale and merge %.1f s, write %.1f s",
         t_read - t0, t_merge - t_read, time.time() - t_merge,

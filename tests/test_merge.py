@@ -250,13 +250,15 @@ def test_ccp4_maps_compiled_equal_expand_to_p1(tmp_path, monkeypatch, space_grou
     values = rng.normal(size=(2, len(voxels)))
     values[0, ::17] = np.nan
     outputs = {}
-    for kind in ("compiled", "numpy"):
+    # compiled in two threads (a map each, as dials.diffuse_merge mp.nproc=2
+    # writes them), compiled in this thread, numpy
+    for kind, threads in (("threads", 2), ("compiled", 1), ("numpy", 1)):
         if kind == "numpy":
             compiled.disable("merged_files.fill_box", monkeypatch)
         maps = [(str(tmp_path / f"{kind}_{k}.ccp4"), values[k], "label") for k in range(2)]
-        merged_files.write_ccp4_maps(maps, grid, voxels, ops, output)
+        merged_files.write_ccp4_maps(maps, grid, voxels, ops, output, threads=threads).result()
         outputs[kind] = [open(path, "rb").read() for path, _, _ in maps]
-    assert outputs["compiled"] == outputs["numpy"]
+    assert outputs["threads"] == outputs["compiled"] == outputs["numpy"]
 
 
 def test_rotation_sequence(tmp_path_factory):
@@ -333,6 +335,20 @@ def test_failed_merge_leaves_no_output(stills_run, tmp_path):
             out, **{"scaling.max_iterations": 1, "scaling.fail_if_not_converged": True}))
     assert not out.exists() or not any(out.iterdir())
     assert (base / "merged" / "ambiguity.json").exists()
+
+
+@pytest.mark.parametrize("nproc", [1, 2])
+def test_failed_map_write_leaves_no_output(stills_run, tmp_path, nproc):
+    """A CCP4 map that cannot be written (its name taken by a directory) is
+    a Sorry naming it; with mp.nproc=2 it fails in its own thread while the
+    other files are written: either way, nothing else is left behind."""
+    truth, base, _ = stills_run
+    out = tmp_path / "m"
+    (out / merged_files.MAP_NAMES["anisotropic"]).mkdir(parents=True)
+    with pytest.raises(Sorry, match="diffuse_anisotropic.ccp4"):
+        merge_run(truth.experiments, [str(base / "extracted")],
+                  merge_params(out, **{"mp.nproc": nproc}))
+    assert [p.name for p in out.iterdir()] == [merged_files.MAP_NAMES["anisotropic"]]
 
 
 def test_cc_half_pure_noise_is_near_zero(tmp_path_factory):
