@@ -269,9 +269,8 @@ extract_output_phil_str = """
   mask_images = *all first
     .type = choice
     .help = "masks=True: the masks of every image (all, 3 x 6 MB per Pilatus "
-            "6M image), or of the run's first image only (first: what the "
-            "extraction diagnostics overlay; none if that image cannot be "
-            "extracted)."
+            "6M image), or of the run's first extracted image only (first: "
+            "what the extraction diagnostics overlay)."
 """
 
 extract_output_phil_scope = parse(extract_output_phil_str)

@@ -353,6 +353,34 @@ def test_unreadable_image_in_batch_is_skipped(simulated_stills, tmp_path):
     assert len(entries) == truth.n_images
 
 
+@pytest.mark.parametrize("nproc", [1, 2])
+def test_masks_of_first_extracted_image(simulated_stills, tmp_path, nproc):
+    """output.mask_images=first when the first image cannot be read: the
+    first image that was extracted gets the masks (the one the diagnostics
+    overlay), and its file is the same as without masks."""
+    copy = tmp_path / "data"
+    shutil.copytree(simulated_stills, copy)
+    truth = load_truth(copy)
+    with open(truth.image_path(0), "r+b") as fh:
+        fh.truncate(2000)
+    params = extraction_params(truth, tmp_path / "out", **{
+        "masking.dynamic.enable": False, "output.masks": True,
+        "output.mask_images": "first", "mp.nproc": nproc})
+    manifest = extract(truth.experiments, params)
+    first = next(e for e in manifest["images"] if e["status"] == "extracted")
+    assert manifest["images"][0]["status"] == "skipped" and first["still_id"] == 1
+    written = sorted(p.name for p in (tmp_path / "out").glob("*_mask_*.pickle"))
+    assert written == [f"{kind}_mask_000001.pickle" for kind in ("bragg", "pixel", "total")]
+    params.output.masks = False
+    params.output.directory = str(tmp_path / "nomasks")
+    extract(truth.experiments, params)
+    with np.load(tmp_path / "out" / first["file"]) as a, \
+            np.load(tmp_path / "nomasks" / first["file"]) as b:
+        assert sorted(a.files) == sorted(b.files)
+        for key in a.files:
+            assert np.array_equal(a[key], b[key]), key
+
+
 def run_command(args, cwd):
     return subprocess.run(
         [os.path.join(VENV_BIN, "dials.diffuse_extract"), *args],

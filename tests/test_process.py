@@ -425,3 +425,27 @@ def test_simulated_sequence(tmp_path):
         merged = d["I_merged_relative"]
     cc = np.corrcoef(merged, load_truth(data).diffuse_voxel_average(hkl, NDIV))[0, 1]
     assert cc > 0.93, cc  # 0.969 measured with 20 images
+
+
+def test_models_fingerprint_tells_models_apart(sim_run):
+    """The extraction's upstream signature: the same models (reloaded) give
+    the same fingerprint; with empty identifiers, another model set of the
+    same size (as a changed validation keeps) or a changed setting does not."""
+    from dials_diffuse import pipeline
+    from dials_diffuse.pipeline.state import models_fingerprint
+
+    base, _, _ = sim_run
+    expts = pipeline.load_expts(base / "refined.expt", check_format=False)
+    again = pipeline.load_expts(base / "refined.expt", check_format=False)
+    assert models_fingerprint(expts) == models_fingerprint(again)
+    for e in list(expts) + list(again):
+        e.identifier = ""
+    assert models_fingerprint(expts) == models_fingerprint(again)
+    from dxtbx.model.experiment_list import ExperimentList
+
+    first_three = ExperimentList([expts[i] for i in (0, 1, 2)])
+    other_three = ExperimentList([expts[i] for i in (0, 1, 3)])
+    assert models_fingerprint(first_three) != models_fingerprint(other_three)
+    a = again[0].crystal.get_A()
+    again[0].crystal.set_A(tuple(x * (1 + 1e-9) for x in a))
+    assert models_fingerprint(expts) != models_fingerprint(again)

@@ -139,6 +139,7 @@ def extract(models, params, images=None, reflections=None, progress=True,
         len(jobs), time.time() - t1, (time.time() - t1) / max(len(jobs), 1),
         resolve_nproc(params), params.mp.method,
     )
+    _masks_of_first_extracted(jobs, entries[len(skipped):], background, dynamic)
 
     manifest = {
         "format": "dials_diffuse.extraction/1",
@@ -158,6 +159,21 @@ def extract(models, params, images=None, reflections=None, progress=True,
     io.write_json(os.path.join(out_dir, MANIFEST_NAME), manifest)
     log_summary(manifest)
     return manifest
+
+
+def _masks_of_first_extracted(jobs, entries, background, dynamic):
+    """output.mask_images=first: when the first image could not be
+    extracted, the first image that was gets its masks (extracted once more,
+    with the same result): the diagnostics overlay the first extracted image."""
+    output = jobs[0].params.output if jobs else None
+    if output is None or not output.masks or output.mask_images != "first":
+        return
+    for job, entry in zip(jobs, entries):
+        if entry["status"] == "extracted":
+            if not job.masks:
+                logger.info("Masks written for image %s, the first extracted", entry["still_id"])
+                extract_one(dataclasses.replace(job, masks=True), background, dynamic)
+            return
 
 
 def extract_one(job: ImageJob, background, dynamic, writer=None) -> dict:

@@ -67,7 +67,7 @@ from dials_diffuse.pipeline.params import (
     resolve_short_names,
 )
 from dials_diffuse.pipeline.phase1 import given_models, load_expts, run_phase1
-from dials_diffuse.pipeline.state import SUMMARY_NAME, RunState, signature
+from dials_diffuse.pipeline.state import SUMMARY_NAME, RunState, models_fingerprint, signature
 from dials_diffuse.pipeline.steps import (
     EXTRACTION_DIAGNOSTICS_DIR,
     PHASE3_DIAGNOSTICS_DIR,
@@ -124,7 +124,7 @@ def process(image_paths, params, inputs: Optional[Inputs] = None, dials_args=Non
         else:
             models, refl, strong = run_phase1(run)
         models, refl = apply_validation(run, models, refl)
-        upstream = signature(run.signature_of("phase1"), [e.identifier for e in models])
+        upstream = signature(run.signature_of("phase1"), models_fingerprint(models))
 
         extract_dir, manifest, sig_extract = run_extraction(run, models, strong, upstream,
                                                             indexed=refl)

@@ -35,6 +35,28 @@ def signature(*parts) -> str:
     return hashlib.sha256(blob.encode()).hexdigest()[:16]
 
 
+def models_fingerprint(experiments) -> str:
+    """A short hash of what the later steps take from crystal models: each
+    model's identifier, setting (A, at every scan point too), space group and
+    images. Identifiers alone do not tell models apart when they are empty
+    or when validation keeps another set of models of the same run."""
+    parts = []
+    for expt in experiments:
+        crystal, imageset = expt.crystal, expt.imageset
+        matrices = [crystal.get_A()]
+        matrices += [crystal.get_A_at_scan_point(i) for i in range(crystal.num_scan_points)]
+        images = None
+        if imageset is not None and len(imageset):
+            # first and last image, their count and where they start in
+            # their file (an image of a container file): O(1) per model
+            n = len(imageset)
+            images = [imageset.get_path(0), imageset.get_path(n - 1), n,
+                      int(imageset.indices()[0]) if hasattr(imageset, "indices") else 0]
+        parts.append([expt.identifier, [list(m) for m in matrices],
+                      crystal.get_space_group().type().hall_symbol(), images])
+    return signature(parts)
+
+
 def rel(base, path) -> str:
     """``path`` relative to ``base`` when inside it, else as given."""
     try:
