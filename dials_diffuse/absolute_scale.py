@@ -99,6 +99,9 @@ class AbsoluteScale:
     intensity: np.ndarray  # per voxel: K I - incoherent
     sigma: np.ndarray
     incoherent: np.ndarray  # per voxel
+    # the same shell means over the map's whole |s| range (the fit shells
+    # cover only the fit range): where the sum rule holds and where not
+    profile: dict = None
 
     @property
     def electrons_per_cell(self) -> float:
@@ -121,6 +124,8 @@ class AbsoluteScale:
                 "sum": model.tolist(),
                 "ratio_data_to_sum": (self.shell_data / model).tolist(),
             },
+            "profile": None if self.profile is None else {
+                k: [float(x) for x in v] for k, v in self.profile.items()},
             "references": {
                 "coherent": "Waasmaier & Kirfel (1995) Acta Cryst. A51, 416 (cctbx wk1995)",
                 "incoherent": "Hubbell et al. (1975) J. Phys. Chem. Ref. Data 4, 471 (xraylib)",
@@ -301,6 +306,26 @@ def _on_grid(function, qmag, *args, n=1001):
     return np.interp(qmag, table, function(table, *args))
 
 
+def _shell_means(qmag, multiplicity, use, edges):
+    """A function giving the mean of per-voxel values in each |s| shell
+    (``edges``) over the voxels ``use``, weighted by symmetry multiplicity
+    (the reciprocal volume a voxel stands for), for the shells with data;
+    None when fewer than 2 shells have data."""
+    n_bins = len(edges) - 1
+    shell = np.clip(np.searchsorted(edges, qmag[use], side="right") - 1, 0, n_bins - 1)
+    weight = multiplicity[use].astype(np.float64)
+    norm = np.bincount(shell, weights=weight, minlength=n_bins)
+    filled = norm > 0
+    if filled.sum() < 2:
+        return None
+
+    def shell_mean(values):
+        return np.bincount(shell, weights=weight * values[use],
+                           minlength=n_bins)[filled] / norm[filled]
+
+    return shell_mean
+
+
 def fit_absolute_scale(merged, elements, wavelength, sensor=(0.0, 0.0), d_min=None,
                        d_max=None, n_bins=20) -> AbsoluteScale:
     """K from the sum rule on shell means of the merged map (voxels weighted by
@@ -311,25 +336,18 @@ def fit_absolute_scale(merged, elements, wavelength, sensor=(0.0, 0.0), d_min=No
     s_min = 0.5 * float(qmag.max()) if d_max is None else 1.0 / d_max
     if s_min >= s_max:
         raise Sorry(f"absolute_scale: empty fit range (|s| {s_min:.3f} to {s_max:.3f} 1/A)")
-    good = np.isfinite(merged.intensity) & (qmag >= s_min) & (qmag <= s_max)
-    edges = np.linspace(s_min, s_max, n_bins + 1)
-    shell = np.clip(np.searchsorted(edges, qmag[good], side="right") - 1, 0, n_bins - 1)
-    weight = merged.multiplicity[good].astype(np.float64)
-    norm = np.bincount(shell, weights=weight, minlength=n_bins)
-    filled = norm > 0
-    if filled.sum() < 2:
+    finite = np.isfinite(merged.intensity)
+    fit_mean = _shell_means(qmag, merged.multiplicity, finite & (qmag >= s_min) & (qmag <= s_max),
+                            np.linspace(s_min, s_max, n_bins + 1))
+    if fit_mean is None:
         raise Sorry(f"absolute_scale: fewer than 2 shells with data between "
                     f"{1 / s_max:.2f} and {1 / s_min:.2f} A")
-
-    def shell_mean(values):
-        return np.bincount(shell, weights=weight * values, minlength=n_bins)[filled] / norm[filled]
-
     coherent_voxels = _on_grid(coherent_per_cell, qmag, elements)
     incoherent_voxels = _on_grid(incoherent_per_cell, qmag, elements) * compton_response(
         qmag, wavelength, *sensor)
-    data = shell_mean(merged.intensity[good])
-    coherent = shell_mean(coherent_voxels[good])
-    incoherent = shell_mean(incoherent_voxels[good])
+    data = fit_mean(merged.intensity)
+    coherent = fit_mean(coherent_voxels)
+    incoherent = fit_mean(incoherent_voxels)
     ratio = data / (coherent + incoherent)
     # least squares on relative residuals: every shell counts alike
     scale = float(ratio.sum() / (ratio * ratio).sum())
@@ -337,7 +355,7 @@ def fit_absolute_scale(merged, elements, wavelength, sensor=(0.0, 0.0), d_min=No
         scale=scale,
         elements=dict(elements),
         fit_range=(s_min, s_max),
-        shell_s=shell_mean(qmag[good]),
+        shell_s=fit_mean(qmag),
         shell_data=scale * data,
         shell_coherent=coherent,
         shell_incoherent=incoherent,
@@ -345,11 +363,22 @@ def fit_absolute_scale(merged, elements, wavelength, sensor=(0.0, 0.0), d_min=No
         sigma=scale * merged.sigma,
         incoherent=incoherent_voxels,
     )
+    # the whole map in shells of the fit's width from |s| = 0 (the default
+    # fit range, the outer half in 20 shells, falls on the same edges)
+    width = (s_max - s_min) / n_bins
+    n_profile = max(2, int(np.ceil(float(qmag.max()) / width)))
+    profile_mean = _shell_means(qmag, merged.multiplicity, finite,
+                                width * np.arange(n_profile + 1))
+    if profile_mean is not None:
+        coherent_all, incoherent_all = profile_mean(coherent_voxels), profile_mean(incoherent_voxels)
+        result.profile = {"s": profile_mean(qmag), "data": scale * profile_mean(merged.intensity),
+                          "coherent": coherent_all, "incoherent": incoherent_all,
+                          "sum": coherent_all + incoherent_all}
     spread = np.ptp(scale * ratio)
     logger.info(
         "Absolute scale: %.5g electron units per cell per map unit (%.0f electrons per "
         "cell; fit %.2f-%.2f A, %d shells, data / model from %.3f to %.3f)",
-        scale, result.electrons_per_cell, 1 / s_max, 1 / s_min, int(filled.sum()),
+        scale, result.electrons_per_cell, 1 / s_max, 1 / s_min, len(ratio),
         float((scale * ratio).min()), float((scale * ratio).max()))
     if spread > 0.2:
         logger.warning("absolute_scale: data / model varies by %.0f %% over the fit range: "

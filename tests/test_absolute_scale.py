@@ -130,6 +130,24 @@ def test_absolute_scale_outputs(absolute_run, tmp_path):
     assert doc["electrons_per_cell"] == pytest.approx(600 * 6 + 950 + 160 * 7 + 190 * 8 + 8 * 16)
     ratio = np.array(doc["shells"]["ratio_data_to_sum"])
     assert np.all(np.abs(ratio - 1) < 0.1)
+    # the profile: the whole map's |s| range, each shell the multiplicity-
+    # weighted mean of K I over its voxels (recomputed here per shell)
+    merged, fitted = result["merged"], result["absolute"]
+    profile = {k: np.array(v) for k, v in doc["profile"].items()}
+    ok = np.isfinite(merged.intensity)
+    width = np.diff(doc["fit_s_range"])[0] / 20  # n_bins = 20 by default
+    assert profile["s"].min() < doc["fit_s_range"][0] - 5 * width
+    assert profile["s"].max() > doc["fit_s_range"][1] - width
+    for k in (0, len(profile["s"]) // 2, len(profile["s"]) - 1):
+        s_k = profile["s"][k]
+        edges = width * np.arange(int(np.ceil(merged.qmag.max() / width)) + 1)
+        # shells of the fit's width from 0, the last one closed (as numpy's histogram)
+        shell = np.minimum(np.digitize(merged.qmag, edges), len(edges) - 1)
+        inside = ok & (shell == np.digitize(s_k, edges))
+        w = merged.multiplicity[inside]
+        expected = fitted.scale * np.sum(w * merged.intensity[inside]) / np.sum(w)
+        assert profile["data"][k] == pytest.approx(expected, rel=1e-9), (k, s_k, np.sum(inside))
+    assert np.allclose(profile["sum"], profile["coherent"] + profile["incoherent"])
     _, _, voxels, _ = merged_files.read_merged(str(out))
     assert np.allclose(voxels["I_absolute"], result["absolute"].intensity)
     assert (out / merged_files.ABSOLUTE_MAP_NAME).stat().st_size > 1024

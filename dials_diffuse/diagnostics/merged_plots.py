@@ -193,15 +193,23 @@ def plot_cc_half(shells, overall):
 
 def plot_absolute_scale(doc):
     """Shell means of the scaled map against the sum rule's model (from
-    absolute_scale.json): data, coherent, incoherent and their sum vs |s|."""
+    absolute_scale.json): data, coherent, incoherent and their sum vs |s|,
+    over the map's whole |s| range when the file has the profile (the fit
+    range shaded, its shells marked)."""
     fig, ax = new_figure(width=7, height=5)
     ax = ax[0, 0]
     shells = doc["shells"]
-    s = np.array(shells["s"], dtype=float)
-    for key, style, label in (("data", "o", "data x K"), ("coherent", "-", "coherent sum n f^2"),
-                              ("incoherent", "--", "incoherent (Compton, as recorded)"),
-                              ("sum", "-", "coherent + incoherent")):
-        ax.plot(s, np.array(shells[key], dtype=float), style, ms=4, label=label)
+    curves = doc.get("profile") or shells  # files of earlier versions: the fit shells
+    s = np.array(curves["s"], dtype=float)
+    styles = {"data": "o-" if curves is shells else "-", "coherent": "-", "incoherent": "--",
+              "sum": "-"}
+    for key, label in (("data", "data x K"), ("coherent", "coherent sum n f^2"),
+                       ("incoherent", "incoherent (Compton, as recorded)"),
+                       ("sum", "coherent + incoherent")):
+        ax.plot(s, np.array(curves[key], dtype=float), styles[key], ms=4, label=label)
+    if curves is not shells:
+        ax.plot(np.array(shells["s"], dtype=float), np.array(shells["data"], dtype=float), "o",
+                ms=4, color="C0", label="data x K, fit shells")
     lo, hi = doc["fit_s_range"]
     ax.axvspan(lo, hi, color="grey", alpha=0.1, label="fit range")
     ax.set_xlabel("|s| (1/Å)")
