@@ -167,7 +167,8 @@ def merge_run(experiments, inputs, params):
         raise Sorry(f"symmetry.merge={params.symmetry.merge}: {e}")
     obs = load_observations(files, grid, operators, params.d_min, params.d_max,
                             nproc=resolve_nproc(params),
-                            detector_xy=scaling.needs_detector_xy(params.scaling.surfaces))
+                            detector_xy=scaling.needs_detector_xy(params.scaling.surfaces),
+                            while_reading=_load_compiled_sweeps(params))
     n_expt = len(experiments)
     for meta in obs.metadata:
         if meta["experiment_id"] >= n_expt:
@@ -214,6 +215,15 @@ def merge_run(experiments, inputs, params):
     )
     return {"grid": grid, "observations": obs, "scaling": result, "merged": merged,
             "statistics": stats, "absolute": absolute}
+
+
+def _load_compiled_sweeps(params):
+    """numba and the compiled sweeps loaded while the files are read (0.4 s
+    of imports that the reading workers, forked before, do not need);
+    kernel=numba without numba is still the scaling passes' Sorry."""
+    if params.kernel == "numpy":
+        return None
+    return lambda: scaling.load_kernels("auto")
 
 
 def smooth_scale_basis(experiments, obs, scaling_params):

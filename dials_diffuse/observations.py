@@ -309,7 +309,7 @@ def _headers(files, ndiv):
 
 
 def load_observations(files, grid, operators, d_min=None, d_max=None, nproc=1,
-                      detector_xy=False) -> ObservationSet:
+                      detector_xy=False, while_reading=None) -> ObservationSet:
     """Read every file, check it belongs to this grid, map voxels to the ASU.
 
     Images are ordered by still id. The files are read by ``nproc`` forked
@@ -319,7 +319,9 @@ def load_observations(files, grid, operators, d_min=None, d_max=None, nproc=1,
     turns the int64 keys into compact int32 voxel indices. Each observation
     keeps 20 bytes (voxel, image, S, W, V); the int64 keys are freed after
     the read. With ``detector_xy`` the voxels' mean detector-plane x and y
-    are read too (8 bytes more per observation).
+    are read too (8 bytes more per observation). ``while_reading()`` runs
+    in this process while the workers read (parallel.fork_map's
+    while_waiting).
     """
     keep_freed_memory()
     ndiv = tuple(int(n) for n in grid.ndiv)
@@ -342,7 +344,8 @@ def load_observations(files, grid, operators, d_min=None, d_max=None, nproc=1,
     try:
         # a few groups of consecutive files per worker (balance), whatever nproc
         groups = np.array_split(np.arange(len(files)), min(len(files), 4 * max(nproc, 1)))
-        results = fork_map(_read_files, [g for g in groups if g.size], nproc, shared)
+        results = fork_map(_read_files, [g for g in groups if g.size], nproc, shared,
+                           while_waiting=while_reading)
         kept = np.concatenate([np.asarray(k, np.int64) for k, _ in results])
         voxel_keys = np.unique(np.concatenate([u for _, u in results]))
         if voxel_keys.size == 0:

@@ -92,12 +92,21 @@ class ForkPool:
         self.close()
 
 
-def fork_map(func, tasks, nproc, shared=None, initializer=None):
+def fork_map(func, tasks, nproc, shared=None, initializer=None, while_waiting=None):
     """``[func(shared, task) for task in tasks]``, in forked workers when
-    ``nproc > 1`` and there are at least two tasks, else in this process."""
+    ``nproc > 1`` and there are at least two tasks, else in this process.
+    ``while_waiting()`` runs in this process once the workers are forked
+    (after the tasks with one process): work of this process that the
+    workers need not inherit, done while it would wait for them."""
     tasks = list(tasks)
     nproc = min(int(nproc or 1), len(tasks))
     if nproc <= 1:
-        return [func(shared, t) for t in tasks]
+        results = [func(shared, t) for t in tasks]
+        if while_waiting is not None:
+            while_waiting()
+        return results
     with ForkPool(shared, nproc, initializer=initializer) as pool:
-        return list(pool.map(func, tasks))
+        results = pool.map(func, tasks)  # every worker forked now
+        if while_waiting is not None:
+            while_waiting()
+        return list(results)

@@ -64,3 +64,32 @@ def test_parallel_merge_read_equals_serial(serial, tmp_path):
     assert "voxel_data_relative.npz" in names
     for name in names:
         assert filecmp.cmp(outputs[1] / name, outputs[2] / name, shallow=False), name
+
+
+def _pid_and_square(shared, task):
+    import os
+
+    return os.getpid(), task * task + shared
+
+
+@pytest.mark.parametrize("nproc", [1, 2])
+def test_fork_map_while_waiting(nproc):
+    """fork_map's while_waiting runs once, in this process, and the results
+    are the tasks' in order whatever it does (here: a module import, as the
+    merge loads its compiled sweeps while the files are read)."""
+    import os
+
+    from dials_diffuse.parallel import fork_map
+
+    calls = []
+
+    def while_waiting():
+        import numpy  # noqa: F401  an import in this process while workers run
+
+        calls.append(os.getpid())
+
+    results = fork_map(_pid_and_square, range(6), nproc, shared=1, while_waiting=while_waiting)
+    assert [r for _, r in results] == [t * t + 1 for t in range(6)]
+    assert calls == [os.getpid()]
+    workers = {pid for pid, _ in results}
+    assert (workers == {os.getpid()}) if nproc == 1 else (os.getpid() not in workers)

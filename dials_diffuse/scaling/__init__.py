@@ -45,6 +45,7 @@ from dials_diffuse.scaling.passes import (
     ObservationPasses,
     SharedRows,
     chunks,
+    load_kernels,
     partition_bounds,
 )
 from dials_diffuse.scaling.refine import CHI2_1_MEDIAN, fit_error_model, refine_scales
@@ -61,6 +62,7 @@ __all__ = [
     "SmoothScaleBasis",
     "chunks",
     "fit_error_model",
+    "load_kernels",
     "merge_intensities",
     "merged_error_k",
     "model_prediction",
