@@ -159,18 +159,27 @@ class DynamicMaskAccumulator:
                 self.n_valid[i][rows] += valid
                 self.sum_counts[i][rows] += block * valid
 
-    def masks(self, local_median=None) -> PanelMasks:
+    def masks(self, local_median=None, compiled=None) -> PanelMasks:
         """Per panel: True where the pixel is neither hot nor dead.
         ``local_median(a)``: the local level below (a compiled equivalent
-        may be given; default scipy's median filters)."""
+        may be given; default scipy's median filters). ``compiled``: the
+        extraction kernels module, whose mean_counts and dynamic_verdict
+        give the same masks with one temporary instead of eight."""
         local_median = local_median or local_level_median
 
         result = []
+        hot_min = self.hot_fraction * max(self.n_images, 1)
         for i in range(len(self.sum_counts)):
+            if compiled is not None:
+                mean = compiled.mean_counts(self.sum_counts[i], self.n_valid[i])
+                result.append(compiled.dynamic_verdict(
+                    mean, local_median(mean), self.sum_counts[i], self.n_hot[i],
+                    self.n_valid[i], hot_min, self.hot_ratio, self.dead_min_expected_counts))
+                continue
             n_valid = np.maximum(self.n_valid[i], 1)
             mean = self.sum_counts[i] / n_valid
             local = local_median(mean)
-            hot = self.n_hot[i] >= self.hot_fraction * max(self.n_images, 1)
+            hot = self.n_hot[i] >= hot_min
             hot |= mean > self.hot_ratio * local + 10.0
             # a pixel is dead only where its neighbours make all-zero counts
             # implausible (P = exp(-expected) < 2e-9 at the default)

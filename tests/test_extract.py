@@ -677,6 +677,42 @@ def test_compiled_dynamic_sums_equal_numpy():
             assert a[0].dtype == b[0].dtype and np.array_equal(a[0], b[0])
 
 
+@pytest.mark.parametrize("dtype", [np.int64, np.float64])
+def test_compiled_dynamic_masks_equal_numpy(dtype):
+    """The dynamic mask's decision compiled (mean, hot and dead in one pass)
+    gives numpy's masks: hot by count and by ratio, dead pixels, pixels
+    never valid, and values exactly at each threshold."""
+    from dials_diffuse import masks
+    from dials_diffuse.extraction import kernels
+    from dxtbx.model.detector import DetectorFactory
+
+    if not kernels.available():
+        pytest.skip("numba is not available")
+    detector = DetectorFactory.make_detector(
+        "PAD", (1, 0, 0), (0, -1, 0), (-10, 10, -100), (0.1, 0.1), (70, 90), (-1, 5000))
+    rng = np.random.default_rng(5)
+    acc = masks.DynamicMaskAccumulator(detector, hot_fraction=0.5, hot_ratio=20.0,
+                                       dead_min_expected_counts=20.0)
+    acc.n_images = 10
+    n_valid = rng.integers(0, 11, (90, 70)).astype(np.int32)
+    n_valid[:, :20] = 10  # a flat region: exact thresholds below
+    counts = rng.poisson(5.0 * n_valid).astype(dtype)
+    counts[:, :20] = 20  # mean 2, local level 2: dead needs 2 * 10 >= 20 (exactly)
+    counts[rng.random(counts.shape) < 0.03] = 0  # dead candidates
+    counts[40, 10] = 10 * (20 * 2 + 10)  # mean exactly hot_ratio * local + 10: not hot
+    counts[41, 10] = counts[40, 10] + 1  # just above: hot
+    n_hot = np.zeros((90, 70), np.int32)
+    n_hot[rng.random(n_hot.shape) < 0.02] = 5  # exactly hot_fraction * n_images: hot
+    n_hot[rng.random(n_hot.shape) < 0.02] = 4
+    acc.sum_counts, acc.n_valid, acc.n_hot = [counts], [n_valid], [n_hot]
+    for local in (None, kernels.local_level_median):
+        expected = acc.masks(local)[0]
+        compiled = acc.masks(local, compiled=kernels)[0]
+        assert compiled.dtype == bool and np.array_equal(compiled, expected)
+    assert not expected[41, 10] and expected[40, 10]
+    assert (~expected).sum() > 100 and expected.sum() > 5000
+
+
 def test_compiled_kernel_with_an_unbounded_trusted_range():
     """A trusted range beyond the image's integer type (1e300) is compared
     as dxtbx's rule says: every count is below it."""

@@ -47,7 +47,9 @@ def _forked_dynamic(shared, indices):
 
 
 def _masks(acc, params):
-    return acc.masks(kernels.local_level_median if kernels.use_compiled(params.kernel) else None)
+    if kernels.use_compiled(params.kernel):
+        return acc.masks(kernels.local_level_median, compiled=kernels)
+    return acc.masks()
 
 
 def sampled_tasks(tasks, max_images):
@@ -67,6 +69,10 @@ def dynamic_mask(tasks, params, while_waiting=None):
     tasks = sampled_tasks(tasks, params.masking.dynamic.max_images)
     nproc = min(resolve_nproc(params), len(tasks) + (while_waiting is not None))
     if nproc > 1 and params.mp.method == "multiprocessing":
+        # numba imported once, here, before the forks: the workers inherit it
+        # (else each imports it, 0.4 s, beside this process's own import
+        # while it makes the context)
+        kernels.use_compiled(params.kernel)
         # this process works meanwhile (while_waiting): one worker fewer, so
         # that nproc processes share nproc cores
         n_workers = min(nproc - (while_waiting is not None), len(tasks))

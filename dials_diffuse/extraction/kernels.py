@@ -75,6 +75,21 @@ def local_level_median(image):
     return _KERNELS["median5_columns"](rows)
 
 
+def mean_counts(sum_counts, n_valid):
+    """masks.DynamicMaskAccumulator's mean count per pixel, sum / max(n, 1)
+    in float64, compiled: one array instead of three."""
+    return _KERNELS["mean_counts"](sum_counts, n_valid)
+
+
+def dynamic_verdict(mean, local, sum_counts, n_hot, n_valid, hot_min, hot_ratio, dead_min):
+    """masks.DynamicMaskAccumulator.masks' decision, compiled, in one pass:
+    True where a pixel is neither hot (n_hot >= hot_min or mean > hot_ratio
+    local + 10) nor dead (no counts where local n_valid >= dead_min). The
+    numpy expressions made eight temporaries of a 6M panel's size."""
+    return _KERNELS["dynamic_verdict"](mean, local, sum_counts, n_hot, n_valid,
+                                       float(hot_min), float(hot_ratio), float(dead_min))
+
+
 def add_dynamic_panel(data, low, high, threshold, sum_counts, n_hot, n_valid):
     """masks.DynamicMaskAccumulator.add's sums of one panel, compiled, in
     place: the same integer (or float64) sums, one pass instead of four."""
@@ -372,6 +387,27 @@ def _define():
         return out
 
     @jit
+    def mean_counts(sum_counts, n_valid):
+        out = np.empty(sum_counts.shape, np.float64)
+        for r in range(sum_counts.shape[0]):
+            for i in range(sum_counts.shape[1]):
+                out[r, i] = np.float64(sum_counts[r, i]) / np.float64(max(n_valid[r, i], 1))
+        return out
+
+    @jit
+    def dynamic_verdict(mean, local, sum_counts, n_hot, n_valid, hot_min, hot_ratio, dead_min):
+        # the same float64 operations, in the same order, as the numpy rule
+        out = np.empty(mean.shape, np.bool_)
+        for r in range(mean.shape[0]):
+            for i in range(mean.shape[1]):
+                hot = (np.float64(n_hot[r, i]) >= hot_min) | (
+                    mean[r, i] > hot_ratio * local[r, i] + 10.0)
+                dead = (sum_counts[r, i] == 0) & (
+                    local[r, i] * np.float64(n_valid[r, i]) >= dead_min)
+                out[r, i] = not (hot | dead)
+        return out
+
+    @jit
     def add_dynamic(data, low, high, threshold, sum_counts, n_hot, n_valid):
         for i in range(data.size):
             v = data[i]
@@ -380,4 +416,5 @@ def _define():
             n_valid[i] += valid
             sum_counts[i] += v * valid
 
-    return {"add_dynamic": add_dynamic, "median5_rows": median5_rows, "median5_columns": median5_columns, "used_entries": used_entries, "clear_slots": clear_slots, "panel_keys": panel_keys, "add_runs": add_runs, "insert_keys": insert_keys}
+    return {"mean_counts": mean_counts, "dynamic_verdict": dynamic_verdict,
+            "add_dynamic": add_dynamic, "median5_rows": median5_rows, "median5_columns": median5_columns, "used_entries": used_entries, "clear_slots": clear_slots, "panel_keys": panel_keys, "add_runs": add_runs, "insert_keys": insert_keys}
