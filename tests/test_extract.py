@@ -771,6 +771,61 @@ def test_contexts_share_the_detector_geometry(simulated_stills, tmp_path):
     extraction_context.clear_caches()
 
 
+@pytest.mark.parametrize("overrides", [
+    {},
+    {"filter.d_min": 2.5, "filter.d_max": 20.0, "corrections.polarization_fraction": 0.9},
+    {"corrections.polarization": False, "corrections.efficiency": False, "corrections.air": False},
+])
+def test_compiled_context_equals_numpy(overrides, monkeypatch):
+    """The context's beam-dependent pass compiled (polarization, q, |q|,
+    selection, factor product) equals the numpy formulas: a real PILATUS3 6M
+    still (parallax-corrected panel, its own beam) at every 4th pixel, with
+    resolution limits, another polarization fraction, corrections off; a
+    second context of the same detector reuses the kept geometry and its
+    efficiency and air factors."""
+    from dxtbx.model import BeamFactory
+
+    from dials_diffuse import compiled, processing
+    from dials_diffuse import masks as diffuse_masks
+    from dials_diffuse.extraction import context as extraction_context
+
+    if compiled.lazy_jit("context.beam_block", extraction_context._define_beam_block) is None:
+        pytest.skip("numba is not available")
+    experiment = processing.import_images([str(THAUMATIN / "thau_3_2_0001.cbf.bz2")])[0]
+    params = extract_command.phil_scope.fetch().extract()
+    params.filter.pixel_step = 4
+    for key, value in overrides.items():
+        scope, name = key.split(".")
+        setattr(getattr(params, scope), name, value)
+    static = diffuse_masks.static_mask(experiment.imageset, params.masking, params.masking.beamstop)
+    tilted = BeamFactory.from_dict(experiment.beam.to_dict())
+    tilted.set_direction((0.001, -0.002, 1.0))  # a second still's refined beam
+    contexts = {}
+    for kind in ("compiled", "numpy"):
+        if kind == "numpy":
+            compiled.disable("context.beam_block", monkeypatch)
+        geometries = []
+        first = extraction_context.detector_context(experiment, experiment.imageset, params,
+                                                    static, geometries)
+        experiment.beam, beam = tilted, experiment.beam
+        second = extraction_context.detector_context(experiment, experiment.imageset, params,
+                                                     static, geometries)
+        experiment.beam = beam
+        contexts[kind] = (first, second)
+    for got, expected in zip(contexts["compiled"], contexts["numpy"]):
+        assert got.q_max == pytest.approx(expected.q_max, rel=1e-12)
+        for a, b in zip(got.panels, expected.panels):
+            assert np.array_equal(a.selected, b.selected)
+            assert np.array_equal(a.q_t, b.q_t)
+            assert np.allclose(a.factor, b.factor, rtol=1e-6, atol=0)
+            assert a.n_selected == b.n_selected and a.n_selected > 100000
+            for k in a.parts:
+                assert np.allclose(a.parts[k], b.parts[k], rtol=1e-12, atol=0), k
+    # the tilted beam moved q: the second context is not the first again
+    assert not np.array_equal(contexts["compiled"][0].panels[0].q_t,
+                              contexts["compiled"][1].panels[0].q_t)
+
+
 def test_mask_pickle_is_flex_bools_own(tmp_path):
     """io.write_mask_pickle writes, from numpy, the bytes of pickling the
     masks as flex.bool (masks.to_flex), which DIALS reads: empty, one-pixel,

@@ -15,6 +15,7 @@ import numpy as np
 from dials.util import Sorry
 
 from dials_diffuse import corrections, geometry, masks
+from dials_diffuse.compiled import lazy_jit
 
 logger = logging.getLogger("dials.diffuse_extract")
 
@@ -158,16 +159,13 @@ def detector_context(experiment, imageset, params, static_mask,
             static = static_raster[block]
             n_static += int(np.count_nonzero(static))
             block_parts, block_selected, block_q_max = _context_block(
-                g, panel, beam, static, params, q_t[:, block])
+                g, panel, beam, static, params, q_t[:, block], factor[block])
             selected[block] = block_selected
             q_max = max(q_max, block_q_max)
             on_grid = slice(first // parts_step, -(-(first + g.n_pixels // shape[1]) // parts_step))
             for name in CORRECTION_PARTS:
                 part = getattr(block_parts, name).reshape(-1, shape[1])
                 parts[name][on_grid] = part[::parts_step, ::parts_step]
-            # 0 outside the selection: a non-finite factor there cannot
-            # spread through the numpy path's running sums
-            factor[block] = np.where(block_selected, block_parts.total, 0.0)
         panels.append(
             PanelPixels(
                 panel_id=pid,
@@ -191,10 +189,17 @@ def detector_context(experiment, imageset, params, static_mask,
 CORRECTION_PARTS = ("polarization", "solid_angle", "efficiency", "air")
 
 
-def _context_block(g, panel, beam, static, params, q_t_out):
+def _context_block(g, panel, beam, static, params, q_t_out, factor_out):
     """One block of raster rows: its correction factors, which pixels are
     selected (static mask and resolution limits) and their largest |q|;
-    writes its q into ``q_t_out`` (3, n) float32."""
+    writes its q into ``q_t_out`` (3, n) float32 and the product of the
+    factors into ``factor_out`` (float32, 0 outside the selection: a
+    non-finite factor there cannot spread through the running sums)."""
+    kernel = None if params.kernel == "numpy" else lazy_jit("context.beam_block",
+                                                            _define_beam_block)
+    if kernel is not None:
+        return _context_block_compiled(kernel, g, panel, beam, static, params, q_t_out,
+                                       factor_out)
     c = params.corrections
     f = params.filter
     parts = corrections.correction_factors(
@@ -218,7 +223,92 @@ def _context_block(g, panel, beam, static, params, q_t_out):
     if f.d_max is not None:
         selected &= qmag >= 1.0 / f.d_max
     q_max = float(qmag[selected].max()) if selected.any() else 0.0
+    factor_out[...] = np.where(selected, parts.total, 0.0)
     return parts, selected, q_max
+
+
+def _sensor_efficiency(g, panel, c):
+    """The block's sensor efficiency (1 where switched off), kept on its
+    geometry: it depends on the detector only, so stills refined one by one
+    (a beam each) compute it once per detector."""
+    cache = g.__dict__.setdefault("_efficiency", {})
+    key = c.efficiency and (panel.get_mu(), panel.get_thickness())
+    if key not in cache:
+        cache.clear()
+        cache[key] = (corrections.sensor_efficiency(g, panel.get_mu(), panel.get_thickness())
+                      if c.efficiency else np.ones(g.n_pixels))
+    return cache[key]
+
+
+def _context_block_compiled(kernel, g, panel, beam, static, params, q_t_out, factor_out):
+    """_context_block with the beam-dependent part (polarization, q, |q|,
+    selection, the product of the factors) in one compiled pass: the same
+    formulas (corrections.polarization_factor, geometry.scattering_vectors)
+    without their 6M-size temporaries (0.47 of the 0.63 s a still's context
+    took)."""
+    c, f = params.corrections, params.filter
+    efficiency = _sensor_efficiency(g, panel, c)
+    solid = g.solid_angle_sr if c.solid_angle else np.ones(g.n_pixels)
+    # air: exp(-mu_air(lambda) r) in the pass (stills' wavelengths differ)
+    mu_air = corrections.air_attenuation_coefficient(
+        beam.get_wavelength(), c.air_temperature, c.air_pressure) if c.air else 0.0
+    air = np.empty(g.n_pixels) if c.air else np.ones(g.n_pixels)
+    s0 = np.asarray(beam.get_s0(), np.float64)
+    s0_len = float(np.linalg.norm(s0))
+    normal = np.asarray(beam.get_polarization_normal(), np.float64)
+    pf = beam.get_polarization_fraction() if c.polarization_fraction is None \
+        else c.polarization_fraction
+    polarization = np.empty(g.n_pixels) if c.polarization else np.ones(g.n_pixels)
+    selected = np.empty(g.n_pixels, bool)
+    q_max = kernel(
+        np.ascontiguousarray(g.unit_s1, np.float64), solid, efficiency, g.distance_mm,
+        bool(c.air), mu_air, air, static, s0, s0_len, s0 / s0_len, normal / np.linalg.norm(normal), float(pf), bool(c.polarization),
+        -1.0 if f.d_max is None else 1.0 / f.d_max, np.inf if f.d_min is None else 1.0 / f.d_min,
+        q_t_out, polarization, selected, factor_out)
+    parts = corrections.CorrectionFactors(polarization=polarization, solid_angle=solid,
+                                          efficiency=efficiency, air=air)
+    return parts, selected, float(q_max)
+
+
+def _define_beam_block(jit):
+    @jit
+    def beam_block(unit_s1, solid, efficiency, distance, air_on, mu_air, air, static, s0,
+                   s0_len, s0_hat, normal, pf, polarization_on, q_lo, q_hi, q_t, polarization,
+                   selected, factor):
+        """Per pixel: P = (1 - 2 pf)(1 - (n.s1)^2) + pf (1 + (s0.s1)^2), T =
+        exp(-mu_air r), q = s1 |s0| - s0 (float32 out), selected = static
+        and q_lo <= |q| <= q_hi, factor = P Omega eta T there (0 elsewhere);
+        returns the largest selected |q| (0 if none)."""
+        q_max = 0.0
+        a = 1.0 - 2.0 * pf
+        for i in range(unit_s1.shape[0]):
+            if air_on:
+                air[i] = np.exp(-mu_air * distance[i])
+            u0, u1, u2 = unit_s1[i, 0], unit_s1[i, 1], unit_s1[i, 2]
+            p = 1.0
+            if polarization_on:
+                n_dot = u0 * normal[0] + u1 * normal[1] + u2 * normal[2]
+                s0_dot = u0 * s0_hat[0] + u1 * s0_hat[1] + u2 * s0_hat[2]
+                p = a * (1.0 - n_dot * n_dot) + pf * (1.0 + s0_dot * s0_dot)
+                polarization[i] = p
+            q0 = u0 * s0_len - s0[0]
+            q1 = u1 * s0_len - s0[1]
+            q2 = u2 * s0_len - s0[2]
+            q_t[0, i] = np.float32(q0)
+            q_t[1, i] = np.float32(q1)
+            q_t[2, i] = np.float32(q2)
+            qmag = np.sqrt(q0 * q0 + q1 * q1 + q2 * q2)
+            keep = static[i] and qmag >= q_lo and qmag <= q_hi
+            selected[i] = keep
+            if keep:
+                factor[i] = np.float32(p * solid[i] * efficiency[i] * air[i])
+                if qmag > q_max:
+                    q_max = qmag
+            else:
+                factor[i] = np.float32(0.0)
+        return q_max
+
+    return beam_block
 
 
 def panel_gains(detector, params) -> List[float]:
