@@ -71,7 +71,7 @@ from dials.util.options import ArgumentParser
 from dials.util.version import dials_version
 
 from dials_diffuse import pipeline
-from dials_diffuse.command_util import split_preset_files
+from dials_diffuse.command_util import modified_parameters, split_preset_files
 from dials_diffuse.startup import run_and_exit
 
 logger = logging.getLogger("dials.diffuse_process")
@@ -133,7 +133,7 @@ def run(args: List[str] = None, phil=phil_scope) -> None:
     logger.info(dials_version())
     for item in ignored_presets:
         logger.info("Preset parameter not used by this command: %s", item)
-    diff = parser.diff_phil.as_str()
+    diff = modified_parameters(parser)
     if diff:
         logger.info("The following parameters have been modified:\n%s", diff)
     dials_args = pipeline.dials_arguments(args, phil)

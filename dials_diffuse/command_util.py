@@ -168,10 +168,38 @@ def parse_arguments(parser, args, phil_scope, logger):
     for item in ignored_presets:
         logger.debug("Preset parameter not used by this command: %s", item)
     logger.info(dials_version())
-    diff = parser.diff_phil.as_str()
+    diff = modified_parameters(parser)
     if diff:
         logger.info("The following parameters have been modified:\n%s", diff)
     return params, options, unhandled
+
+
+def modified_parameters(parser) -> str:
+    """DIALS' "modified parameters" text (parser.diff_phil.as_str()) without
+    reading the input files again: diff_phil extracts input.experiments and
+    input.reflections to compare them, which loads every file a second time
+    (2.1 s for 15 real stills against 1.1 s for the parse; 130 s for 10^4
+    stills). The other scopes are diffed as DIALS does; the input files are
+    listed as given."""
+    import libtbx.phil
+
+    def without_input(scope):
+        return libtbx.phil.scope(name=scope.name,
+                                 objects=[o for o in scope.objects if o.name != "input"])
+
+    text = without_input(parser.system_phil).fetch_diff(
+        source=without_input(parser.phil)).as_str()
+    given = []
+    for scope in (o for o in parser.phil.objects if o.name == "input"):
+        for item in scope.objects:
+            value = " ".join(str(w) for w in getattr(item, "words", None) or [])
+            line = f"  {item.name} = {value}"
+            # a file named twice is listed once, as in DIALS' diff
+            if item.is_definition and value and value != "None" and line not in given:
+                given.append(line)
+    if given:
+        text += "input {\n" + "\n".join(given) + "\n}\n"
+    return text
 
 
 def ensure_output_directory(path, parameter="output.directory"):

@@ -826,6 +826,29 @@ def test_compiled_context_equals_numpy(overrides, monkeypatch):
                               contexts["compiled"][1].panels[0].q_t)
 
 
+def test_modified_parameters_as_dials_diff_phil(simulated_rotation, tmp_path):
+    """The log's "modified parameters" are DIALS' diff_phil text, made
+    without reading the experiment and reflection files again."""
+    from dials.util.options import ArgumentParser
+
+    from dials_diffuse.command_util import modified_parameters
+
+    preset = tmp_path / "preset.phil"
+    preset.write_text("grid.ndiv_l = 2\nmasking { bragg { n_sigma = 4 } }\n")
+    for args in (
+        [str(simulated_rotation / "truth.expt"), str(simulated_rotation / "bragg.refl"),
+         str(preset), "mp.nproc=2", "filter.d_min=2.5"],
+        [str(simulated_rotation / "truth.expt")],
+        [str(simulated_rotation / "truth.expt"), str(simulated_rotation / "truth.expt"),
+         "output.directory=elsewhere"],
+    ):
+        parser = ArgumentParser(phil=extract_command.phil_scope, read_experiments=True,
+                                read_reflections=True, check_format=False)
+        parser.parse_args(args=args, show_diff_phil=False, return_unhandled=True)
+        assert modified_parameters(parser) == parser.diff_phil.as_str()
+    assert "experiments = " in modified_parameters(parser)
+
+
 def test_mask_pickle_is_flex_bools_own(tmp_path):
     """io.write_mask_pickle writes, from numpy, the bytes of pickling the
     masks as flex.bool (masks.to_flex), which DIALS reads: empty, one-pixel,
