@@ -849,6 +849,36 @@ def test_modified_parameters_as_dials_diff_phil(simulated_rotation, tmp_path):
     assert "experiments = " in modified_parameters(parser)
 
 
+def test_context_of_a_nearly_equal_beam_is_its_own(simulated_stills, tmp_path):
+    """Two stills whose beams dxtbx takes for equal (within 1e-6) but which
+    differ: each image gets the context of its own beam, whichever was made
+    first (else the result would depend on which images a process had
+    extracted before)."""
+    from dxtbx.model import BeamFactory
+
+    from dials_diffuse.extraction import context as extraction_context
+    from dials_diffuse.extraction.tasks import plan_tasks
+
+    truth = load_truth(simulated_stills)
+    experiments = truth.experiments
+    beam = BeamFactory.from_dict(experiments[1].beam.to_dict())
+    beam.set_wavelength(beam.get_wavelength() * (1 + 1e-8))
+    assert beam == experiments[0].beam and beam.get_s0() != experiments[0].beam.get_s0()
+    experiments[1].beam = beam
+    params = extraction_params(truth, tmp_path / "unused")
+    tasks, _ = plan_tasks(experiments)
+    contexts = {}
+    for order in ((0, 1), (1, 0)):
+        extraction_context.clear_caches()
+        for i in order:
+            contexts[order, i] = extraction_context.context_for(tasks[i], params)
+    extraction_context.clear_caches()
+    for i in (0, 1):
+        a, b = contexts[(0, 1), i], contexts[(1, 0), i]
+        assert all(np.array_equal(p.q_t, q.q_t) for p, q in zip(a.panels, b.panels))
+    assert contexts[(0, 1), 0] is not contexts[(0, 1), 1]
+
+
 def test_mask_pickle_is_flex_bools_own(tmp_path):
     """io.write_mask_pickle writes, from numpy, the bytes of pickling the
     masks as flex.bool (masks.to_flex), which DIALS reads: empty, one-pixel,

@@ -1,15 +1,17 @@
 """The dynamic pass: hot and dead pixels from every image of the run
-(:func:`dynamic_mask`), in forked workers that each sum a share of the
-images."""
+(:func:`dynamic_mask`), summed by forked workers and this process, each
+taking the next image not yet taken."""
 
 from __future__ import annotations
 
 import logging
+import multiprocessing
 
 import numpy as np
 
 from dials_diffuse.command_util import resolve_nproc
 from dials_diffuse import masks
+from dials_diffuse.observations import shared_array
 from dials_diffuse.parallel import ForkPool
 from dials_diffuse.extraction import kernels
 from dials_diffuse.extraction.tasks import ImageError, read_image
@@ -25,9 +27,10 @@ def _dynamic_accumulator(tasks, params):
     )
 
 
-def _accumulate_dynamic(tasks, params):
-    """The dynamic-mask pass's accumulator of per-pixel sums over some images."""
-    acc = _dynamic_accumulator(tasks, params)
+def _accumulate_dynamic(tasks, params, acc=None):
+    """The dynamic-mask pass's accumulator of per-pixel sums over some images
+    (added to ``acc`` when given)."""
+    acc = acc if acc is not None else _dynamic_accumulator(tasks, params)
     add_panel = kernels.add_dynamic_panel if kernels.use_compiled(params.kernel) else None
     for task in tasks:
         try:
@@ -38,12 +41,46 @@ def _accumulate_dynamic(tasks, params):
     return acc
 
 
-def _forked_dynamic(shared, indices):
-    """A worker's share of the sums; the only worker makes the masks too
-    (6 MB sent back instead of 100 MB of sums, and the medians run while
-    the parent builds the extraction's context)."""
-    acc = _accumulate_dynamic([shared["tasks"][i] for i in indices], shared["params"])
-    return _masks(acc, shared["params"]) if shared["only_worker"] else acc.sums()
+def _sum_next_images(shared, acc):
+    """Add images to ``acc`` until none is left: each process takes the next
+    image not yet taken (a counter in shared memory), so a process that
+    starts late or reads slowly takes fewer."""
+    tasks, counter = shared["tasks"], shared["next_image"]
+    params = shared["params"]
+    while True:
+        with counter.get_lock():
+            i = counter.value
+            counter.value += 1
+        if i >= len(tasks):
+            return acc
+        _accumulate_dynamic([tasks[i]], params, acc)
+
+
+def _forked_dynamic(shared, k):
+    """Worker k's sums, written into its buffers in shared memory (nothing
+    per pixel travels back through a pipe); returns the number of images
+    summed and the counts' dtype."""
+    acc = _dynamic_accumulator(shared["tasks"], shared["params"])
+    acc.sum_counts, acc.n_hot, acc.n_valid = (
+        [b.view(np.int64) for b in shared["sum_counts"][k]],
+        list(shared["n_hot"][k]), list(shared["n_valid"][k]))
+    acc = _sum_next_images(shared, acc)
+    for buffer, sums in zip(shared["sum_counts"][k], acc.sum_counts):
+        if sums.dtype == np.float64:  # float images: summed in float64 (private arrays)
+            buffer.view(np.float64)[...] = sums
+    return acc.n_images, acc.sum_counts[0].dtype.str
+
+
+def _shared_sums(acc, n_workers):
+    """Per worker and panel: the sums' buffers in shared memory (8 bytes a
+    pixel for the counts, int64 or float64; int32 for the others)."""
+    shapes = [a.shape for a in acc.sum_counts]
+
+    def buffers(dtype):
+        return [[shared_array(int(np.prod(shape)), dtype).reshape(shape) for shape in shapes]
+                for _ in range(n_workers)]
+
+    return buffers(np.int64), buffers(np.int32), buffers(np.int32)
 
 
 def _masks(acc, params):
@@ -62,33 +99,41 @@ def sampled_tasks(tasks, max_images):
 
 def dynamic_mask(tasks, params, while_waiting=None):
     """Hot and dead pixels from a pass over the images (masking.dynamic.
-    max_images of them, evenly spaced; in parallel with
-    mp.method=multiprocessing: each worker sums its share of the images, a
-    single worker makes the masks too; ``while_waiting()`` runs in this
-    process meanwhile, on one of the mp.nproc cores)."""
+    max_images of them, evenly spaced).
+
+    With mp.method=multiprocessing and mp.nproc > 1, forked workers and this
+    process sum the images, each taking the next one not yet taken; this
+    process first runs ``while_waiting()`` (one worker fewer then, so that
+    nproc processes share nproc cores), then joins in, adds the workers'
+    sums (in shared memory) to its own and makes the masks. Integer images
+    give the same sums however the images were shared; float images are
+    summed in float64, whose last bits may depend on the sharing."""
     tasks = sampled_tasks(tasks, params.masking.dynamic.max_images)
-    nproc = min(resolve_nproc(params), len(tasks) + (while_waiting is not None))
-    if nproc > 1 and params.mp.method == "multiprocessing":
+    nproc = resolve_nproc(params)
+    n_workers = min(nproc - (while_waiting is not None), len(tasks))
+    if nproc > 1 and n_workers >= 1 and params.mp.method == "multiprocessing":
         # numba imported once, here, before the forks: the workers inherit it
         # (else each imports it, 0.4 s, beside this process's own import
         # while it makes the context)
         kernels.use_compiled(params.kernel)
-        # this process works meanwhile (while_waiting): one worker fewer, so
-        # that nproc processes share nproc cores
-        n_workers = min(nproc - (while_waiting is not None), len(tasks))
-        shares = [list(range(k, len(tasks), n_workers)) for k in range(n_workers)]
-        shared = {"tasks": tasks, "params": params, "only_worker": n_workers == 1}
+        acc = _dynamic_accumulator(tasks, params)
+        sum_counts, n_hot, n_valid = _shared_sums(acc, n_workers)
+        shared = {"tasks": tasks, "params": params, "sum_counts": sum_counts,
+                  "n_hot": n_hot, "n_valid": n_valid,
+                  "next_image": multiprocessing.get_context("fork").Value("l", 0)}
         with ForkPool(shared, n_workers) as pool:
-            results = pool.map(_forked_dynamic, shares)  # submitted (forked) now
+            results = pool.map(_forked_dynamic, range(n_workers))  # submitted (forked) now
             if while_waiting is not None:
                 while_waiting()
-            if n_workers == 1:
-                result = next(results)
-            else:
-                acc = _dynamic_accumulator(tasks, params)
-                for sums in results:
+            acc = _sum_next_images(shared, acc)
+            for k, (n_images, dtype) in enumerate(results):
+                sums = ([b.view(dtype) for b in sum_counts[k]], n_hot[k], n_valid[k], n_images)
+                if acc.n_images == 0:  # nothing summed yet: the worker's sums are the total
+                    acc.sum_counts, acc.n_hot, acc.n_valid, acc.n_images = (
+                        list(sums[0]), list(sums[1]), list(sums[2]), sums[3])
+                else:
                     acc.add_sums(sums)
-                result = _masks(acc, params)
+        result = _masks(acc, params)
     else:
         result = _masks(_accumulate_dynamic(tasks, params), params)
     n_bad = sum(int((~m).sum()) for m in result)
