@@ -16,6 +16,30 @@ logger = logging.getLogger("dials.diffuse")
 _FUNCTIONS = {}
 
 
+def import_numba():
+    """numba, with its on-disk cache made optional: the first call of a
+    jitted function compiles it, adds it to the function, then writes the
+    cache file, and a full disk (or a file-size limit) made that write raise
+    OSError, a traceback in the middle of a command. Here a failed write is
+    logged and the compiled function used from memory. Every module of this
+    package imports numba through this function."""
+    import numba
+    from numba.core import caching
+
+    if not getattr(caching.Cache.save_overload, "_tolerant", False):
+        save = caching.Cache.save_overload
+
+        def save_overload(self, sig, data):
+            try:
+                save(self, sig, data)
+            except OSError as e:
+                logger.debug("numba could not write its cache (%s): compiled in memory only", e)
+
+        save_overload._tolerant = True
+        caching.Cache.save_overload = save_overload
+    return numba
+
+
 def lazy_jit(name, define):
     """``define(jit)`` compiled once per process (numba's on-disk cache makes
     later processes load it), or None without numba. ``define`` receives
@@ -24,7 +48,7 @@ def lazy_jit(name, define):
     function that calls another closure's)."""
     if name not in _FUNCTIONS:
         try:
-            import numba
+            numba = import_numba()
         except Exception as e:  # no numba, or one that does not work here
             logger.debug("numba unavailable (%s): the numpy path is used", e)
             _FUNCTIONS[name] = None

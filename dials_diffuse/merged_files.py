@@ -199,13 +199,18 @@ def write_all(out_dir, grid, obs, result, merged, stats, params, operators, abso
             io.write_json(path_of(AMBIGUITY_NAME), ambiguity)
         maps_written.result()  # the maps' errors are raised here
         io.write_json(path_of(GRID_NAME), grid.as_dict())
-    except BaseException:
+    except BaseException as e:
         maps_written.wait()  # no thread still writing a file about to be removed
         for path in written:
             try:
                 os.unlink(path)
             except OSError:
                 pass
+        # the error of the first file in the writing order (the maps, then
+        # the rest), whichever thread met its error first
+        first = maps_written.first_error()
+        if first is not None and first is not e:
+            raise first from None
         raise
     logger.info("Wrote merged map of %d voxels to %s", len(merged.intensity), out_dir)
 
@@ -229,6 +234,9 @@ class _Done:
     def wait(self):
         return None
 
+    def first_error(self):
+        return None
+
 
 class _MapThreads:
     """The maps being written in threads: result() waits for all and raises
@@ -244,6 +252,11 @@ class _MapThreads:
         self.wait()
         for f in self._futures:
             f.result()
+
+    def first_error(self):
+        """The first map's error in the maps' order (None if all were written)."""
+        self.wait()
+        return next((f.exception() for f in self._futures if f.exception() is not None), None)
 
 
 def write_ccp4_maps(maps, grid, voxel_grid, operators, output, threads=1):

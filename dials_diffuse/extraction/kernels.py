@@ -224,7 +224,9 @@ def _scratch(name, n, dtype):
 
 
 def _define():
-    import numba
+    from dials_diffuse.compiled import import_numba
+
+    numba = import_numba()
 
     jit = numba.njit(cache=True, nogil=True)
 

@@ -47,12 +47,19 @@ def models_fingerprint(experiments) -> str:
         matrices += [crystal.get_A_at_scan_point(i) for i in range(crystal.num_scan_points)]
         images = None
         if imageset is not None and len(imageset):
-            # first and last image, their count and where they start in
-            # their file (an image of a container file): O(1) per model
+            # first and last image and their count, O(1) per model; for a
+            # container file (one reader for many images) also where they
+            # start in it. An image set's own indices are not used for files
+            # of one image: they count within the set, which slicing and
+            # writing the experiments renumber
             n = len(imageset)
-            images = [imageset.get_path(0), imageset.get_path(n - 1), n,
-                      int(imageset.indices()[0]) if hasattr(imageset, "indices") else 0]
-        parts.append([expt.identifier, [list(m) for m in matrices],
+            in_file = 0
+            if hasattr(imageset, "data") and imageset.data().has_single_file_reader():
+                in_file = int(imageset.indices()[0])
+            images = [imageset.get_path(0), imageset.get_path(n - 1), n, in_file]
+        # A to 10 digits: written and read again, a crystal's A differs in
+        # its last bits (the file holds the real-space axes)
+        parts.append([expt.identifier, [[f"{x:.10g}" for x in m] for m in matrices],
                       crystal.get_space_group().type().hall_symbol(), images])
     return signature(parts)
 

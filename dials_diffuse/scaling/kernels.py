@@ -18,9 +18,11 @@ it lazily.
 
 from __future__ import annotations
 
-import numba
 import numpy as np
 
+from dials_diffuse.compiled import import_numba
+
+numba = import_numba()
 jit = numba.njit(cache=True, nogil=True)
 
 
