@@ -170,7 +170,7 @@ def write_all(out_dir, grid, obs, result, merged, stats, params, operators, abso
     grid_path = os.path.join(out_dir, GRID_NAME)
     io.remove_completion_marker(grid_path)
     written = []
-    maps_written = _Done()
+    maps_written = _MapWrites()
 
     def path_of(name):
         written.append(os.path.join(out_dir, name))
@@ -225,38 +225,26 @@ def write_hdf5(path, arrays):
                 fh.create_dataset(k, data=v, compression="gzip", track_times=False)
 
 
-class _Done:
-    """What write_ccp4_maps returns when it wrote every map before returning."""
+class _MapWrites:
+    """The maps written in threads (none pending when written in this one):
+    result() waits for all and raises the first error in the maps' order;
+    first_error() waits and returns it; wait() waits."""
 
-    def result(self):
-        return None
-
-    def wait(self):
-        return None
-
-    def first_error(self):
-        return None
-
-
-class _MapThreads:
-    """The maps being written in threads: result() waits for all and raises
-    the first error; wait() waits for all and raises none."""
-
-    def __init__(self, executor, futures):
-        self._executor, self._futures = executor, futures
+    def __init__(self, executor=None, futures=()):
+        self._executor, self._futures = executor, list(futures)
 
     def wait(self):
-        self._executor.shutdown(wait=True)
-
-    def result(self):
-        self.wait()
-        for f in self._futures:
-            f.result()
+        if self._executor is not None:
+            self._executor.shutdown(wait=True)
 
     def first_error(self):
-        """The first map's error in the maps' order (None if all were written)."""
         self.wait()
         return next((f.exception() for f in self._futures if f.exception() is not None), None)
+
+    def result(self):
+        error = self.first_error()
+        if error is not None:
+            raise error
 
 
 def write_ccp4_maps(maps, grid, voxel_grid, operators, output, threads=1):
@@ -298,7 +286,7 @@ def write_ccp4_maps(maps, grid, voxel_grid, operators, output, threads=1):
         executor = ThreadPoolExecutor(min(threads, len(maps)), "ccp4-map")
         futures = [executor.submit(lambda m: fill_and_write(np.empty(shape, np.float32), *m), m)
                    for m in maps]
-        return _MapThreads(executor, futures)
+        return _MapWrites(executor, futures)
     dense = np.empty(shape, dtype=np.float32)  # one buffer for every map
     for k, (path, values, label) in enumerate(maps):
         if fill is not None:
@@ -309,7 +297,7 @@ def write_ccp4_maps(maps, grid, voxel_grid, operators, output, threads=1):
         ok = np.isfinite(v)
         dense.reshape(-1)[flat_index[ok]] = v[ok]
         _write_ccp4_file(path, grid, dense, lo, hi, output, label)
-    return _Done()
+    return _MapWrites()
 
 
 def _map_box(output, ndiv, mate_range):
