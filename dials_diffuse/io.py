@@ -15,6 +15,7 @@ import pickle
 import re
 import socket
 import tempfile
+import threading
 from typing import Any
 
 import numpy as np
@@ -22,6 +23,19 @@ import numpy as np
 from dials.util import Sorry
 import zipfile
 from dxtbx import flumpy
+
+
+_UMASK_LOCK = threading.Lock()
+
+
+def _umask() -> int:
+    """The process's umask. Reading it means setting it, so two threads
+    (the merge writes its maps in threads) could each read the other's
+    temporary 0 and leave it set: the two calls are made under a lock."""
+    with _UMASK_LOCK:
+        umask = os.umask(0)
+        os.umask(umask)
+    return umask
 
 
 @contextlib.contextmanager
@@ -42,9 +56,7 @@ def atomic_path(path: str):
     try:
         yield tmp
         # mkstemp creates 0600; give the result the permissions of a normal file
-        umask = os.umask(0)
-        os.umask(umask)
-        os.chmod(tmp, 0o666 & ~umask)
+        os.chmod(tmp, 0o666 & ~_umask())
         os.replace(tmp, path)
     except BaseException as e:
         with contextlib.suppress(OSError):

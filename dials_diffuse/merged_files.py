@@ -210,7 +210,7 @@ def write_all(out_dir, grid, obs, result, merged, stats, params, operators, abso
         # the rest), whichever thread met its error first
         first = maps_written.first_error()
         if first is not None and first is not e:
-            raise first from None
+            raise first from e
         raise
     logger.info("Wrote merged map of %d voxels to %s", len(merged.intensity), out_dir)
 
@@ -223,6 +223,9 @@ def write_hdf5(path, arrays):
         with h5py.File(tmp, "w") as fh:
             for k, v in arrays.items():
                 fh.create_dataset(k, data=v, compression="gzip", track_times=False)
+
+
+MAP_THREADS_BYTES = 1 << 30  # what the map threads' buffers may take together
 
 
 class _MapWrites:
@@ -282,8 +285,11 @@ def write_ccp4_maps(maps, grid, voxel_grid, operators, output, threads=1):
              dense.reshape(-1).view(np.uint32), np.float32(output.map_fill_value))
         _write_ccp4_file(path, grid, dense, lo, hi, output, label)
 
-    if fill is not None and threads > 1 and len(maps) > 1:
-        executor = ThreadPoolExecutor(min(threads, len(maps)), "ccp4-map")
+    # a buffer per thread, within MAP_THREADS_BYTES (a box can reach 0.8 GB)
+    n_threads = min(threads, len(maps), max(1, MAP_THREADS_BYTES // (4 * int(np.prod(shape)))))
+    if fill is not None and n_threads > 1:
+        lazy_jit("merged_files.map_statistics", _define_map_statistics)  # once, not per thread
+        executor = ThreadPoolExecutor(n_threads, "ccp4-map")
         futures = [executor.submit(lambda m: fill_and_write(np.empty(shape, np.float32), *m), m)
                    for m in maps]
         return _MapWrites(executor, futures)

@@ -713,6 +713,42 @@ def test_compiled_dynamic_masks_equal_numpy(dtype):
     assert (~expected).sum() > 100 and expected.sum() > 5000
 
 
+@pytest.mark.parametrize("dtype", [np.int32, np.float64])
+def test_dynamic_pass_the_same_for_any_sharing(dtype, monkeypatch):
+    """The dynamic pass over images shared by 1-3 processes (with and
+    without the parent's own work) gives one set of masks, run after run:
+    integer sums are exact in any order; float images go in fixed shares."""
+    import types
+
+    from dials_diffuse.extraction import dynamic
+    from dxtbx.model.detector import DetectorFactory
+
+    detector = DetectorFactory.make_detector(
+        "PAD", (1, 0, 0), (0, -1, 0), (-10, 10, -100), (0.1, 0.1), (60, 50), (-1, 5000))
+    tasks = [types.SimpleNamespace(experiment=types.SimpleNamespace(detector=detector), index=i)
+             for i in range(13)]
+
+    def read_image(task):
+        rng = np.random.default_rng(task.index)
+        image = (rng.poisson(40.0, (50, 60)) * (1 + 0.1 * rng.random((50, 60)))).astype(dtype)
+        image[rng.random(image.shape) < 0.01] = 0
+        image[rng.random(image.shape) < 0.005] = 4000
+        image[5, 7] = 4000  # hot in every image
+        image[10, 10:12] = 0  # dead
+        return [image]
+
+    monkeypatch.setattr(dynamic, "read_image", read_image)
+    params = extract_command.phil_scope.fetch().extract()
+    params.masking.dynamic.max_images = 0
+    masks = []
+    for nproc, waiting in ((1, None), (2, None), (3, None), (3, lambda: None), (2, lambda: None),
+                           (3, None)):
+        params.mp.nproc = nproc
+        masks.append(dynamic.dynamic_mask(tasks, params, while_waiting=waiting)[0])
+    assert all(np.array_equal(m, masks[0]) for m in masks)
+    assert 0 < (~masks[0]).sum() < masks[0].size
+
+
 def test_compiled_kernel_with_an_unbounded_trusted_range():
     """A trusted range beyond the image's integer type (1e300) is compared
     as dxtbx's rule says: every count is below it."""

@@ -531,3 +531,31 @@ def test_rerun_over_failed_run_is_not_complete(fifty, tmp_path):
     assert r.returncode == 1 and r.stderr.strip().splitlines()[-1].startswith("Sorry:")
     assert not (mg / GRID_NAME).exists()
     assert not list(mg.glob(".*part*"))
+
+
+def test_atomic_writes_in_threads_keep_the_umask(tmp_path):
+    """Files written at once by several threads (the merge's maps) get the
+    permissions of the umask, and the umask stays the process's."""
+    import os
+    import stat
+    import threading
+
+    from dials_diffuse import io
+
+    before = os.umask(0o027)
+    try:
+        def write(k):
+            for j in range(200):
+                with io.atomic_path(str(tmp_path / f"f{k}_{j}.txt")) as tmp:
+                    open(tmp, "w").write("x")
+
+        threads = [threading.Thread(target=write, args=(k,)) for k in range(4)]
+        for t in threads:
+            t.start()
+        for t in threads:
+            t.join()
+        assert os.umask(0o027) == 0o027
+        modes = {stat.S_IMODE(p.stat().st_mode) for p in tmp_path.iterdir()}
+        assert modes == {0o640}
+    finally:
+        os.umask(before)

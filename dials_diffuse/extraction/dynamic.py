@@ -64,7 +64,11 @@ def _forked_dynamic(shared, k):
     acc.sum_counts, acc.n_hot, acc.n_valid = (
         [b.view(np.int64) for b in shared["sum_counts"][k]],
         list(shared["n_hot"][k]), list(shared["n_valid"][k]))
-    acc = _sum_next_images(shared, acc)
+    if shared["shares"] is None:
+        acc = _sum_next_images(shared, acc)
+    else:  # float images: a fixed share each, for sums that do not depend on timing
+        acc = _accumulate_dynamic([shared["tasks"][i] for i in shared["shares"][k]],
+                                  shared["params"], acc)
     for buffer, sums in zip(shared["sum_counts"][k], acc.sum_counts):
         if sums.dtype == np.float64:  # float images: summed in float64 (private arrays)
             buffer.view(np.float64)[...] = sums
@@ -105,34 +109,40 @@ def dynamic_mask(tasks, params, while_waiting=None):
     process sum the images, each taking the next one not yet taken; this
     process first runs ``while_waiting()`` (one worker fewer then, so that
     nproc processes share nproc cores), then joins in, adds the workers'
-    sums (in shared memory) to its own and makes the masks. Integer images
-    give the same sums however the images were shared; float images are
-    summed in float64, whose last bits may depend on the sharing."""
+    sums (in shared memory) to its own and makes the masks. This process
+    sums the first image before forking: integer images (exact sums) are
+    then shared as they come; float images, whose float64 sums depend on
+    the order, go in fixed shares to the workers, the same for every run."""
     tasks = sampled_tasks(tasks, params.masking.dynamic.max_images)
     nproc = resolve_nproc(params)
-    n_workers = min(nproc - (while_waiting is not None), len(tasks))
+    n_workers = min(nproc - (while_waiting is not None), len(tasks) - 1)
     if nproc > 1 and n_workers >= 1 and params.mp.method == "multiprocessing":
         # numba imported once, here, before the forks: the workers inherit it
         # (else each imports it, 0.4 s, beside this process's own import
         # while it makes the context)
         kernels.use_compiled(params.kernel)
-        acc = _dynamic_accumulator(tasks, params)
+        acc = _accumulate_dynamic(tasks[:1], params)
+        float_images = any(a.dtype == np.float64 for a in acc.sum_counts)
         sum_counts, n_hot, n_valid = _shared_sums(acc, n_workers)
+        counter = multiprocessing.get_context("fork").Value("l", 1)
         shared = {"tasks": tasks, "params": params, "sum_counts": sum_counts,
-                  "n_hot": n_hot, "n_valid": n_valid,
-                  "next_image": multiprocessing.get_context("fork").Value("l", 0)}
+                  "n_hot": n_hot, "n_valid": n_valid, "next_image": counter,
+                  "shares": [list(range(1 + k, len(tasks), n_workers)) for k in range(n_workers)]
+                  if float_images else None}
         with ForkPool(shared, n_workers) as pool:
             results = pool.map(_forked_dynamic, range(n_workers))  # submitted (forked) now
-            if while_waiting is not None:
-                while_waiting()
-            acc = _sum_next_images(shared, acc)
+            try:
+                if while_waiting is not None:
+                    while_waiting()
+            except BaseException:
+                with counter.get_lock():  # the workers stop after their current image
+                    counter.value = len(tasks)
+                raise
+            if not float_images:
+                acc = _sum_next_images(shared, acc)
             for k, (n_images, dtype) in enumerate(results):
                 sums = ([b.view(dtype) for b in sum_counts[k]], n_hot[k], n_valid[k], n_images)
-                if acc.n_images == 0:  # nothing summed yet: the worker's sums are the total
-                    acc.sum_counts, acc.n_hot, acc.n_valid, acc.n_images = (
-                        list(sums[0]), list(sums[1]), list(sums[2]), sums[3])
-                else:
-                    acc.add_sums(sums)
+                acc.add_sums(sums)
         result = _masks(acc, params)
     else:
         result = _masks(_accumulate_dynamic(tasks, params), params)
