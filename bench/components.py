@@ -109,12 +109,19 @@ def sorted_mates_orbit_sizes(g, ops):
     return 1 + np.count_nonzero(np.diff(keys, axis=0), axis=0)
 
 
-def merge_components(experiments, repeats):
+def sweep_observations(experiments):
+    """The merge's default parameters, the grid, the Laue operators and the
+    observations of the side-by-side run's extraction (one process)."""
     params = api.merge_params()
     files = find_extraction_files([str(EXTRACTED)])
     grid, _ = merging.build_grid(experiments, params, merging.extracted_ndiv(files[0]))
     ops = symmetry.laue_operators(grid.space_group, params.symmetry.merge)
     obs = load_observations(files, grid, ops, nproc=1)
+    return params, grid, ops, obs
+
+
+def merge_components(experiments, repeats):
+    params, grid, ops, obs = sweep_observations(experiments)
     out = {"n_observations": int(obs.n_obs), "n_voxels": int(obs.n_voxels)}
     halves = image_halves(obs.n_images, 0)
     for kernel in ("numba", "numpy"):
@@ -211,11 +218,7 @@ def first_call(func):
 
 def session8_components(experiments, repeats):
     out = {}
-    params = api.merge_params()
-    files = find_extraction_files([str(EXTRACTED)])
-    grid, _ = merging.build_grid(experiments, params, merging.extracted_ndiv(files[0]))
-    ops = symmetry.laue_operators(grid.space_group, params.symmetry.merge)
-    obs = load_observations(files, grid, ops, nproc=1)
+    params, grid, ops, obs = sweep_observations(experiments)
     # a map of the sweep's size: the two CCP4 maps' header statistics
     with tempfile.TemporaryDirectory() as tmp:
         path = os.path.join(tmp, "m.ccp4")
@@ -309,11 +312,7 @@ def session9_components(experiments, repeats):
     from dials_diffuse.scaling.refine import ResidualSample
 
     out = {}
-    params = api.merge_params()
-    files = find_extraction_files([str(EXTRACTED)])
-    grid, _ = merging.build_grid(experiments, params, merging.extracted_ndiv(files[0]))
-    ops = symmetry.laue_operators(grid.space_group, params.symmetry.merge)
-    obs = load_observations(files, grid, ops, nproc=1)
+    params, grid, ops, obs = sweep_observations(experiments)
     halves = image_halves(obs.n_images, 0)
     # the scaling refinement's compiled passes over voxel ranges, 1 and 2 threads
     for nproc in (1, 2):
