@@ -120,11 +120,8 @@ class DynamicMaskAccumulator:
         self.n_valid = [np.zeros(s, np.int32) for s in shapes]
         self.n_images = 0
 
-    def sums(self):
-        """The accumulated arrays (to combine accumulators of several workers)."""
-        return self.sum_counts, self.n_hot, self.n_valid, self.n_images
-
     def add_sums(self, sums) -> None:
+        """Add another accumulator's (sum_counts, n_hot, n_valid, n_images)."""
         sum_counts, n_hot, n_valid, n_images = sums
         for i, theirs in enumerate(sum_counts):
             if theirs.dtype != self.sum_counts[i].dtype:

@@ -262,7 +262,8 @@ def _context_block_compiled(kernel, g, panel, beam, static, params, q_t_out, fac
     selected = np.empty(g.n_pixels, bool)
     q_max = kernel(
         np.ascontiguousarray(g.unit_s1, np.float64), solid, efficiency, g.distance_mm,
-        bool(c.air), mu_air, air, static, s0, s0_len, s0 / s0_len, normal / np.linalg.norm(normal), float(pf), bool(c.polarization),
+        bool(c.air), mu_air, air, static, s0, s0_len, s0 / s0_len,
+        normal / np.linalg.norm(normal), float(pf), bool(c.polarization),
         -1.0 if f.d_max is None else 1.0 / f.d_max, np.inf if f.d_min is None else 1.0 / f.d_min,
         q_t_out, polarization, selected, factor_out)
     parts = corrections.CorrectionFactors(polarization=polarization, solid_angle=solid,
