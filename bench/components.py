@@ -35,13 +35,20 @@ two; three error-model fits with the sample gathered once or for each; a 6M
 mask pickled through flex.bool and written from numpy; the CCP4 box range
 compiled and in numpy; each command's start-up (``-c``).
 
-    .venv/bin/python bench/components.py [--repeats 3] [--commands] [--session8] [--session9]
+``--session10`` adds those of session 10 (``session10``): a 6M detector
+context, its first and a next beam's reusing the kept geometry, with the
+beam pass compiled and in numpy; the dynamic mask's decision on a 6M panel
+compiled and in numpy; the merge's two CCP4 maps in one thread and two;
+DIALS' diff_phil against the log's modified_parameters.
+
+    .venv/bin/python bench/components.py [--repeats 3] [--commands] [--session8] [--session9] [--session10]
         [--output components_session7.json]
 """
 
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import os
 import pathlib
@@ -363,6 +370,73 @@ def session9_components(experiments, repeats):
     return out
 
 
+def session10_components(experiments, repeats):
+    """The components changed in session 10 (issue 16)."""
+    from dxtbx.model import BeamFactory
+
+    from dials.util.options import ArgumentParser
+
+    from dials_diffuse import masks as diffuse_masks
+    from dials_diffuse.command_line import extract as extract_command
+    from dials_diffuse.command_util import modified_parameters
+    from dials_diffuse.extraction import kernels
+
+    out = {}
+    params = api.extraction_params()
+    experiment = experiments[0]
+    static = diffuse_masks.static_mask(experiment.imageset, params.masking, params.masking.beamstop)
+    # a 6M context: the first of a detector, then a still's with its own
+    # beam reusing the kept geometry; compiled beam pass against numpy
+    geometries = []
+    tilted = BeamFactory.from_dict(experiment.beam.to_dict())
+    tilted.set_direction((0.001, -0.002, 1.0))
+
+    def contexts():
+        geometries.clear()
+        first = time.perf_counter()
+        extraction_context.detector_context(experiment, experiment.imageset, params, static,
+                                            geometries)
+        second = time.perf_counter()
+        beam, experiment.beam = experiment.beam, tilted
+        extraction_context.detector_context(experiment, experiment.imageset, params, static,
+                                            geometries)
+        experiment.beam = beam
+        return second - first, time.perf_counter() - second
+
+    for kind in ("compiled", "numpy"):
+        with NumpyPath("context.beam_block") if kind == "numpy" else contextlib.nullcontext():
+            runs = [contexts() for _ in range(repeats)]
+        out[f"context_6m_first_{kind}_s"] = round(min(r[0] for r in runs), 3)
+        out[f"context_6m_next_beam_{kind}_s"] = round(min(r[1] for r in runs), 3)
+    # the dynamic mask's decision on a 6M panel: compiled against numpy
+    acc = diffuse_masks.DynamicMaskAccumulator(experiment.detector)
+    rng = np.random.default_rng(1)
+    acc.sum_counts[0][:] = rng.poisson(200, acc.sum_counts[0].shape)
+    acc.n_valid[0][:], acc.n_images = 20, 20
+    kernels.available()
+    out["dynamic_masks_6m_compiled_s"] = best(
+        lambda: acc.masks(kernels.local_level_median, compiled=kernels), repeats)
+    out["dynamic_masks_6m_numpy_decision_s"] = best(
+        lambda: acc.masks(kernels.local_level_median), repeats)
+    # the merge's two CCP4 maps written in one thread or two
+    merge_params, grid, ops, obs = sweep_observations(experiments)
+    with tempfile.TemporaryDirectory() as tmp:
+        maps = [(os.path.join(tmp, f"m{k}.ccp4"), np.nan_to_num(obs.voxel_qmag) * (k + 1), "m")
+                for k in range(2)]
+        for threads in (1, 2):
+            out[f"two_maps_{threads}_threads_s"] = best(lambda: merged_files.write_ccp4_maps(
+                maps, grid, obs.voxel_grid, ops, merge_params.output, threads=threads).result(),
+                repeats)
+    # the log's modified parameters: DIALS' diff_phil against ours
+    parser = ArgumentParser(phil=extract_command.phil_scope, read_experiments=True,
+                            read_reflections=True, check_format=True)
+    parser.parse_args(args=[str(EXPT), str(EXPT.parent / "bragg.refl"), "mp.nproc=2"],
+                      show_diff_phil=False, return_unhandled=True)
+    out["diff_phil_s"] = best(lambda: parser.diff_phil.as_str(), repeats)
+    out["modified_parameters_s"] = best(lambda: modified_parameters(parser), repeats)
+    return out
+
+
 def command_components():
     """The one-process extraction command, default environment against one
     OpenBLAS thread: wall, user and system time and minor page faults."""
@@ -401,6 +475,8 @@ def main():
                     help="also time the components changed in session 8")
     ap.add_argument("--session9", action="store_true",
                     help="also time the components changed in session 9")
+    ap.add_argument("--session10", action="store_true",
+                    help="also time the components changed in session 10")
     ap.add_argument("--output", default=None, help="JSON file name in bench/results")
     args = ap.parse_args()
     if not EXTRACTED.is_dir():
@@ -419,6 +495,8 @@ def main():
         doc["session8"] = session8_components(experiments, args.repeats)
     if args.session9:
         doc["session9"] = session9_components(experiments, args.repeats)
+    if args.session10:
+        doc["session10"] = session10_components(experiments, args.repeats)
     if args.commands:
         doc["command"] = command_components()
     print(json.dumps(doc, indent=1))
