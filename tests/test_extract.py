@@ -714,22 +714,33 @@ def test_compiled_dynamic_masks_equal_numpy(dtype):
     assert (~expected).sum() > 100 and expected.sum() > 5000
 
 
+@pytest.mark.parametrize("first_unreadable", [False, True])
 @pytest.mark.parametrize("dtype", [np.int32, np.float64])
-def test_dynamic_pass_the_same_for_any_sharing(dtype, monkeypatch):
+def test_dynamic_pass_the_same_for_any_sharing(dtype, first_unreadable, monkeypatch):
     """The dynamic pass over images shared by 1-3 processes (with and
     without the parent's own work) gives one set of masks, run after run:
-    integer sums are exact in any order; float images go in fixed shares."""
+    integer sums are exact in any order; float images go in fixed shares.
+    Every image is read once in all (the first is read before the fork to
+    learn its dtype, and not again), also when the first one cannot be
+    read."""
+    import multiprocessing
     import types
 
     from dials_diffuse.extraction import dynamic
+    from dials_diffuse.extraction.tasks import ImageError
     from dxtbx.model.detector import DetectorFactory
 
     detector = DetectorFactory.make_detector(
         "PAD", (1, 0, 0), (0, -1, 0), (-10, 10, -100), (0.1, 0.1), (60, 50), (-1, 5000))
     tasks = [types.SimpleNamespace(experiment=types.SimpleNamespace(detector=detector), index=i)
              for i in range(13)]
+    reads = multiprocessing.get_context("fork").Array("l", len(tasks))
 
     def read_image(task):
+        with reads.get_lock():
+            reads[task.index] += 1
+        if first_unreadable and task.index == 0:
+            raise ImageError("unreadable")
         rng = np.random.default_rng(task.index)
         image = (rng.poisson(40.0, (50, 60)) * (1 + 0.1 * rng.random((50, 60)))).astype(dtype)
         image[rng.random(image.shape) < 0.01] = 0
@@ -745,7 +756,14 @@ def test_dynamic_pass_the_same_for_any_sharing(dtype, monkeypatch):
     for nproc, waiting in ((1, None), (2, None), (3, None), (3, lambda: None), (2, lambda: None),
                            (3, None)):
         params.mp.nproc = nproc
+        reads[:] = [0] * len(tasks)
         masks.append(dynamic.dynamic_mask(tasks, params, while_waiting=waiting)[0])
+        # the unreadable first image is tried twice with processes: for its
+        # dtype and by the process whose turn it is
+        expected = [1] * len(tasks)
+        if first_unreadable and nproc > 1:
+            expected[0] = 2
+        assert list(reads) == expected, (nproc, list(reads))
     assert all(np.array_equal(m, masks[0]) for m in masks)
     assert 0 < (~masks[0]).sum() < masks[0].size
 

@@ -27,24 +27,26 @@ def _dynamic_accumulator(tasks, params):
     )
 
 
-def _accumulate_dynamic(tasks, params, acc=None):
+def _accumulate_dynamic(tasks, params, acc=None, preread=None):
     """The dynamic-mask pass's accumulator of per-pixel sums over some images
-    (added to ``acc`` when given)."""
+    (added to ``acc`` when given). ``preread``: (task, raw data) of an image
+    already read, used instead of reading it again."""
     acc = acc if acc is not None else _dynamic_accumulator(tasks, params)
     add_panel = kernels.add_dynamic_panel if kernels.use_compiled(params.kernel) else None
     for task in tasks:
         try:
-            raw = read_image(task)
+            raw = preread[1] if preread is not None and task is preread[0] else read_image(task)
         except ImageError:
             continue
         acc.add(raw, add_panel)
     return acc
 
 
-def _sum_next_images(shared, acc):
-    """Add images to ``acc`` until none is left: each process takes the next
-    image not yet taken (a counter in shared memory), so a process that
-    starts late or reads slowly takes fewer."""
+def _sum_next_images(shared, acc=None):
+    """Add images until none is left: each process takes the next image not
+    yet taken (a counter in shared memory), so a process that starts late or
+    reads slowly takes fewer. ``acc`` is made at the first image taken (a
+    process that finds none left allocates nothing); None if none."""
     tasks, counter = shared["tasks"], shared["next_image"]
     params = shared["params"]
     while True:
@@ -53,38 +55,56 @@ def _sum_next_images(shared, acc):
             counter.value += 1
         if i >= len(tasks):
             return acc
-        _accumulate_dynamic([tasks[i]], params, acc)
+        if acc is None:
+            acc = _dynamic_accumulator(tasks, params)
+        _accumulate_dynamic([tasks[i]], params, acc, shared["preread"])
+
+
+def _shared_accumulator(shared, k):
+    """An accumulator whose sums are worker k's buffers in shared memory."""
+    acc = _dynamic_accumulator(shared["tasks"], shared["params"])  # zeros: never touched
+    acc.sum_counts, acc.n_hot, acc.n_valid = (
+        [b.view(np.int64) for b in shared["sum_counts"][k]],
+        list(shared["n_hot"][k]), list(shared["n_valid"][k]))
+    return acc
 
 
 def _forked_dynamic(shared, k):
     """Worker k's sums, written into its buffers in shared memory (nothing
     per pixel travels back through a pipe); returns the number of images
     summed and the counts' dtype."""
-    acc = _dynamic_accumulator(shared["tasks"], shared["params"])
-    acc.sum_counts, acc.n_hot, acc.n_valid = (
-        [b.view(np.int64) for b in shared["sum_counts"][k]],
-        list(shared["n_hot"][k]), list(shared["n_valid"][k]))
+    acc = _shared_accumulator(shared, k)
     if shared["shares"] is None:
         acc = _sum_next_images(shared, acc)
     else:  # float images: a fixed share each, for sums that do not depend on timing
         acc = _accumulate_dynamic([shared["tasks"][i] for i in shared["shares"][k]],
-                                  shared["params"], acc)
+                                  shared["params"], acc, shared["preread"])
     for buffer, sums in zip(shared["sum_counts"][k], acc.sum_counts):
         if sums.dtype == np.float64:  # float images: summed in float64 (private arrays)
             buffer.view(np.float64)[...] = sums
     return acc.n_images, acc.sum_counts[0].dtype.str
 
 
-def _shared_sums(acc, n_workers):
+def _shared_sums(detector, n_workers):
     """Per worker and panel: the sums' buffers in shared memory (8 bytes a
     pixel for the counts, int64 or float64; int32 for the others)."""
-    shapes = [a.shape for a in acc.sum_counts]
+    shapes = [tuple(reversed(p.get_image_size())) for p in detector]
 
     def buffers(dtype):
         return [[shared_array(int(np.prod(shape)), dtype).reshape(shape) for shape in shapes]
                 for _ in range(n_workers)]
 
     return buffers(np.int64), buffers(np.int32), buffers(np.int32)
+
+
+def _first_readable(tasks):
+    """(task, raw data) of the first image that reads, or None."""
+    for task in tasks:
+        try:
+            return task, read_image(task)
+        except ImageError:
+            continue
+    return None
 
 
 def _masks(acc, params):
@@ -105,29 +125,29 @@ def dynamic_mask(tasks, params, while_waiting=None):
     """Hot and dead pixels from a pass over the images (masking.dynamic.
     max_images of them, evenly spaced).
 
-    With mp.method=multiprocessing and mp.nproc > 1, forked workers and this
-    process sum the images, each taking the next one not yet taken; this
-    process first runs ``while_waiting()`` (one worker fewer then, so that
-    nproc processes share nproc cores), then joins in, adds the workers'
-    sums (in shared memory) to its own and makes the masks. This process
-    sums the first image before forking: integer images (exact sums) are
-    then shared as they come; float images, whose float64 sums depend on
-    the order, go in fixed shares to the workers, the same for every run."""
+    With mp.method=multiprocessing and mp.nproc > 1, forked workers sum the
+    images into buffers in shared memory while this process runs
+    ``while_waiting()`` (one worker fewer then, so that nproc processes
+    share nproc cores); then this process adds their sums and makes the
+    masks. Integer images (exact sums in any order) go to whichever process
+    takes the next one, this process joining in after ``while_waiting``;
+    float images, whose float64 sums depend on the order, go to the workers
+    in fixed shares, the same for every run. Only the first image is read
+    before forking (its dtype chooses between the two; a worker reuses it):
+    the workers load the compiled kernels themselves, beside this process's
+    own work, rather than before the fork on its time."""
     tasks = sampled_tasks(tasks, params.masking.dynamic.max_images)
     nproc = resolve_nproc(params)
-    n_workers = min(nproc - (while_waiting is not None), len(tasks) - 1)
-    if nproc > 1 and n_workers >= 1 and params.mp.method == "multiprocessing":
-        # numba imported once, here, before the forks: the workers inherit it
-        # (else each imports it, 0.4 s, beside this process's own import
-        # while it makes the context)
-        kernels.use_compiled(params.kernel)
-        acc = _accumulate_dynamic(tasks[:1], params)
-        float_images = any(a.dtype == np.float64 for a in acc.sum_counts)
-        sum_counts, n_hot, n_valid = _shared_sums(acc, n_workers)
-        counter = multiprocessing.get_context("fork").Value("l", 1)
+    n_workers = min(nproc - (while_waiting is not None), len(tasks))
+    if (nproc > 1 and n_workers >= 1 and len(tasks) > 1
+            and params.mp.method == "multiprocessing"):
+        preread = _first_readable(tasks)
+        float_images = preread is not None and not np.issubdtype(preread[1][0].dtype, np.integer)
+        sum_counts, n_hot, n_valid = _shared_sums(tasks[0].experiment.detector, n_workers)
+        counter = multiprocessing.get_context("fork").Value("l", 0)
         shared = {"tasks": tasks, "params": params, "sum_counts": sum_counts,
-                  "n_hot": n_hot, "n_valid": n_valid, "next_image": counter,
-                  "shares": [list(range(1 + k, len(tasks), n_workers)) for k in range(n_workers)]
+                  "n_hot": n_hot, "n_valid": n_valid, "next_image": counter, "preread": preread,
+                  "shares": [list(range(k, len(tasks), n_workers)) for k in range(n_workers)]
                   if float_images else None}
         with ForkPool(shared, n_workers) as pool:
             results = pool.map(_forked_dynamic, range(n_workers))  # submitted (forked) now
@@ -138,11 +158,16 @@ def dynamic_mask(tasks, params, while_waiting=None):
                 with counter.get_lock():  # the workers stop after their current image
                     counter.value = len(tasks)
                 raise
-            if not float_images:
-                acc = _sum_next_images(shared, acc)
-            for k, (n_images, dtype) in enumerate(results):
-                sums = ([b.view(dtype) for b in sum_counts[k]], n_hot[k], n_valid[k], n_images)
-                acc.add_sums(sums)
+            mine = None if float_images else _sum_next_images(shared)
+            results = list(results)
+        # worker 0's buffers become the total: no copy, no fresh memory
+        acc = _shared_accumulator(shared, 0)
+        acc.sum_counts = [b.view(results[0][1]) for b in sum_counts[0]]
+        acc.n_images = results[0][0]
+        for k, (n_images, dtype) in enumerate(results[1:], start=1):
+            acc.add_sums(([b.view(dtype) for b in sum_counts[k]], n_hot[k], n_valid[k], n_images))
+        if mine is not None:
+            acc.add_sums((mine.sum_counts, mine.n_hot, mine.n_valid, mine.n_images))
         result = _masks(acc, params)
     else:
         result = _masks(_accumulate_dynamic(tasks, params), params)
