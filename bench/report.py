@@ -93,6 +93,15 @@ def comparison(d):
     print()
 
 
+def ceiling(d):
+    """bench/parallel_ceiling.py: the same work on one process and on two."""
+    print(f"\n### Two processes' ceiling ({header(d)})\n")
+    rows = [(r["workload"], r["units"], r["median_one_s"], r["median_two_s"], f"{r['gain']:.2f}x")
+            for r in d["rows"]]
+    print(md(rows, ["workload", "units", "1 process s (median)", "2 processes s (median)",
+                    "gain"]))
+
+
 def main(results=RESULTS):
     p = results / "extract.json"
     if p.exists():
@@ -103,6 +112,8 @@ def main(results=RESULTS):
         d = json.loads(p.read_text())
         if "runs" in d:  # --maps-only runs hold map comparisons, no timings
             comparison(d)
+    for p in sorted(results.glob("parallel_ceiling*.json")):
+        ceiling(json.loads(p.read_text()))
 
 
 if __name__ == "__main__":

@@ -361,7 +361,8 @@ def _prepare_shared_state(tasks, params):
     """The first context, the scan predictions and the compiled kernel, made
     once in this process (forked extraction workers inherit them). With
     mp.nproc > 1 a forked helper predicts the scans while this process
-    builds the context (0.7 s and 2.2 s on a 6M sweep)."""
+    builds the context (0.4-0.7 s and 0.8-1.3 s on the 100-image 6M sweep
+    of bench/run_comparison.sh, beside the dynamic pass's worker)."""
     scans = _scan_tasks(tasks, params)
     helper = None
     if scans and resolve_nproc(params) > 1 and params.mp.method == "multiprocessing":
