@@ -49,7 +49,8 @@ def atomic_path(path: str):
     # left by a killed process from one still being written
     suffix = ".part" + os.path.splitext(base)[1]
     try:
-        fd, tmp = tempfile.mkstemp(prefix=f".{base}.{_WRITER}.", suffix=suffix, dir=directory)
+        fd, tmp = tempfile.mkstemp(prefix=f".{base}.{_HOST}-{os.getpid()}.", suffix=suffix,
+                                   dir=directory)
     except OSError as e:
         raise Sorry(f"cannot write {path}: {e.strerror or e}") from e
     os.close(fd)
@@ -71,7 +72,9 @@ def _host() -> str:
     return socket.gethostname().replace(".", "_")
 
 
-_WRITER = f"{_host()}-{os.getpid()}"
+# the pid is read at each write: a forked worker's part files carry its own
+# (a killed worker's are then stale while the parent still runs)
+_HOST = _host()
 
 
 def remove_stale_parts(directory: str) -> int:

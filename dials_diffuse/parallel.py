@@ -52,14 +52,27 @@ def _unrelay(result):
     return result
 
 
+def _results(results, nproc):
+    """The workers' results in task order; a worker that died without a
+    word (killed by the system: out of memory, most often) ends the command
+    with a Sorry saying what to do, not a traceback."""
+    try:
+        for r in results:
+            yield _unrelay(r)
+    except concurrent.futures.process.BrokenProcessPool:  # one line, no chain
+        raise Sorry(
+            f"a worker process (mp.nproc={nproc}) ended abruptly, killed by the system "
+            "(out of memory?): run again with a smaller mp.nproc") from None
+
+
 class ForkPool:
     """``nproc`` forked workers that inherit ``shared``; a context manager.
 
     ``map(func, tasks)`` submits every task at once and returns an iterator
     of the results in task order (``func(shared, task)`` in a worker); a
     worker's ``Sorry`` is raised again here. ``initializer`` runs once in
-    each worker. A worker killed by the system ends the map with
-    ``BrokenProcessPool`` rather than a hang.
+    each worker. A worker killed by the system ends the map with a Sorry
+    (from ``BrokenProcessPool``) rather than a hang.
     """
 
     def __init__(self, shared, nproc, initializer=None):
@@ -80,7 +93,7 @@ class ForkPool:
 
     def map(self, func, tasks):
         results = self._executor.map(_call, [(self._token, func, t) for t in tasks])
-        return (_unrelay(r) for r in results)
+        return _results(results, self.nproc)
 
     def close(self):
         if self._executor is not None:

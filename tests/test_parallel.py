@@ -93,3 +93,25 @@ def test_fork_map_while_waiting(nproc):
     assert calls == [os.getpid()]
     workers = {pid for pid, _ in results}
     assert (workers == {os.getpid()}) if nproc == 1 else (os.getpid() not in workers)
+
+
+def _killed_at_two(shared, task):
+    import os
+    import signal
+
+    if task == 2:
+        os.kill(os.getpid(), signal.SIGKILL)  # as the system's out-of-memory killer would
+    return task
+
+
+def test_a_killed_worker_ends_the_map_with_a_sorry():
+    """A worker killed by the system (SIGKILL, no Python exception) ends the
+    map with one Sorry line naming mp.nproc, not a BrokenProcessPool
+    traceback or a hang."""
+    from dials.util import Sorry
+
+    from dials_diffuse.parallel import fork_map
+
+    with pytest.raises(Sorry, match=r"mp.nproc=2\) ended abruptly.*smaller mp.nproc") as e:
+        fork_map(_killed_at_two, range(6), 2)
+    assert "\n" not in str(e.value)

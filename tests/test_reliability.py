@@ -16,6 +16,7 @@ not interfere. docs/RELIABILITY.md lists every case.
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import pickle
@@ -559,3 +560,37 @@ def test_atomic_writes_in_threads_keep_the_umask(tmp_path):
         assert modes == {0o640}
     finally:
         os.umask(before)
+
+
+def test_a_worker_killed_mid_write_leaves_no_part_file(fifty, tmp_path, monkeypatch):
+    """A worker killed by the system in the middle of writing an image file
+    (fault injected: SIGKILL inside the file's atomic write) ends the
+    extraction with one Sorry naming mp.nproc; no temporary part file, and
+    no manifest, is left behind."""
+    from dials.util import Sorry
+    from dxtbx.model.experiment_list import ExperimentListFactory
+
+    from dials_diffuse import api, io
+    from dials_diffuse.extraction import run as extraction_run
+
+    real_atomic_path = io.atomic_path
+
+    @contextlib.contextmanager
+    def dying_atomic_path(path):
+        with real_atomic_path(path) as tmp:
+            if os.path.basename(path) == "image_000007.npz":
+                with open(tmp, "wb") as fh:
+                    fh.write(b"PK\x03\x04 half a file")
+                os.kill(os.getpid(), signal.SIGKILL)
+            yield tmp
+
+    monkeypatch.setattr(io, "atomic_path", dying_atomic_path)
+    out = tmp_path / "ex"
+    params = api.extraction_params(**{"output.directory": str(out), "output.save_pixels": "off",
+                                      "mp.nproc": 2, "grid.ndiv_h": 2, "grid.ndiv_k": 2,
+                                      "grid.ndiv_l": 2})
+    models = ExperimentListFactory.from_json_file(str(fifty["expt"]), check_format=True)
+    with pytest.raises(Sorry, match=r"mp.nproc=2\) ended abruptly"):
+        extraction_run.extract(models, params, progress=False)
+    assert not [p.name for p in out.iterdir() if ".part" in p.name]
+    assert not (out / MANIFEST_NAME).exists()

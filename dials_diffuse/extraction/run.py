@@ -324,15 +324,22 @@ def run_jobs(jobs, params, background, dynamic, show_progress=True, prepared=Fal
     if not prepared:
         _prepare_shared_state([job.task for job in jobs], params)
     shared = {"jobs": jobs, "background": background, "dynamic": dynamic}
-    with ForkPool(shared, nproc) as pool:
-        entries = []
-        results = pool.map(_forked_job, range(len(jobs)))  # the workers are forked now
-        if while_running is not None:
-            while_running()
-        for entry in progress_bar(results, total=len(jobs), disable=not show_progress or None):
-            _log_entry(entry, len(entries), len(jobs))
-            entries.append(entry)
-        return entries
+    try:
+        with ForkPool(shared, nproc) as pool:
+            entries = []
+            results = pool.map(_forked_job, range(len(jobs)))  # the workers are forked now
+            if while_running is not None:
+                while_running()
+            for entry in progress_bar(results, total=len(jobs),
+                                      disable=not show_progress or None):
+                _log_entry(entry, len(entries), len(jobs))
+                entries.append(entry)
+            return entries
+    except Sorry:
+        # a worker killed mid-write leaves a part file named by its pid, dead
+        # now (the pool has stopped the others): not left for the next run
+        io.remove_stale_parts(params.output.directory)
+        raise
 
 
 def _scan_tasks(tasks, params):
