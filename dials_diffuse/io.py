@@ -81,7 +81,7 @@ def remove_stale_parts(directory: str) -> int:
     """Delete temporary files of ``atomic_path`` in ``directory`` whose writer
     was a process of this host that no longer exists (killed mid-write).
     Returns how many were removed."""
-    host = _host()
+    host = _HOST
     pattern = re.compile(r"^\..+\.(?P<host>[^.]+)-(?P<pid>\d+)\.[^.]+\.part(\.[^.]*)?$")
     removed = 0
     try:

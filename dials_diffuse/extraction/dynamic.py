@@ -60,12 +60,14 @@ def _sum_next_images(shared, acc=None):
         _accumulate_dynamic([tasks[i]], params, acc, shared["preread"])
 
 
-def _shared_accumulator(shared, k):
-    """An accumulator whose sums are worker k's buffers in shared memory."""
+def _shared_accumulator(shared, k, dtype=np.int64, n_images=0):
+    """An accumulator whose sums are worker k's buffers in shared memory
+    (its counts read as ``dtype``, int64 or float64)."""
     acc = _dynamic_accumulator(shared["tasks"], shared["params"])  # zeros: never touched
     acc.sum_counts, acc.n_hot, acc.n_valid = (
-        [b.view(np.int64) for b in shared["sum_counts"][k]],
+        [b.view(dtype) for b in shared["sum_counts"][k]],
         list(shared["n_hot"][k]), list(shared["n_valid"][k]))
+    acc.n_images = n_images
     return acc
 
 
@@ -161,13 +163,10 @@ def dynamic_mask(tasks, params, while_waiting=None):
             mine = None if float_images else _sum_next_images(shared)
             results = list(results)
         # worker 0's buffers become the total: no copy, no fresh memory
-        acc = _shared_accumulator(shared, 0)
-        acc.sum_counts = [b.view(results[0][1]) for b in sum_counts[0]]
-        acc.n_images = results[0][0]
-        for k, (n_images, dtype) in enumerate(results[1:], start=1):
-            acc.add_sums(([b.view(dtype) for b in sum_counts[k]], n_hot[k], n_valid[k], n_images))
-        if mine is not None:
-            acc.add_sums((mine.sum_counts, mine.n_hot, mine.n_valid, mine.n_images))
+        acc, *others = [_shared_accumulator(shared, k, dtype, n_images)
+                        for k, (n_images, dtype) in enumerate(results)]
+        for other in others + ([mine] if mine is not None else []):
+            acc.add_sums((other.sum_counts, other.n_hot, other.n_valid, other.n_images))
         result = _masks(acc, params)
     else:
         result = _masks(_accumulate_dynamic(tasks, params), params)
